@@ -1,0 +1,257 @@
+"""Typed configuration: the single source of truth for the CLI, YAML files and the Python API.
+
+Every field has a docstring (the string literal under it); the CLI (`softprompt.cli`) builds its flags from
+these dataclasses, so a field added here is a flag (`--lr` and `--train.lr`) and a YAML key at once.
+Field names are unique across sections so that the short flag form is unambiguous.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the flag or field."""
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m"
+    """Backbone: an alias from `softprompt models`, a local directory or a hub name (offline cache only)."""
+    dtype: str = "float32"
+    """Weight dtype of the frozen backbone: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """Device: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    dropout: bool = False
+    """Keep the backbone's dropout active during training (off by default: the backbone is frozen)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa or eager."""
+
+
+@dataclass
+class PromptConfig:
+    num_tokens: int = 20
+    """Number of virtual tokens in the soft prompt (Lester et al.: 5-100)."""
+    init: str = "labels"
+    """Initialisation: random | vocab | text:"phrase" | labels | file:PATH (see softprompt.prompt)."""
+    init_scale: float = 0.5
+    """Half-width of the uniform distribution used by `random` init."""
+    position: str = "auto"
+    """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    """Training file (.jsonl, .json, .csv, .tsv, or hf:NAME[:SPLIT] when `datasets` is installed)."""
+    eval: str | None = None
+    """Evaluation file (same formats as --train)."""
+    task: str = "classify"
+    """classify (verbalizer scoring / encoder head) or generate (text-to-text)."""
+    template: str = "{text}"
+    """Input template; {field} placeholders are filled from each record (\\n and \\t escapes are honoured)."""
+    label_field: str = "label"
+    """Record field holding the class label (classify)."""
+    labels: str | None = None
+    """Verbalizer "label=word,label=word words" (classify); default: each label is its own word."""
+    target_field: str = "target"
+    """Record field holding the target text (generate)."""
+    columns: str | None = None
+    """Comma-separated column names for CSV/TSV files without a header row."""
+    max_length: int = 512
+    """Maximum input tokens (template filled); longer inputs are truncated from the left and counted."""
+    max_target_length: int = 64
+    """Maximum target tokens (generate)."""
+    no_truncate: bool = False
+    """Error on an over-long input instead of truncating it."""
+    head: str = "lm"
+    """Scoring head: lm (verbalizer log-likelihood; causal and seq2seq), linear or similarity (encoders)."""
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adamw"
+    """adamw or adafactor (transformers' Adafactor, Lester et al. use lr 0.3)."""
+    lr: float = 0.01
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay (AdamW) applied to the prompt."""
+    schedule: str = "linear"
+    """Learning-rate schedule after warm-up: constant, linear or cosine."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    batch_size: int = 16
+    """Examples per optimiser step (before accumulation)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps (effective batch = batch_size * grad_accum)."""
+    max_steps: int = 300
+    """Optimiser steps; 0 means use --epochs."""
+    epochs: float = 0.0
+    """Epochs over the training set (used when --max-steps is 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    eval_every: int = 0
+    """Evaluate every K steps (0: only at the end)."""
+    eval_max: int = 0
+    """Evaluate on at most this many examples during training (0: all)."""
+    patience: int = 0
+    """Early stopping: stop after this many evaluations without improvement (0 disables)."""
+    metric: str = "accuracy"
+    """Metric for keeping the best prompt and early stopping: accuracy, macro_f1, exact_match, token_f1, loss."""
+    seed: int = 0
+    """Random seed (init, data order); two runs with the same seed are identical."""
+    out: str = "prompt.safetensors"
+    """Where the trained prompt is written (atomically)."""
+    resume: str | None = None
+    """Training-state directory to resume from (also where state is written; default OUT.state/)."""
+    save_every: int = 50
+    """Write the training state every K steps (for --resume)."""
+    plot: bool = False
+    """Write a PNG of the loss and metric curves beside the prompt."""
+    naive: bool = False
+    """Use the concatenation path even for decoder-only models (for checking the shared-prefix path)."""
+    precision: str = "fp32"
+    """Autocast precision: fp32, bf16 or fp16 (bf16/fp16 for GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (long inputs, large models)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class RunConfig:
+    """Everything `softprompt train` takes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for out-of-range values."""
+        p, t, d = self.prompt, self.train, self.data
+        checks = [
+            (p.num_tokens >= 1, "--num-tokens must be >= 1"),
+            (p.num_tokens <= 4096, "--num-tokens must be <= 4096"),
+            (p.init_scale > 0, "--init-scale must be > 0"),
+            (t.lr > 0, "--lr must be > 0"),
+            (t.lr <= 10, "--lr must be <= 10"),
+            (t.batch_size >= 1, "--batch-size must be >= 1"),
+            (t.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (t.max_steps >= 0, "--max-steps must be >= 0"),
+            (t.epochs >= 0, "--epochs must be >= 0"),
+            (t.max_steps > 0 or t.epochs > 0, "one of --max-steps or --epochs must be > 0"),
+            (t.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (t.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (t.eval_every >= 0, "--eval-every must be >= 0"),
+            (t.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (d.max_length >= 1, "--max-length must be >= 1"),
+            (t.optimizer in ("adamw", "adafactor"), f"--optimizer must be adamw or adafactor, got {t.optimizer!r}"),
+            (t.schedule in ("constant", "linear", "cosine"), f"--schedule must be constant, linear or cosine, got {t.schedule!r}"),
+            (d.task in ("classify", "generate"), f"--task must be classify or generate, got {d.task!r}"),
+            (d.head in ("lm", "linear", "similarity"), f"--head must be lm, linear or similarity, got {d.head!r}"),
+            (t.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {t.precision!r}"),
+            (
+                t.metric in ("accuracy", "macro_f1", "exact_match", "token_f1", "loss"),
+                f"--metric must be accuracy, macro_f1, exact_match, token_f1 or loss, got {t.metric!r}",
+            ),
+            (p.position in ("auto", "start"), f"--position must be auto or start, got {p.position!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "prompt": PromptConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each dataclass field to the docstring written under it (parsed from the source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def _field_section(name: str) -> str:
+    for sec, cls in SECTIONS.items():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            return sec
+    raise ConfigError(f"unknown option {name!r}")
+
+
+def apply_options(cfg: RunConfig, options: dict[str, Any], source: str) -> None:
+    """Set fields from a flat ({"lr": 0.1}) or nested ({"train": {"lr": 0.1}}) mapping; `source` names the origin."""
+    for key, value in options.items():
+        key_n = key.replace("-", "_")
+        if key_n in SECTIONS and isinstance(value, dict):
+            sec_obj = getattr(cfg, key_n)
+            for sub, v in value.items():
+                sub_n = sub.replace("-", "_")
+                if not hasattr(sec_obj, sub_n):
+                    raise ConfigError(f"{source}: unknown option {key}.{sub}")
+                setattr(sec_obj, sub_n, _coerce(sec_obj, sub_n, v, source))
+            continue
+        if "." in key_n:
+            sec, sub_n = key_n.split(".", 1)
+            if sec not in SECTIONS or not hasattr(getattr(cfg, sec), sub_n):
+                raise ConfigError(f"{source}: unknown option {key}")
+        else:
+            try:
+                sec, sub_n = _field_section(key_n), key_n
+            except ConfigError:
+                raise ConfigError(f"{source}: unknown option {key}") from None
+        sec_obj = getattr(cfg, sec)
+        setattr(sec_obj, sub_n, _coerce(sec_obj, sub_n, value, source))
+
+
+def _coerce(obj: Any, name: str, value: Any, source: str) -> Any:
+    default = getattr(type(obj)(), name)
+    if value is None or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: option {name} expects {type(default).__name__}, got {value!r}") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file; errors name the file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of options")
+    return data
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,432 @@
+"""The one forward path: a frozen backbone run with soft prompts in front of its inputs.
+
+Everything that prepends a prompt, extends a mask, sets positions or scores a verbalizer lives here;
+training, evaluation, generation and serving all call it.
+
+Sequence layout (per row):  [prefix tokens][prompt][input tokens]
+  prefix tokens: the BOS/CLS token when the tokenizer adds one and --position auto (the prompt follows it),
+  nothing otherwise.  "Prefix" below means prefix tokens + prompt: the input-independent part of the row.
+
+Decoder-only models (shared-prefix fast path): under causal attention the prefix's keys/values at every
+layer do not depend on the input, so each distinct prefix is run once (batch 1), its per-layer K/V kept, and
+broadcast to every row (`expand`, no copy). Rows are left-padded, so position ids are
+`prefix_len + cumsum(mask) - 1`, which equals what each row would get alone. Gradients reach the prompt
+through the single shared prefix computation. Several prefixes (mixed-task batches) are left-padded to one
+length with masked slots and gathered per row.
+
+Encoder and encoder-decoder models (and decoder-only with naive=True): each row's prefix embeddings are
+concatenated with its input embeddings ("concat path"), as PEFT does.
+
+Only the hidden states that are scored go through the LM head: the verbalizer positions or the target
+positions, never the whole vocabulary at every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from softprompt.models import Backbone
+
+
+@dataclass
+class Prefix:
+    """Input-independent part of each row, for G distinct prompts, left-padded to a common length P."""
+
+    embeds: torch.Tensor  # (G, P, d)
+    mask: torch.Tensor  # (G, P) 1 = real slot
+    pool: torch.Tensor  # (G, P) 1 = a real token (BOS/CLS) that encoder pooling includes; 0 for prompt rows
+    lengths: torch.Tensor  # (G,) real slots per prefix
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (G, H, P, dh); causal fast path
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def detach(self) -> Prefix:
+        kv = None if self.kv is None else [(k.detach(), v.detach()) for k, v in self.kv]
+        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv)
+
+
+@dataclass
+class Batch:
+    """A collated batch. Decoder-only rows are left-padded; encoder rows right-padded."""
+
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor | None = None  # (B,) class index
+    targets: torch.Tensor | None = None  # (B, M) target ids (generate), pad = -100
+    target_pos: torch.Tensor | None = None  # (B, M) causal: positions whose hidden state predicts targets[:, j]
+
+    def to(self, device: torch.device) -> Batch:
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(self.ids.to(device), self.mask.to(device), mv(self.labels), mv(self.targets), mv(self.target_pos))
+
+
+class LinearHead(nn.Module):
+    """Trainable linear classifier over the pooled encoder output."""
+
+    def __init__(self, dim: int, num_labels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(pooled)
+
+
+class SimilarityHead(nn.Module):
+    """No trainable weights: score = scale * cos(pooled input, pooled encoding of the label description)."""
+
+    def __init__(self, label_embeds: torch.Tensor, scale: float = 20.0) -> None:
+        super().__init__()
+        self.register_buffer("label_embeds", F.normalize(label_embeds.detach().float(), dim=-1))
+        self.scale = scale
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(pooled.float(), dim=-1) @ self.label_embeds.T  # type: ignore[operator]
+
+
+class PromptedModel(nn.Module):
+    """A frozen backbone plus the rules for putting soft prompts in front of its inputs."""
+
+    def __init__(self, backbone: Backbone, *, position: str = "auto", naive: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.model = backbone.model
+        self.tok = backbone.tokenizer
+        self.family = backbone.family
+        self.naive = naive or backbone.family != "causal"
+        self.head: nn.Module | None = None
+        self.pad_id = self._pad_id()
+        # The leading special token (BOS/CLS) that the tokenizer adds, kept in front of the prompt.
+        lead = self._leading_special_id()
+        self.prefix_ids: list[int] = [lead] if (lead is not None and position == "auto") else []
+        self._strip_lead = lead is not None and position == "auto"
+
+    # ----- text -> ids --------------------------------------------------------------------------------
+    def _pad_id(self) -> int:
+        for tid in (self.tok.pad_token_id, self.tok.eos_token_id, self.tok.unk_token_id, 0):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    def _leading_special_id(self) -> int | None:
+        ids = self.tok("a", add_special_tokens=True)["input_ids"]
+        plain = self.tok("a", add_special_tokens=False)["input_ids"]
+        if len(ids) > len(plain) and ids[0] in set(self.tok.all_special_ids):
+            return int(ids[0])
+        return None
+
+    def encode_input(self, text: str) -> list[int]:
+        """Token ids of a filled template, without the leading BOS/CLS (it lives in the prefix)."""
+        if self.family == "causal":
+            ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+            if not self._strip_lead and self._leading_special_id() is not None:
+                ids = [self._leading_special_id()] + ids  # --position start: BOS stays with the input, after the prompt
+            return ids
+        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
+        return ids[1:] if self._strip_lead else ids
+
+    def verbalizer_ids(self, words: list[str], template: str) -> list[list[int]]:
+        """Token ids of each label word as it follows the template (see `label_text`)."""
+        out = []
+        for w in words:
+            text = label_text(w, template, self.family)
+            if self.family == "seq2seq":
+                ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+                if ids and self.tok.eos_token_id is not None:
+                    ids.append(int(self.tok.eos_token_id))
+            else:
+                ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+            out.append(ids)
+        return out
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target ids for generation: the text then EOS (a leading space for causal LMs, as for labels)."""
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        if self.tok.eos_token_id is not None:
+            ids.append(int(self.tok.eos_token_id))
+        return ids
+
+    # ----- collate (pure) -----------------------------------------------------------------------------
+    def collate(
+        self,
+        inputs: list[list[int]],
+        labels: list[int] | None = None,
+        targets: list[list[int]] | None = None,
+    ) -> Batch:
+        """Pad a list of encoded inputs into a Batch (pure: no model call). With `targets` on a causal model,
+        each row is input + target and target_pos says which hidden state predicts which target token."""
+        lab = None if labels is None else torch.tensor(labels, dtype=torch.long)
+        if targets is not None and self.family == "causal":
+            seqs = [x + y for x, y in zip(inputs, targets)]
+            ids, mask = _pad(seqs, self.pad_id, left=True)
+            T, M = ids.shape[1], max(len(y) for y in targets)
+            tgt = torch.full((len(seqs), M), -100, dtype=torch.long)
+            pos = torch.zeros((len(seqs), M), dtype=torch.long)
+            for i, y in enumerate(targets):
+                tgt[i, : len(y)] = torch.tensor(y)
+                # left-padded: target j sits at T - len(y) + j, predicted by the state one before it
+                pos[i, : len(y)] = torch.arange(T - len(y) - 1, T - 1)
+            return Batch(ids, mask, lab, tgt, pos)
+        ids, mask = _pad(inputs, self.pad_id, left=self.family == "causal")
+        tgt = None
+        if targets is not None:
+            tgt, _ = _pad(targets, -100, left=False)
+        return Batch(ids, mask, lab, tgt)
+
+    # ----- prefixes -----------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def build_prefix(self, prompts: list[torch.Tensor | None], *, kv: bool | None = None) -> Prefix:
+        """Prefixes for G prompts (each (P_g, d) or None for no prompt), left-padded to one width.
+
+        With kv (default: decoder-only and not naive) each prefix is run alone through the model once and its
+        per-layer keys/values are kept; gradients flow back to prompts that require grad.
+        """
+        device = self.backbone.device
+        dtype = self.embed(torch.zeros(1, 1, dtype=torch.long, device=device)).dtype
+        lead = self.embed(torch.tensor([self.prefix_ids], dtype=torch.long, device=device))[0]  # (p0, d)
+        seqs = [lead if p is None else torch.cat([lead, p.to(device, dtype)]) for p in prompts]
+        lengths = torch.tensor([s.shape[0] for s in seqs], device=device)
+        width = int(lengths.max()) if len(seqs) else 0
+        d = lead.shape[-1]
+        embeds = torch.zeros(len(seqs), width, d, device=device, dtype=dtype)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
+        pool = torch.zeros_like(mask)
+        rows = []
+        for g, s in enumerate(seqs):
+            n = s.shape[0]
+            rows.append(F.pad(s, (0, 0, width - n, 0)))  # left pad
+            mask[g, width - n :] = 1
+            pool[g, width - n : width - n + len(self.prefix_ids)] = 1
+        if rows:
+            embeds = torch.stack(rows)
+        prefix = Prefix(embeds, mask, pool, lengths)
+        use_kv = (not self.naive) if kv is None else kv
+        if use_kv and self.family == "causal" and width > 0:
+            prefix.kv = self._prefix_kv(seqs, width)
+        return prefix
+
+    def _prefix_kv(self, seqs: list[torch.Tensor], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        per_prompt = []
+        for s in seqs:  # each alone: no padding inside a prefix computation
+            n = s.shape[0]
+            pos = torch.arange(n, device=s.device)[None]
+            out = self.model.base_model(inputs_embeds=s[None], position_ids=pos, use_cache=True)
+            layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+            per_prompt.append([(F.pad(k, (0, 0, width - n, 0)), F.pad(v, (0, 0, width - n, 0))) for k, v in layers])
+        if len(per_prompt) == 1:
+            return per_prompt[0]
+        return [
+            (torch.cat([p[i][0] for p in per_prompt]), torch.cat([p[i][1] for p in per_prompt]))
+            for i in range(len(per_prompt[0]))
+        ]
+
+    # ----- hidden states ------------------------------------------------------------------------------
+    def _rows(self, prefix: Prefix, rows: torch.Tensor | None, n: int) -> torch.Tensor:
+        if rows is None:
+            if prefix.mask.shape[0] != 1:
+                raise ValueError("rows is required when the prefix holds several prompts")
+            return torch.zeros(n, dtype=torch.long, device=prefix.mask.device)
+        return rows
+
+    def causal_hidden(
+        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden states (N, K, d) at `positions` (N, K) of left-padded rows `ids` (N, T) behind their prefix."""
+        n = ids.shape[0]
+        rows = self._rows(prefix, rows, n)
+        emb = self.embed(ids)  # (N, T, d)
+        pmask = prefix.mask[rows]  # (N, P)
+        attn = torch.cat([pmask, mask], 1)  # (N, P+T)
+        pos = (prefix.lengths[rows][:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
+        base = self.model.base_model
+        if prefix.kv is not None:
+            shared = prefix.mask.shape[0] == 1
+            layers = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if shared else (k[rows], v[rows])
+                      for k, v in prefix.kv]  # (N, H, P, dh): a view when one prompt serves the batch
+            cache = DynamicCache(ddp_cache_data=layers)
+            h = base(inputs_embeds=emb, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)[0]
+        else:
+            x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)  # (N, P+T, d)
+            full_pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            h = base(inputs_embeds=x, attention_mask=attn, position_ids=full_pos, use_cache=False)[0]
+            h = h[:, prefix.width :]
+        return torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (N, K, d)
+
+    def encoder_hidden(
+        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder output (N, S, d), its attention mask (N, S) and pooling mask (N, S) for right-padded rows;
+        each row is its prefix's real slots followed by its input tokens (exact positions, no inner padding)."""
+        n = ids.shape[0]
+        rows = self._rows(prefix, rows, n)
+        emb = self.embed(ids)
+        x, attn, pool = _pack_rows(prefix, rows, emb, mask)
+        encoder = self.model.get_encoder() if self.family == "seq2seq" else self.model
+        h = encoder(inputs_embeds=x, attention_mask=attn)[0]
+        return h, attn, pool
+
+    def pooled(self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch) -> torch.Tensor:
+        """Mean of the encoder output over real tokens (CLS/SEP included, prompt slots excluded): (N, d)."""
+        h, _, pool = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
+        w = pool.to(h.dtype)[..., None]
+        return (h * w).sum(1) / w.sum(1).clamp(min=1)
+
+    # ----- scores and losses --------------------------------------------------------------------------
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def label_scores(
+        self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, label_ids: list[list[int]]
+    ) -> torch.Tensor:
+        """(B, L) class scores: mean log-likelihood of each verbalizer (lm head) or the encoder head's logits."""
+        if self.family == "encoder":
+            if self.head is None:
+                raise ValueError("an encoder backbone needs a head (--head linear or similarity)")
+            return self.head(self.pooled(prefix, rows, batch)).float()
+        B, L = batch.ids.shape[0], len(label_ids)
+        m = max(len(v) for v in label_ids)
+        tgt = torch.full((L, m), -100, dtype=torch.long, device=batch.ids.device)
+        for j, v in enumerate(label_ids):
+            tgt[j, : len(v)] = torch.tensor(v)
+        if self.family == "seq2seq":
+            return self._seq2seq_label_scores(prefix, rows, batch, tgt)
+        rows_ = self._rows(prefix, rows, B)
+        T = batch.ids.shape[1]
+        if m == 1:  # every verbalizer is one token: one row per example, one scored position
+            pos = torch.full((B, 1), T - 1, dtype=torch.long, device=batch.ids.device)
+            logp = self.lm_logits(self.causal_hidden(prefix, rows_, batch.ids, batch.mask, pos)).log_softmax(-1)
+            return logp[:, 0, tgt[:, 0]]  # (B, L)
+        # multi-token verbalizers: row (i, l) = input_i + label_l[:-1]; scored positions T-1 .. T+m-2
+        cont = tgt[:, :-1].clamp(min=0)  # (L, m-1)
+        cmask = (tgt[:, :-1] != -100).long()
+        ids = torch.cat([batch.ids.repeat_interleave(L, 0), cont.repeat(B, 1)], 1)  # (B*L, T+m-1)
+        mask = torch.cat([batch.mask.repeat_interleave(L, 0), cmask.repeat(B, 1)], 1)
+        pos = torch.arange(T - 1, T + m - 1, device=ids.device)[None].expand(B * L, -1)
+        logp = self.lm_logits(self.causal_hidden(prefix, rows_.repeat_interleave(L, 0), ids, mask, pos)).log_softmax(-1)
+        return _mean_target_logp(logp, tgt.repeat(B, 1)).view(B, L)
+
+    def _seq2seq_label_scores(
+        self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, tgt: torch.Tensor
+    ) -> torch.Tensor:
+        B, L = batch.ids.shape[0], tgt.shape[0]
+        h, attn, _ = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
+        labels = tgt.repeat(B, 1)  # (B*L, m)
+        logp = self._decoder_logp(h.repeat_interleave(L, 0), attn.repeat_interleave(L, 0), labels)
+        return _mean_target_logp(logp, labels).view(B, L)
+
+    def _decoder_logp(self, enc: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        dec_in = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = self.model(encoder_outputs=(enc,), attention_mask=attn, decoder_input_ids=dec_in, use_cache=False)
+        return out.logits.float().log_softmax(-1)
+
+    def target_logp(self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (B, M) of the generation targets and their mask (B, M)."""
+        assert batch.targets is not None
+        valid = batch.targets != -100
+        if self.family == "causal":
+            assert batch.target_pos is not None
+            logp = self.lm_logits(self.causal_hidden(prefix, rows, batch.ids, batch.mask, batch.target_pos))
+        elif self.family == "seq2seq":
+            h, attn, _ = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
+            logp = self._decoder_logp(h, attn, batch.targets)
+        else:
+            raise ValueError("text generation needs a causal or encoder-decoder model, not an encoder")
+        logp = logp.log_softmax(-1) if self.family == "causal" else logp
+        tok = logp.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0]
+        return tok * valid, valid
+
+    def loss(self, prefix: Prefix, batch: Batch, label_ids: list[list[int]] | None) -> torch.Tensor:
+        """Mean training loss: cross-entropy over class scores, or token-level CE on generation targets."""
+        if batch.targets is not None:
+            tok, valid = self.target_logp(prefix, None, batch)
+            return -tok.sum() / valid.sum().clamp(min=1)
+        assert batch.labels is not None
+        scores = self.label_scores(prefix, None, batch, label_ids or [])
+        return F.cross_entropy(scores, batch.labels)
+
+    # ----- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, **gen_kwargs) -> torch.Tensor:
+        """New token ids (N, new) from transformers' generate with each row behind its prefix."""
+        n, T = batch.ids.shape
+        rows = self._rows(prefix, rows, n)
+        gen_kwargs.setdefault("pad_token_id", self.pad_id)
+        if self.family == "encoder":
+            raise ValueError("generation needs a causal or encoder-decoder model, not an encoder")
+        if self.family == "seq2seq":
+            x, attn, _ = _pack_rows(prefix, rows, self.embed(batch.ids), batch.mask)
+            return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)
+        attn = torch.cat([prefix.mask[rows], batch.mask], 1)
+        if prefix.kv is not None and prefix.width > 0:
+            # the cache holds the prefix; placeholder ids stand for it (generate only feeds the uncached tail)
+            layers = [(k[rows].clone(), v[rows].clone()) for k, v in prefix.kv]
+            ids = torch.cat([torch.full((n, prefix.width), self.pad_id, device=batch.ids.device), batch.ids], 1)
+            out = self.model.generate(input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers),
+                                      **gen_kwargs)
+            return out[:, prefix.width + T :]
+        x = torch.cat([prefix.embeds[rows], self.embed(batch.ids)], 1)
+        return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)
+
+
+def label_text(word: str, template: str, family: str) -> str:
+    """How a verbalizer word follows the template. Causal LMs: with a leading space unless the template ends in
+    whitespace (BPE tokenizers fold the space into the word's first token, as in running text). Others: as is."""
+    if family == "causal" and not template.endswith((" ", "\n", "\t")) and not word.startswith(" "):
+        return " " + word
+    return word
+
+
+def _pad(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _pack_rows(
+    prefix: Prefix, rows: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded rows [prefix real slots][input tokens]: (N, S, d), attention (N, S), pooling mask (N, S)."""
+    pm = prefix.mask[rows].bool()  # (N, P)
+    if bool(pm.all()) and bool(mask.bool().all()):  # no padding anywhere: one cat
+        x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)
+        attn = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
+        return x, attn, torch.cat([prefix.pool[rows], mask], 1)
+    parts, pools = [], []
+    for i in range(emb.shape[0]):
+        g = rows[i]
+        keep = mask[i].bool()
+        parts.append(torch.cat([prefix.embeds[g][pm[i]].to(emb.dtype), emb[i][keep]]))
+        pools.append(torch.cat([prefix.pool[g][pm[i]], mask[i][keep]]))
+    S = max(p.shape[0] for p in parts)
+    x = torch.stack([F.pad(p, (0, 0, 0, S - p.shape[0])) for p in parts])
+    attn = torch.stack([F.pad(torch.ones_like(q), (0, S - q.shape[0])) for q in pools])
+    pool = torch.stack([F.pad(q, (0, S - q.shape[0])) for q in pools])
+    return x, attn, pool
+
+
+def _mean_target_logp(logp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Length-normalised log-likelihood of each row's target (ignoring -100): (N,)."""
+    valid = tgt != -100
+    tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    return (tok * valid).sum(-1) / valid.sum(-1).clamp(min=1)

@@ -1,0 +1,176 @@
+"""A task: template, verbalizer and head, bound to a PromptedModel; turns files into encoded examples.
+
+The same TaskSpec is written into a prompt's metadata at save and read back by eval/predict/generate/serve,
+so a checkpoint carries everything needed to use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from softprompt.config import DataConfig
+from softprompt.data import DataError, Encoded, Verbalizer, encode_samples, load_samples, seen_labels
+from softprompt.prompted import LinearHead, PromptedModel, SimilarityHead, label_text
+
+
+@dataclass
+class TaskSpec:
+    task: str = "classify"  # classify | generate
+    template: str = "{text}"
+    verbalizer: Verbalizer | None = None
+    label_field: str = "label"
+    target_field: str = "target"
+    head: str = "lm"  # lm | linear | similarity
+    position: str = "auto"
+    max_length: int = 512
+    max_target_length: int = 64
+    fields: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, position: str = "auto") -> TaskSpec:
+        verb = None
+        if cfg.task == "classify":
+            labels = seen_labels(cfg.train, cfg) if (cfg.train and not cfg.labels) else None
+            verb = Verbalizer.parse(cfg.labels, labels)
+        from softprompt.data import Template
+
+        return cls(
+            task=cfg.task,
+            template=cfg.template,
+            verbalizer=verb,
+            label_field=cfg.label_field,
+            target_field=cfg.target_field,
+            head=cfg.head,
+            position=position,
+            max_length=cfg.max_length,
+            max_target_length=cfg.max_target_length,
+            fields=Template(cfg.template).fields,
+        )
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "template": self.template,
+            "labels": self.verbalizer.to_meta() if self.verbalizer else None,
+            "label_field": self.label_field,
+            "target_field": self.target_field,
+            "head": self.head,
+            "position": self.position,
+            "max_length": str(self.max_length),
+            "fields": self.fields,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> TaskSpec:
+        labels = meta.get("labels")
+        return cls(
+            task=meta.get("task", "classify"),
+            template=meta.get("template", "{text}"),
+            verbalizer=Verbalizer.from_meta(labels) if isinstance(labels, dict) else None,
+            label_field=meta.get("label_field", "label"),
+            target_field=meta.get("target_field", "target"),
+            head=meta.get("head", "lm"),
+            position=meta.get("position", "auto"),
+            max_length=int(meta.get("max_length", 512)),
+            fields=list(meta.get("fields") or []),
+        )
+
+    def data_config(self, **over: Any) -> DataConfig:
+        cfg = DataConfig(
+            task=self.task,
+            template=self.template,
+            label_field=self.label_field,
+            target_field=self.target_field,
+            head=self.head,
+            max_length=self.max_length,
+            max_target_length=self.max_target_length,
+        )
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        return cfg
+
+
+class BoundTask:
+    """A TaskSpec on a PromptedModel: verbalizer token ids, head, and file → encoded examples."""
+
+    def __init__(self, spec: TaskSpec, pm: PromptedModel, *, num_tokens: int) -> None:
+        self.spec = spec
+        self.pm = pm
+        self.num_tokens = num_tokens
+        self.label_ids: list[list[int]] = []
+        if spec.task == "classify":
+            if spec.verbalizer is None:
+                raise DataError("--labels: a classification task needs a verbalizer")
+            if pm.family != "encoder" or spec.head == "lm":
+                if pm.family == "encoder":
+                    raise DataError("--head: an encoder backbone needs --head linear or --head similarity")
+                self.label_ids = pm.verbalizer_ids(spec.verbalizer.words, spec.template)
+                for w, ids in zip(spec.verbalizer.words, self.label_ids):
+                    if not ids:
+                        raise DataError(f"--labels: verbalizer word {w!r} tokenises to nothing")
+        elif pm.family == "encoder":
+            raise DataError("--task generate needs a causal or encoder-decoder model, not an encoder")
+
+    def label_words(self) -> list[str]:
+        """The verbalizer words as they follow the template (what `--init labels` embeds)."""
+        assert self.spec.verbalizer is not None
+        return [label_text(w, self.spec.template, self.pm.family) for w in self.spec.verbalizer.words]
+
+    def max_input_length(self) -> int:
+        """--max-length, capped by the model's position limit minus prompt, BOS and target room."""
+        limit = getattr(self.pm.model.config, "max_position_embeddings", None) or getattr(
+            self.pm.model.config, "n_positions", None
+        )
+        n = self.spec.max_length
+        if limit and self.pm.family != "seq2seq":
+            room = max(len(v) for v in self.label_ids) if self.label_ids else 0
+            if self.spec.task == "generate":
+                room = self.spec.max_target_length + 1
+            n = min(n, int(limit) - self.num_tokens - len(self.pm.prefix_ids) - room)
+        if n < 1:
+            raise DataError(f"--num-tokens {self.num_tokens}: leaves no room for input within the model's limit")
+        return n
+
+    def encode_file(
+        self, path: str, *, require_targets: bool = True, truncate: bool = True
+    ) -> tuple[list[Encoded], int, list[str]]:
+        """Encoded examples of a file (labels mapped through this task's verbalizer), number truncated, texts."""
+        cfg = self.spec.data_config()
+        samples = load_samples(path, cfg, self.spec.verbalizer, require_targets=require_targets)
+        enc, n_cut = encode_samples(
+            samples,
+            self.pm.encode_input,
+            max_length=self.max_input_length(),
+            truncate=truncate,
+            encode_target=self.pm.encode_target if self.pm.family == "seq2seq" else self._causal_target,
+            max_target_length=self.spec.max_target_length,
+        )
+        return enc, n_cut, [s.text for s in samples]
+
+    def encode_texts(self, texts: list[str], *, truncate: bool = True) -> tuple[list[Encoded], int]:
+        from softprompt.data import Sample
+
+        samples = [Sample(t, where=f"input {i + 1}") for i, t in enumerate(texts)]
+        return encode_samples(samples, self.pm.encode_input, max_length=self.max_input_length(), truncate=truncate)
+
+    def _causal_target(self, text: str) -> list[int]:
+        return self.pm.encode_target(label_text(text, self.spec.template, "causal"))
+
+    def make_head(self, *, seed: int = 0) -> torch.nn.Module | None:
+        """The encoder head: linear (trainable) or similarity (frozen label-description encodings)."""
+        if self.pm.family != "encoder" or self.spec.task != "classify":
+            return None
+        assert self.spec.verbalizer is not None
+        d, L = self.pm.backbone.embed_dim, len(self.spec.verbalizer.labels)
+        if self.spec.head == "linear":
+            torch.manual_seed(seed)
+            return LinearHead(d, L).to(self.pm.backbone.device)
+        # similarity: encode each label description once, without a prompt
+        none = self.pm.build_prefix([None])
+        ids = [self.pm.encode_input(w) for w in self.spec.verbalizer.words]
+        with torch.no_grad():
+            pooled = self.pm.pooled(none, torch.zeros(L, dtype=torch.long), self.pm.collate(ids).to(none.mask.device))
+        return SimilarityHead(pooled).to(self.pm.backbone.device)
