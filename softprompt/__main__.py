@@ -1,0 +1,5 @@
+import sys
+
+from softprompt.cli import main
+
+sys.exit(main())

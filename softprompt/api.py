@@ -1,0 +1,162 @@
+"""Python API, mirroring the CLI: train, load a trained prompt, evaluate, predict, generate, info.
+
+    import softprompt as sp
+    result = sp.train(sp.RunConfig(...))            # or the CLI: softprompt train ...
+    pred = sp.Predictor.load("prompt.safetensors")  # base model, template and verbalizer come from the file
+    pred.predict(["a great film"])                  # [{"label": "positive", "probs": {...}}]
+    pred.evaluate("dev.tsv")                        # {"accuracy": ..., "macro_f1": ..., "confusion": ...}
+    pred.generate(["Question: ..."], max_new_tokens=20)
+
+Several prompt files make an ensemble: each input runs under every prompt in one batched forward pass
+(one row per (input, prompt)), and the class probabilities are averaged or majority-voted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from softprompt.checkpoint import PromptCheckpoint, check_compatible, load_prompt
+from softprompt.config import ModelConfig
+from softprompt.data import Encoded
+from softprompt.evaluate import class_probs, classification_metrics, generate_ids, generation_metrics
+from softprompt.models import Backbone, load_backbone
+from softprompt.prompted import LinearHead, Prefix, PromptedModel
+from softprompt.task import BoundTask, TaskSpec
+
+
+@dataclass
+class Predictor:
+    """One backbone with one or more trained prompts of the same task (several = an ensemble)."""
+
+    pm: PromptedModel
+    task: BoundTask
+    prefix: Prefix
+    checkpoints: list[PromptCheckpoint]
+    combine: str = "mean"  # mean (probabilities) | vote (majority of argmax)
+    batch_size: int = 32
+
+    @classmethod
+    def load(
+        cls,
+        prompts: str | list[str],
+        *,
+        model: str | None = None,
+        backbone: Backbone | None = None,
+        allow_other_model: bool = False,
+        combine: str = "mean",
+        batch_size: int = 32,
+        device: str = "auto",
+        dtype: str = "float32",
+    ) -> Predictor:
+        paths = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not paths:
+            raise ValueError("--prompt: at least one prompt file is required")
+        if combine not in ("mean", "vote"):
+            raise ValueError(f"--combine must be mean or vote, got {combine!r}")
+        ckpts = [load_prompt(p) for p in paths]
+        spec = TaskSpec.from_meta(ckpts[0].meta)
+        for c in ckpts[1:]:
+            other = TaskSpec.from_meta(c.meta)
+            if (other.task, other.template, other.verbalizer) != (spec.task, spec.template, spec.verbalizer):
+                raise ValueError(f"{c.path}: an ensemble needs prompts of one task (template/labels differ from {paths[0]})")
+        if backbone is None:
+            name = model or ckpts[0].meta.get("base_model")
+            if not name:
+                raise ValueError(f"{paths[0]}: no base_model in its metadata; pass --model")
+            backbone = load_backbone(ModelConfig(model=name, device=device, dtype=dtype), progress=False)
+        for c in ckpts:
+            check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
+        pm = PromptedModel(backbone, position=spec.position)
+        task = BoundTask(spec, pm, num_tokens=max(c.num_tokens for c in ckpts))
+        if "head.linear.weight" in ckpts[0].extra:
+            w = ckpts[0].extra["head.linear.weight"]
+            pm.head = LinearHead(w.shape[1], w.shape[0]).to(backbone.device)
+            pm.head.load_state_dict({k[5:]: v for k, v in ckpts[0].extra.items() if k.startswith("head.")})
+        else:
+            pm.head = task.make_head()
+        with torch.no_grad():
+            prefix = pm.build_prefix([c.prompt.to(backbone.device) for c in ckpts]).detach()  # once per prompt
+        return cls(pm, task, prefix, ckpts, combine, batch_size)
+
+    @property
+    def labels(self) -> list[str]:
+        assert self.task.spec.verbalizer is not None
+        return self.task.spec.verbalizer.labels
+
+    # ---- classification ---------------------------------------------------------------------------------
+    def probs(self, examples: list[Encoded]) -> torch.Tensor:
+        """(N, L) class probabilities, combined over the ensemble's K prompts in one batched pass."""
+        K = len(self.checkpoints)
+        rep = [e for e in examples for _ in range(K)]
+        rows = [k for _ in examples for k in range(K)]
+        p = class_probs(self.pm, self.prefix, rep, self.task.label_ids, batch_size=self.batch_size, rows=rows)
+        p = p.view(len(examples), K, -1)
+        if self.combine == "vote" and K > 1:
+            votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).float().mean(1)  # (N, L) vote share
+            return votes + 1e-6 * p.mean(1)  # ties broken by mean probability
+        return p.mean(1)
+
+    def predict(self, inputs: list[str] | str) -> list[dict[str, Any]]:
+        """Label and probabilities per input: texts (template already filled) or a data file path."""
+        examples, texts = self._examples(inputs)
+        if self.task.spec.task != "classify":
+            return [{"input": t, "output": g} for t, g in zip(texts, self._generate(examples))]
+        probs = self.probs(examples)
+        return [
+            {"input": t, "label": self.labels[int(p.argmax())], "probs": dict(zip(self.labels, map(float, p)))}
+            for t, p in zip(texts, probs)
+        ]
+
+    def evaluate(self, path: str, *, max_new_tokens: int = 32) -> dict[str, Any]:
+        examples, _, _ = self.task.encode_file(path)
+        if self.task.spec.task == "classify":
+            probs = self.probs(examples)
+            m = classification_metrics([int(e.label) for e in examples if e.label is not None],
+                                       probs.argmax(-1).tolist(), self.labels)
+        else:
+            preds = self._generate(examples, max_new_tokens=max_new_tokens)
+            golds = [self.pm.tok.decode(e.target_ids or [], skip_special_tokens=True).strip() for e in examples]
+            m = generation_metrics(preds, golds)
+        m["prompts"] = [c.path for c in self.checkpoints]
+        return m
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def generate(self, inputs: list[str] | str, **gen_kwargs: Any) -> list[str]:
+        examples, _ = self._examples(inputs)
+        return self._generate(examples, **gen_kwargs)
+
+    def _generate(self, examples: list[Encoded], **gen_kwargs: Any) -> list[str]:
+        gen_kwargs.setdefault("max_new_tokens", 32)
+        if not gen_kwargs.get("do_sample"):
+            gen_kwargs["do_sample"] = False
+        ids = generate_ids(self.pm, self.prefix, examples, batch_size=self.batch_size, **gen_kwargs)
+        return [self.pm.tok.decode(g, skip_special_tokens=True).strip() for g in ids]
+
+    # ---- inputs -----------------------------------------------------------------------------------------
+    def _examples(self, inputs: list[str] | str) -> tuple[list[Encoded], list[str]]:
+        if isinstance(inputs, str) and (inputs == "-" or os.path.exists(inputs)):
+            enc, _, texts = self.task.encode_file(inputs, require_targets=False)
+            return enc, texts
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        enc, _ = self.task.encode_texts(texts)
+        return enc, texts
+
+
+def info(path: str) -> dict[str, Any]:
+    """A prompt file's metadata, tensor shapes and size (what `softprompt info` prints)."""
+    ck = load_prompt(path)
+    return {
+        "path": path,
+        "bytes": os.path.getsize(path),
+        "tensors": {"prompt": list(ck.prompt.shape), **{k: list(v.shape) for k, v in ck.extra.items()}},
+        **ck.meta,
+    }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, default=str)

@@ -1,0 +1,174 @@
+"""Command line: `softprompt train|eval|predict|generate|info|models|serve|export|import|similarity`.
+
+`train`'s flags are generated from the config dataclasses (softprompt.config): each field is `--field-name`
+and `--section.field_name`, with its docstring as help; `--config FILE.yaml` supplies any of them (flags win).
+Errors print one line `softprompt: error: ...` and exit 2, leaving no partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from softprompt.config import SECTIONS, ConfigError, RunConfig, apply_options, field_docs, load_yaml
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for sec, cls in SECTIONS.items():
+        g = p.add_argument_group(sec)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            flags = [f"--{f.name.replace('_', '-')}", f"--{sec}.{f.name}"]
+            default = f.default
+            help_ = f"{docs.get(f.name, '')} (default: {default})"
+            if isinstance(default, bool):
+                g.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            else:
+                g.add_argument(*flags, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then the YAML file, then flags given on the command line."""
+    cfg = RunConfig()
+    if args.config:
+        apply_options(cfg, load_yaml(args.config), args.config)
+    given = {f.name: getattr(args, f.name) for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    apply_options(cfg, {k: v for k, v in given.items() if v is not None}, "command line")
+    cfg.validate()
+    return cfg
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning on frozen Transformers models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a soft prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--config", help="YAML file with any of the options below (flags given here win)")
+    _add_config_flags(t)
+
+    def prompt_cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--prompt", action="append", required=True, help="prompt .safetensors (repeat for an ensemble)")
+        s.add_argument("--model", help="backbone (default: the base model recorded in the prompt)")
+        s.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
+        s.add_argument("--combine", default="mean", choices=["mean", "vote"], help="ensemble combination")
+        s.add_argument("--batch-size", type=int, default=32)
+        s.add_argument("--device", default="auto")
+        return s
+
+    e = prompt_cmd("eval", "evaluate a prompt on a labelled file; prints one JSON object")
+    e.add_argument("--data", required=True, help="labelled file (jsonl/csv/tsv)")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    pr = prompt_cmd("predict", "labels and probabilities per input, JSONL out")
+    pr.add_argument("--data", required=True, help="file, or - for JSONL on stdin")
+    pr.add_argument("--output", help="write JSONL here (atomically) instead of stdout")
+    g = prompt_cmd("generate", "generate text with a prompt")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="one input text (the filled template, or the value of its single field)")
+    src.add_argument("--data", help="file, or - for JSONL on stdin")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+
+    i = sub.add_parser("info", help="metadata and size of a prompt file (JSON)")
+    i.add_argument("path")
+    sub.add_parser("models", help="list the built-in model aliases and whether each is installed")
+    return p
+
+
+def _fill_single(pred, text: str) -> str:
+    """`--input` may be the value of the template's single field rather than the filled template."""
+    fields = pred.task.spec.fields
+    if len(fields) == 1 and "{" + fields[0] + "}" in pred.task.spec.template:
+        from softprompt.data import Template
+
+        return Template(pred.task.spec.template).fill({fields[0]: text}, "--input")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("softprompt: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # our errors are ValueError/RuntimeError subclasses
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"softprompt: error: {msg}", file=sys.stderr)
+        if os.environ.get("SOFTPROMPT_DEBUG"):
+            raise
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "models":
+        from softprompt.models import list_models
+
+        for m in list_models():
+            state = "installed" if m["installed"] else f"not installed ({m.get('install', '')})"
+            cached = ", cached" if m.get("cached") and m["installed"] else ""
+            print(f"{m['alias']:<14} {m['family']:<8} {state}{cached}  {m.get('description', '')}")
+        return 0
+    if args.cmd == "info":
+        from softprompt.api import dumps, info
+
+        print(dumps(info(args.path)))
+        return 0
+    if args.cmd == "train":
+        cfg = build_config(args)
+        from softprompt.train import train
+
+        res = train(cfg, log=lambda s: print(s, file=sys.stderr))
+        print(json.dumps({"out": res.out, "steps": res.steps, "best_step": res.best_step,
+                          "wall_s": round(res.wall_s, 1), **{k: v for k, v in res.metrics.items()}}))
+        return 0
+
+    from softprompt.api import Predictor, dumps
+
+    pred = Predictor.load(args.prompt, model=args.model, allow_other_model=args.allow_other_model,
+                          combine=args.combine, batch_size=args.batch_size, device=args.device)
+    if args.cmd == "eval":
+        m = pred.evaluate(args.data, max_new_tokens=args.max_new_tokens)
+        print(dumps(m))
+        return 0
+    if args.cmd == "predict":
+        rows = pred.predict(args.data)
+        text = "".join(dumps(r) + "\n" for r in rows)
+        if args.output:
+            from pathlib import Path
+
+            from softprompt.checkpoint import atomic_write
+
+            atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.cmd == "generate":
+        import torch
+
+        torch.manual_seed(args.seed)
+        kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+        if args.do_sample:
+            kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+            if args.top_k:
+                kw["top_k"] = args.top_k
+        inputs = [_fill_single(pred, args.input)] if args.input is not None else args.data
+        outs = pred.generate(inputs, **kw)
+        texts = [args.input] if args.input is not None else [None] * len(outs)
+        for t, o in zip(texts, outs):
+            print(dumps({"input": t, "output": o} if t is not None else {"output": o}))
+        return 0
+    raise ConfigError(f"unknown command {args.cmd}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
