@@ -51,6 +51,37 @@ class Prefix:
         kv = None if self.kv is None else [(k.detach(), v.detach()) for k, v in self.kv]
         return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv)
 
+    @staticmethod
+    def stack(parts: list[Prefix]) -> Prefix:
+        """One Prefix from several (each computed once, e.g. cached per task): left-padded to the widest."""
+        width = max(p.width for p in parts)
+
+        def lpad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            pad = [0, 0] * (dim_from_end - 1) + [width - t.shape[-dim_from_end], 0]
+            return F.pad(t, pad)
+
+        kv = None
+        if all(p.kv is not None for p in parts):
+            n_layers = len(parts[0].kv)  # type: ignore[arg-type]
+            kv = [
+                (torch.cat([lpad(p.kv[i][0], 2) for p in parts]), torch.cat([lpad(p.kv[i][1], 2) for p in parts]))  # type: ignore[index]
+                for i in range(n_layers)
+            ]
+        return Prefix(
+            torch.cat([lpad(p.embeds, 2) for p in parts]),
+            torch.cat([lpad(p.mask, 1) for p in parts]),
+            torch.cat([lpad(p.pool, 1) for p in parts]),
+            torch.cat([p.lengths for p in parts]),
+            kv,
+        )
+
+    def nbytes(self) -> int:
+        """Memory held by this prefix (embeddings and K/V)."""
+        n = self.embeds.numel() * self.embeds.element_size()
+        for k, v in self.kv or []:
+            n += k.numel() * k.element_size() + v.numel() * v.element_size()
+        return n
+
 
 @dataclass
 class Batch:
@@ -408,10 +439,9 @@ def _pack_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded rows [prefix real slots][input tokens]: (N, S, d), attention (N, S), pooling mask (N, S)."""
     pm = prefix.mask[rows].bool()  # (N, P)
-    if bool(pm.all()) and bool(mask.bool().all()):  # no padding anywhere: one cat
+    if bool(pm.all()):  # prefixes of one width: [prefix][input, right-padded] is already exact, one cat
         x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)
-        attn = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
-        return x, attn, torch.cat([prefix.pool[rows], mask], 1)
+        return x, torch.cat([prefix.mask[rows], mask], 1), torch.cat([prefix.pool[rows], mask], 1)
     parts, pools = [], []
     for i in range(emb.shape[0]):
         g = rows[i]
