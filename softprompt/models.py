@@ -121,13 +121,15 @@ def freeze(model: torch.nn.Module, dropout: bool = False) -> None:
 
 
 def embedding_fingerprint(model: PreTrainedModel) -> str:
-    """sha256 of the input-embedding matrix (shape + contiguous float32 bytes), so a prompt can check its backbone.
+    """sha256 of the input-embedding matrix (shape + bytes), so a prompt can check its backbone.
 
-    The hash is over the weights as loaded: the same checkpoint in bfloat16 has a different fingerprint.
+    The matrix is rounded to bfloat16 before hashing, so the same checkpoint loaded in float32 or bfloat16 has one
+    fingerprint (a prompt trained in float32 serves a bfloat16 copy of its model), while any real change to the
+    embeddings still changes it.
     """
     weight = _embedding_weight(model).detach()
     h = hashlib.sha256(repr(tuple(weight.shape)).encode())
-    h.update(weight.to(device="cpu", dtype=torch.float32).contiguous().numpy().data)  # .data: hashed without a copy
+    h.update(weight.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().data)
     return "sha256:" + h.hexdigest()[:16]
 
 
