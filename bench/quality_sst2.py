@@ -78,8 +78,9 @@ def main() -> int:
     task = BoundTask(TaskSpec.from_config(cfg.data), pm, num_tokens=0)
     dev, _, _ = task.encode_file(cfg.data.eval)
     assert task.spec.verbalizer is not None
-    zero = evaluate_examples(pm, pm.build_prefix([None]), dev, task="classify", label_ids=task.label_ids,
-                             labels=task.spec.verbalizer.labels)
+    zero = evaluate_examples(
+        pm, pm.build_prefix([None]), dev, task="classify", label_ids=task.label_ids, labels=task.spec.verbalizer.labels
+    )
     print(f"zero-shot dev accuracy: {zero['accuracy']:.4f}", flush=True)
 
     res = train(cfg, backbone=bb, log=lambda s: print(s, file=sys.stderr))
@@ -95,14 +96,23 @@ def main() -> int:
         "checkpoint_bytes": Path(res.out).stat().st_size,
         "wall_s": round(time.time() - t0, 1),
         "train_wall_s": round(res.wall_s, 1),
-        "config": {"steps": cfg.train.max_steps, "batch": cfg.train.batch_size, "lr": cfg.train.lr,
-                   "optimizer": cfg.train.optimizer, "num_tokens": cfg.prompt.num_tokens, "init": cfg.prompt.init,
-                   "train_size": args.train_size, "seed": args.seed},
+        "config": {
+            "steps": cfg.train.max_steps,
+            "batch": cfg.train.batch_size,
+            "lr": cfg.train.lr,
+            "optimizer": cfg.train.optimizer,
+            "num_tokens": cfg.prompt.num_tokens,
+            "init": cfg.prompt.init,
+            "train_size": args.train_size,
+            "seed": args.seed,
+        },
         "target_met": tuned["accuracy"] >= 0.85,
     }
-    print(f"| | dev accuracy |\n|---|---|\n| zero-shot | {zero['accuracy']:.1%} |\n| prompt tuning | "
-          f"{tuned['accuracy']:.1%} |\ntrainable {trainable:,} ({trainable / n_params:.4%}), "
-          f"checkpoint {out['checkpoint_bytes']:,} bytes, wall {out['wall_s']} s")
+    print(
+        f"| | dev accuracy |\n|---|---|\n| zero-shot | {zero['accuracy']:.1%} |\n| prompt tuning | "
+        f"{tuned['accuracy']:.1%} |\ntrainable {trainable:,} ({trainable / n_params:.4%}), "
+        f"checkpoint {out['checkpoint_bytes']:,} bytes, wall {out['wall_s']} s"
+    )
     print(json.dumps(out))
     return 0
 

@@ -1,0 +1,225 @@
+"""The experiments of bench/quality.py, and the two reference trainers that are not softprompt itself:
+PEFT prompt tuning (same data, steps, lr, init values) and, for minilm-l6, a linear probe and full fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def run_all(study, only: set[str], render) -> list[str]:
+    notes: list[str] = []
+    seeds = study.budget.seeds
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
+    def step(run_id: str, fn, *a, **kw) -> None:
+        try:
+            study.run(run_id, fn, *a, **kw)
+        except Exception as e:  # one failed run must not lose the others; the page says what failed
+            notes.append(f"{run_id} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"    FAILED {notes[-1]}", flush=True)
+        render(study, notes)
+
+    if want("sst2"):
+        step("sst2/zero-shot", study.zero_shot, "sst2")
+        step("sst2/pt-20", study.prompt_tune, "sst2", num_tokens=20)
+        step("sst2/peft-20", peft_prompt_tune, study, "sst2", num_tokens=20)
+        step("sst2/pt-100", study.prompt_tune, "sst2", num_tokens=100)
+    if want("minilm"):
+        step(
+            "minilm/pt-similarity",
+            study.prompt_tune,
+            "sst2",
+            model="minilm-l6",
+            head="similarity",
+            init="vocab",
+            lr=0.03,
+        )
+        step("minilm/pt-linear", study.prompt_tune, "sst2", model="minilm-l6", head="linear", init="vocab", lr=0.03)
+        step("minilm/linear-probe", encoder_reference, study, "sst2", full=False)
+        step("minilm/full-ft", encoder_reference, study, "sst2", full=True)
+    if want("agnews"):
+        step("agnews/zero-shot", study.zero_shot, "agnews")
+        step("agnews/pt-20", study.prompt_tune, "agnews", num_tokens=20)
+    if want("pairs"):
+        for key in ("rte", "boolq"):
+            step(f"{key}/majority", study.majority, key)
+            step(f"{key}/zero-shot", study.zero_shot, key)
+            for s in seeds:
+                step(f"{key}/pt-20/s{s}", study.prompt_tune, key, num_tokens=20, seed=s)
+    if want("ablation"):
+        for n in (1, 5, 20, 100):
+            for init in ("random", "vocab", "labels"):
+                step(f"ablation/p{n}-{init}", study.prompt_tune, "sst2", num_tokens=n, init=init)
+    if want("lr"):
+        for opt, lrs in (("adamw", (0.001, 0.003, 0.01, 0.03, 0.1)), ("adafactor", (0.01, 0.03, 0.1, 0.3, 1.0))):
+            for lr in lrs:
+                step(f"lr/{opt}-{lr}", study.prompt_tune, "sst2", optimizer=opt, lr=lr)
+    return notes
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _task(study, key: str, model: str, head: str, position: str = "auto"):
+    from bench.quality import TASKS
+    from softprompt.config import DataConfig
+    from softprompt.prompted import PromptedModel
+    from softprompt.task import BoundTask, TaskSpec
+
+    t = TASKS[key]
+    tr, ev = study.files(key)
+    cfg = DataConfig(train=tr, template=t.template, labels=t.labels, head=head)
+    pm = PromptedModel(study.backbone(model), position=position)
+    task = BoundTask(TaskSpec.from_config(cfg, position=position), pm, num_tokens=20)
+    train, _, _ = task.encode_file(tr)
+    evald, _, _ = task.encode_file(ev)
+    return pm, task, train, evald
+
+
+def _batches(n: int, batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order += torch.randperm(n, generator=g).tolist()
+        yield order[:batch]
+        order = order[batch:]
+
+
+def peft_prompt_tune(study, key: str, *, num_tokens: int = 20, lr: float = 0.01, seed: int = 0) -> dict[str, Any]:
+    """PEFT's prompt tuning with softprompt's recipe: same data, init values (labels rule), AdamW lr, linear
+    schedule with warm-up, steps and batch; loss = CE over the verbalizer tokens' logits at the last position."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import get_scheduler
+
+    from softprompt.prompt import init_prompt
+
+    bb = study.backbone("smollm2-135m")
+    pm, task, train, evald = _task(study, key, "smollm2-135m", "lm", position="start")
+    label_tok = torch.tensor([ids[0] for ids in task.label_ids])
+    init = init_prompt(
+        "labels",
+        num_tokens,
+        bb.model.get_input_embeddings().weight,
+        bb.tokenizer,
+        seed=seed,
+        label_words=task.label_words(),
+    )
+    model = get_peft_model(
+        copy.deepcopy(bb.model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_tokens)
+    )
+    emb = model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        emb.copy_(init)
+    opt = torch.optim.AdamW([emb], lr=lr)
+    steps = study.budget.steps
+    sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=steps)
+    pad = pm.pad_id
+
+    def logits_last(idx: list[int], data) -> torch.Tensor:
+        seqs = [data[i].input_ids for i in idx]
+        T = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])  # left pad: last position = last token
+        mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1][:, label_tok].float()
+
+    curve = []
+    every = max(1, steps // 5)
+    best = (0.0, 0.0, 0)
+    for s, idx in enumerate(_batches(len(train), study.budget.batch, steps, seed), start=1):
+        loss = F.cross_entropy(logits_last(idx, train), torch.tensor([train[i].label for i in idx]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([emb], 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if s % every == 0 or s == steps:
+            acc, f1 = _eval(lambda idx: logits_last(idx, evald), evald)
+            curve.append((s, acc))
+            best = max(best, (acc, f1, s))
+    return {
+        "accuracy": best[0],
+        "macro_f1": best[1],
+        "best_step": best[2],
+        "trainable": num_tokens * bb.embed_dim,
+        "steps": steps,
+        "bytes": 4 * num_tokens * bb.embed_dim,
+        "curve": curve,
+    }
+
+
+@torch.no_grad()
+def _eval(score_fn, data, batch: int = 32) -> tuple[float, float]:
+    from softprompt.evaluate import classification_metrics
+
+    preds: list[int] = []
+    for i in range(0, len(data), batch):
+        preds += score_fn(list(range(i, min(i + batch, len(data))))).argmax(-1).tolist()
+    gold = [int(e.label) for e in data]
+    m = classification_metrics(gold, preds, [str(i) for i in range(max(gold + preds) + 1)])
+    return m["accuracy"], m["macro_f1"]
+
+
+def encoder_reference(study, key: str, *, full: bool, lr: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """minilm-l6 without a prompt: a linear probe (frozen encoder, head only) or full fine-tuning (all weights)."""
+    from transformers import get_scheduler
+
+    from softprompt.prompted import LinearHead
+
+    bb = study.backbone("minilm-l6")
+    model = copy.deepcopy(bb.model)
+    pm, task, train, evald = _task(study, key, "minilm-l6", "linear")
+    torch.manual_seed(seed)
+    head = LinearHead(bb.embed_dim, len(task.spec.verbalizer.labels))
+    params = list(head.parameters())
+    if full:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params += list(model.parameters())
+        model.train()
+    lr = lr or (5e-5 if full else 1e-2)
+    opt = torch.optim.AdamW(params, lr=lr)
+    steps = study.budget.steps
+    sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=steps)
+
+    def scores(idx: list[int], data) -> torch.Tensor:
+        b = pm.collate([data[i].input_ids for i in idx])
+        h = model(input_ids=b.ids, attention_mask=b.mask)[0]
+        w = b.mask[..., None].float()
+        return head((h * w).sum(1) / w.sum(1))
+
+    curve, best = [], (0.0, 0.0, 0)
+    every = max(1, steps // 5)
+    for s, idx in enumerate(_batches(len(train), study.budget.batch, steps, seed), start=1):
+        loss = F.cross_entropy(scores(idx, train), torch.tensor([train[i].label for i in idx]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if s % every == 0 or s == steps:
+            model.eval()
+            acc, f1 = _eval(lambda idx: scores(idx, evald), evald)
+            model.train(full)
+            curve.append((s, acc))
+            best = max(best, (acc, f1, s))
+    trainable = sum(p.numel() for p in params)
+    n_model = sum(p.numel() for p in bb.model.parameters())
+    return {
+        "accuracy": best[0],
+        "macro_f1": best[1],
+        "best_step": best[2],
+        "trainable": trainable,
+        "share": trainable / n_model,
+        "steps": steps,
+        "bytes": 4 * trainable,
+        "curve": curve,
+    }

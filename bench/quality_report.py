@@ -1,0 +1,194 @@
+"""Renders bench/quality.py's cached results as docs/results.md and PNG plots in docs/img/."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TARGETS = {
+    "sst2/pt-20": ("SST-2 prompt tuning ≥ 89% and ≥ PEFT", 0.89),
+    "agnews/pt-20": ("AG News prompt tuning ≥ 88%", 0.88),
+}
+
+
+def sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _fmt(r: dict[str, Any] | None) -> tuple[str, str, str, str, str, str]:
+    if r is None:
+        return ("not run",) + ("",) * 5
+    share = f" ({100 * r['share']:.3f}%)" if "share" in r else ""
+    return (
+        f"{100 * r['accuracy']:.1f}",
+        f"{100 * r['macro_f1']:.1f}",
+        f"{r.get('trainable', 0):,}{share}",
+        f"{r.get('bytes', 0):,}",
+        f"{r.get('steps', 0)}" + (f" (best {r['best_step']})" if "best_step" in r else ""),
+        f"{r.get('wall_s', 0):.0f}",
+    )
+
+
+def _table(results: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
+    out = [
+        "| method | accuracy % | macro-F1 % | trainable params (share) | checkpoint bytes | steps | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, key in rows:
+        if key.endswith("/*"):  # several seeds: mean ± std
+            runs = [v for k, v in results.items() if k.startswith(key[:-1])]
+            if not runs:
+                out.append(f"| {label} | not run | | | | | |")
+                continue
+            accs = [100 * r["accuracy"] for r in runs]
+            f1s = [100 * r["macro_f1"] for r in runs]
+            sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+            cells = _fmt(runs[0])
+            out.append(
+                f"| {label} (n={len(runs)} seeds) | {statistics.mean(accs):.1f} ± {sd(accs):.1f} | "
+                f"{statistics.mean(f1s):.1f} ± {sd(f1s):.1f} | {cells[2]} | {cells[3]} | {cells[4]} | "
+                f"{sum(r.get('wall_s', 0) for r in runs):.0f} |"
+            )
+            continue
+        out.append(f"| {label} | " + " | ".join(_fmt(results.get(key))) + " |")
+    return out
+
+
+def _plots(results: dict[str, Any], img: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img.mkdir(parents=True, exist_ok=True)
+    made = []
+    curves = {k: v["curve"] for k, v in results.items() if v.get("curve") and not k.startswith(("ablation", "lr/"))}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k, c in curves.items():
+            ax.plot([s for s, _ in c], [100 * a for _, a in c], "o-", label=k, ms=3)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("dev accuracy %")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(img / "curves.png", dpi=100)
+        plt.close(fig)
+        made.append("curves.png")
+    bars = [(k, v["accuracy"]) for k, v in results.items() if k.startswith(("sst2/", "minilm/"))]
+    if bars:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.barh([k for k, _ in bars], [100 * a for _, a in bars], color="tab:blue")
+        ax.set_xlabel("SST-2 dev accuracy %")
+        ax.set_xlim(40, 100)
+        fig.tight_layout()
+        fig.savefig(img / "methods.png", dpi=100)
+        plt.close(fig)
+        made.append("methods.png")
+    abl = {k: v for k, v in results.items() if k.startswith("ablation/")}
+    lrs = {k: v for k, v in results.items() if k.startswith("lr/")}
+    if abl or lrs:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for init in ("random", "vocab", "labels"):
+            pts = sorted(
+                (int(k.split("/p")[1].split("-")[0]), v["accuracy"]) for k, v in abl.items() if k.endswith("-" + init)
+            )
+            if pts:
+                axes[0].plot([p for p, _ in pts], [100 * a for _, a in pts], "o-", label=init)
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("prompt length (tokens)")
+        axes[0].set_ylabel("SST-2 dev accuracy %")
+        axes[0].legend()
+        for opt in ("adamw", "adafactor"):
+            pts = sorted((float(k.split("-")[-1]), v["accuracy"]) for k, v in lrs.items() if k.startswith(f"lr/{opt}-"))
+            if pts:
+                axes[1].plot([p for p, _ in pts], [100 * a for _, a in pts], "o-", label=opt)
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("learning rate")
+        axes[1].legend()
+        fig.tight_layout()
+        fig.savefig(img / "ablations.png", dpi=100)
+        plt.close(fig)
+        made.append("ablations.png")
+    return made
+
+
+def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: Path) -> None:
+    cmd = "python bench/quality.py" + (" --quick" if mode == "quick" else "")
+    wall = sum(v.get("wall_s", 0) for v in results.values())
+    lines = [
+        "# Results: does it learn?",
+        "",
+        f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}, machine: {platform.machine()}, "
+        f"{platform.processor() or 'cpu'}, Python {sys.version.split()[0]}; total run time {wall / 60:.0f} min.",
+        f"Budget ({mode}): {budget.train_n} training examples (fixed-seed sample), "
+        f"{'all' if not budget.eval_n else budget.eval_n} evaluation examples, {budget.steps} steps of batch "
+        f"{budget.batch}; accuracy is the best evaluation during training (5 evaluations per run). "
+        "Defaults unless stated: 20 tokens, `labels` init, AdamW lr 0.01, linear schedule, 10 warm-up steps.",
+        "",
+        "## SST-2 (train sample → dev), smollm2-135m",
+        *_table(
+            results,
+            [
+                ("zero-shot (same template)", "sst2/zero-shot"),
+                ("prompt tuning, 20 tokens", "sst2/pt-20"),
+                ("prompt tuning, 100 tokens", "sst2/pt-100"),
+                ("PEFT prompt tuning, 20 tokens", "sst2/peft-20"),
+            ],
+        ),
+        "",
+        "## SST-2, minilm-l6 (encoder): parameter-efficient vs full fine-tuning",
+        *_table(
+            results,
+            [
+                ("prompt tuning, --head similarity (prompt only)", "minilm/pt-similarity"),
+                ("prompt tuning, --head linear", "minilm/pt-linear"),
+                ("linear probe (frozen, head only)", "minilm/linear-probe"),
+                ("full fine-tuning (all weights + head)", "minilm/full-ft"),
+            ],
+        ),
+        "",
+        "## AG News (4 classes; 1,000 held-out rows split off train10k with seed 0), smollm2-135m",
+        *_table(results, [("zero-shot", "agnews/zero-shot"), ("prompt tuning, 20 tokens", "agnews/pt-20")]),
+        "",
+        "## RTE and BoolQ, smollm2-135m",
+        *_table(
+            results,
+            [
+                ("RTE majority class", "rte/majority"),
+                ("RTE zero-shot", "rte/zero-shot"),
+                ("RTE prompt tuning", "rte/pt-20/*"),
+                ("BoolQ majority class", "boolq/majority"),
+                ("BoolQ zero-shot", "boolq/zero-shot"),
+                ("BoolQ prompt tuning (32 examples)", "boolq/pt-20/*"),
+            ],
+        ),
+        "",
+        "## Ablations (SST-2, smollm2-135m): prompt length × init, learning rate",
+        *_table(results, [(k.split("/", 1)[1], k) for k in sorted(results) if k.startswith(("ablation/", "lr/"))]),
+        "",
+    ]
+    made = _plots(results, docs / "img")
+    lines += [f"![{m}](img/{m})" for m in made] + [""]
+    lines += ["## Targets", ""]
+    for key, (text, goal) in TARGETS.items():
+        r = results.get(key)
+        if r is None:
+            lines.append(f"- {text}: not measured in this run.")
+        else:
+            ok = r["accuracy"] >= goal
+            extra = ""
+            if key == "sst2/pt-20" and "sst2/peft-20" in results:
+                extra = f"; PEFT with the same budget {100 * results['sst2/peft-20']['accuracy']:.1f}%"
+            lines.append(f"- {text}: {100 * r['accuracy']:.1f}% — {'met' if ok else 'MISSED'}{extra} ({mode} budget).")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    extra_page = docs / "results-methods.md"
+    if extra_page.exists():
+        lines += ["", extra_page.read_text()]
+    tmp = docs / ".results.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(docs / "results.md")
