@@ -46,7 +46,6 @@ def _table(results: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
                 continue
             accs = [100 * r["accuracy"] for r in runs]
             f1s = [100 * r["macro_f1"] for r in runs]
-            sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
             cells = _fmt(runs[0])
             out.append(
                 f"| {label} (n={len(runs)} seeds) | {statistics.mean(accs):.1f} ± {sd(accs):.1f} | "
