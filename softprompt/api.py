@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from softprompt.checkpoint import PromptCheckpoint, check_compatible, load_prompt
+from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
 from softprompt.config import ModelConfig
 from softprompt.data import Encoded
 from softprompt.evaluate import class_probs, classification_metrics, generate_ids, generation_metrics
@@ -73,10 +73,15 @@ class Predictor:
             check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
         pm = PromptedModel(backbone, position=spec.position)
         task = BoundTask(spec, pm, num_tokens=max(c.num_tokens for c in ckpts))
-        if "head.linear.weight" in ckpts[0].extra:
-            w = ckpts[0].extra["head.linear.weight"]
+        # head.weight/head.bias: how train.py named the linear head before it wrote head.linear.*
+        legacy = {"head.weight": "head.linear.weight", "head.bias": "head.linear.bias"}
+        head = {legacy.get(k, k)[5:]: v for k, v in ckpts[0].extra.items() if k.startswith("head.")}
+        if "linear.weight" in head:
+            w = head["linear.weight"]
             pm.head = LinearHead(w.shape[1], w.shape[0]).to(backbone.device)
-            pm.head.load_state_dict({k[5:]: v for k, v in ckpts[0].extra.items() if k.startswith("head.")})
+            pm.head.load_state_dict(head)
+        elif spec.head == "linear" and pm.family == "encoder":  # a fresh random head would give random labels
+            raise CheckpointError(f"{paths[0]}: a --head linear prompt without its head.linear.* tensors")
         else:
             pm.head = task.make_head()
         with torch.no_grad():
@@ -97,8 +102,8 @@ class Predictor:
         p = class_probs(self.pm, self.prefix, rep, self.task.label_ids, batch_size=self.batch_size, rows=rows)
         p = p.view(len(examples), K, -1)
         if self.combine == "vote" and K > 1:
-            votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).float().mean(1)  # (N, L) vote share
-            return votes + 1e-6 * p.mean(1)  # ties broken by mean probability
+            votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double().mean(1)  # (N, L) vote share
+            return votes + 1e-6 * p.mean(1).double()  # ties broken by mean probability (float64: not lost to rounding)
         return p.mean(1)
 
     def predict(self, inputs: list[str] | str) -> list[dict[str, Any]]:
@@ -120,7 +125,7 @@ class Predictor:
                                        probs.argmax(-1).tolist(), self.labels)
         else:
             preds = self._generate(examples, max_new_tokens=max_new_tokens)
-            golds = [self.pm.tok.decode(e.target_ids or [], skip_special_tokens=True).strip() for e in examples]
+            golds = [self.pm.decode(e.target_ids or []) for e in examples]
             m = generation_metrics(preds, golds)
         m["prompts"] = [c.path for c in self.checkpoints]
         return m
@@ -135,7 +140,7 @@ class Predictor:
         if not gen_kwargs.get("do_sample"):
             gen_kwargs["do_sample"] = False
         ids = generate_ids(self.pm, self.prefix, examples, batch_size=self.batch_size, **gen_kwargs)
-        return [self.pm.tok.decode(g, skip_special_tokens=True).strip() for g in ids]
+        return [self.pm.decode(g) for g in ids]
 
     # ---- inputs -----------------------------------------------------------------------------------------
     def _examples(self, inputs: list[str] | str) -> tuple[list[Encoded], list[str]]:

@@ -35,12 +35,7 @@ def class_probs(
 
 
 def _num_head_labels(pm: PromptedModel) -> int:
-    head = pm.head
-    if head is None:
-        return 0
-    if hasattr(head, "linear"):
-        return int(head.linear.out_features)  # type: ignore[union-attr]
-    return int(head.label_embeds.shape[0])  # type: ignore[union-attr]
+    return int(getattr(pm.head, "num_labels", 0))
 
 
 @torch.no_grad()
@@ -146,7 +141,6 @@ def evaluate_examples(
         m["loss"] = float(-logp[torch.arange(len(examples)), torch.tensor(gold)].mean())
         return m
     gen = generate_ids(pm, prefix, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=False)
-    preds = [pm.tok.decode(g, skip_special_tokens=True).strip() for g in gen]
-    golds = [pm.tok.decode([t for t in (e.target_ids or []) if t != pm.tok.eos_token_id], skip_special_tokens=True).strip()
-             for e in examples]
+    preds = [pm.decode(g) for g in gen]
+    golds = [pm.decode(e.target_ids or []) for e in examples]
     return generation_metrics(preds, golds)

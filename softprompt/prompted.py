@@ -23,6 +23,7 @@ positions, never the whole vocabulary at every position.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,10 @@ class LinearHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, num_labels)
 
+    @property
+    def num_labels(self) -> int:
+        return int(self.linear.out_features)
+
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(pooled)
 
@@ -118,6 +123,7 @@ class SimilarityHead(nn.Module):
         super().__init__()
         self.register_buffer("label_embeds", F.normalize(label_embeds.detach().float(), dim=-1))
         self.scale = scale
+        self.num_labels = int(label_embeds.shape[0])
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.scale * F.normalize(pooled.float(), dim=-1) @ self.label_embeds.T  # type: ignore[operator]
@@ -185,6 +191,11 @@ class PromptedModel(nn.Module):
             ids.append(int(self.tok.eos_token_id))
         return ids
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated or target ids, special tokens dropped, outer whitespace stripped."""
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        return str(text).strip()
+
     # ----- collate (pure) -----------------------------------------------------------------------------
     def collate(
         self,
@@ -207,16 +218,20 @@ class PromptedModel(nn.Module):
                 pos[i, : len(y)] = torch.arange(T - len(y) - 1, T - 1)
             return Batch(ids, mask, lab, tgt, pos)
         ids, mask = _pad(inputs, self.pad_id, left=self.family == "causal")
-        tgt = None
-        if targets is not None:
-            tgt, _ = _pad(targets, -100, left=False)
-        return Batch(ids, mask, lab, tgt)
+        padded_targets = None if targets is None else _pad(targets, -100, left=False)[0]
+        return Batch(ids, mask, lab, padded_targets)
 
     # ----- prefixes -----------------------------------------------------------------------------------
+    def embedding_matrix(self) -> torch.Tensor:
+        """The backbone's input-embedding matrix (V, d)."""
+        w = self.model.get_input_embeddings().weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def build_prefix(self, prompts: list[torch.Tensor | None], *, kv: bool | None = None) -> Prefix:
+    def build_prefix(self, prompts: Sequence[torch.Tensor | None], *, kv: bool | None = None) -> Prefix:
         """Prefixes for G prompts (each (P_g, d) or None for no prompt), left-padded to one width.
 
         With kv (default: decoder-only and not naive) each prefix is run alone through the model once and its
@@ -282,8 +297,10 @@ class PromptedModel(nn.Module):
         base = self.model.base_model
         if prefix.kv is not None:
             shared = prefix.mask.shape[0] == 1
-            layers = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if shared else (k[rows], v[rows])
-                      for k, v in prefix.kv]  # (N, H, P, dh): a view when one prompt serves the batch
+            layers = [
+                (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if shared else (k[rows], v[rows])
+                for k, v in prefix.kv
+            ]  # (N, H, P, dh): a view when one prompt serves the batch
             cache = DynamicCache(ddp_cache_data=layers)
             h = base(inputs_embeds=emb, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)[0]
         else:
@@ -360,7 +377,7 @@ class PromptedModel(nn.Module):
         return _mean_target_logp(logp, labels).view(B, L)
 
     def _decoder_logp(self, enc: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dec_in = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        dec_in = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # type: ignore[operator]
         out = self.model(encoder_outputs=(enc,), attention_mask=attn, decoder_input_ids=dec_in, use_cache=False)
         return out.logits.float().log_softmax(-1)
 
@@ -400,17 +417,18 @@ class PromptedModel(nn.Module):
             raise ValueError("generation needs a causal or encoder-decoder model, not an encoder")
         if self.family == "seq2seq":
             x, attn, _ = _pack_rows(prefix, rows, self.embed(batch.ids), batch.mask)
-            return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)
+            return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)  # type: ignore[operator]
         attn = torch.cat([prefix.mask[rows], batch.mask], 1)
         if prefix.kv is not None and prefix.width > 0:
             # the cache holds the prefix; placeholder ids stand for it (generate only feeds the uncached tail)
             layers = [(k[rows].clone(), v[rows].clone()) for k, v in prefix.kv]
             ids = torch.cat([torch.full((n, prefix.width), self.pad_id, device=batch.ids.device), batch.ids], 1)
-            out = self.model.generate(input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers),
-                                      **gen_kwargs)
+            out = self.model.generate(  # type: ignore[operator]
+                input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers), **gen_kwargs
+            )
             return out[:, prefix.width + T :]
         x = torch.cat([prefix.embeds[rows], self.embed(batch.ids)], 1)
-        return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)
+        return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)  # type: ignore[operator]
 
 
 def label_text(word: str, template: str, family: str) -> str:
