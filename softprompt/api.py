@@ -23,6 +23,7 @@ import torch
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
 from softprompt.config import ModelConfig
 from softprompt.data import Encoded
+from softprompt.deep import checkpoint_prefix
 from softprompt.evaluate import class_probs, classification_metrics, generate_ids, generation_metrics
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompted import LinearHead, Prefix, PromptedModel
@@ -85,7 +86,7 @@ class Predictor:
         else:
             pm.head = task.make_head()
         with torch.no_grad():
-            prefix = pm.build_prefix([c.prompt.to(backbone.device) for c in ckpts]).detach()  # once per prompt
+            prefix = checkpoint_prefix(pm, ckpts).detach()  # once per prompt (plain or deep: softprompt.deep)
         return cls(pm, task, prefix, ckpts, combine, batch_size)
 
     @property

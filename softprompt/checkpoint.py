@@ -1,6 +1,8 @@
 """Prompt checkpoints: one `.safetensors` file, tensors plus string metadata in the header.
 
 Tensors: `prompt` (P, d); optionally `head.weight` (L, d) and `head.bias` (L,) for an encoder's linear head.
+A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and `deep.keys`, `deep.values`
+(layers, kv heads, tokens, head dim): learned keys/values at every layer; num_tokens counts their tokens.
 Header metadata (all strings; JSON where structured):
     format            "softprompt"
     format_version    "1"
@@ -51,7 +53,12 @@ class PromptCheckpoint:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.prompt.shape[0])
+        """Positions the prompt takes in front of the input: its rows, plus a deep prompt's per-layer slots."""
+        return int(self.prompt.shape[0]) + _deep_tokens(self.extra)
+
+    @property
+    def is_deep(self) -> bool:
+        return "deep.keys" in self.extra
 
     @property
     def embed_dim(self) -> int:
@@ -67,10 +74,13 @@ def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+_JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep")
+
+
 def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in raw.items():
-        if k in ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra"):
+        if k in _JSON_KEYS:
             try:
                 out[k] = json.loads(v)
             except json.JSONDecodeError:
@@ -105,7 +115,7 @@ def save_prompt(
     for k, v in (extra or {}).items():
         tensors[k] = v.detach().to("cpu", torch.float32).contiguous()
     meta = dict(meta)
-    meta["num_tokens"] = int(prompt.shape[0])
+    meta["num_tokens"] = int(prompt.shape[0]) + _deep_tokens(tensors)
     meta["embed_dim"] = int(prompt.shape[1])
     meta.setdefault("method", "prompt")
     encoded = _encode_meta(meta)
@@ -132,7 +142,10 @@ def _check_header(path: str) -> None:
         raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (bad header)")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):  # e.g. {"prompt": 5}: JSON, but not a tensor table
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
 
@@ -159,7 +172,28 @@ def load_prompt(path: str | Path) -> PromptCheckpoint:
         raise CheckpointError(f"{path}: 'prompt' must be 2-D (tokens, dim), got shape {tuple(prompt.shape)}")
     if not torch.isfinite(prompt).all():
         raise CheckpointError(f"{path}: 'prompt' holds NaN or inf values")
+    _check_deep(path, tensors)
     return PromptCheckpoint(prompt=prompt, meta=_decode_meta(raw), extra=tensors, path=path)
+
+
+def _deep_tokens(tensors: dict[str, torch.Tensor]) -> int:
+    """Slots of a deep prompt (deep.keys/deep.values (layers, kv heads, tokens, head dim)); 0 for a plain prompt."""
+    k = tensors.get("deep.keys")
+    return int(k.shape[2]) if k is not None and k.ndim == 4 else 0
+
+
+def _check_deep(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A deep prompt (softprompt.deep) needs both deep.keys and deep.values, 4-D, of one shape, finite."""
+    k, v = tensors.get("deep.keys"), tensors.get("deep.values")
+    if k is None and v is None:
+        return
+    if k is None or v is None:
+        raise CheckpointError(f"{path}: a deep prompt needs both 'deep.keys' and 'deep.values'")
+    if k.ndim != 4 or k.shape != v.shape:
+        raise CheckpointError(f"{path}: 'deep.keys'/'deep.values' must both be (layers, heads, tokens, head_dim), "
+                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+        raise CheckpointError(f"{path}: 'deep.keys'/'deep.values' hold NaN or inf values")
 
 
 def check_compatible(ckpt: PromptCheckpoint, embed_dim: int, fingerprint: str, *, allow_other_model: bool = False) -> None:

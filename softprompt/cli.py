@@ -24,9 +24,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             flags = [f"--{f.name.replace('_', '-')}", f"--{sec}.{f.name}"]
             default = f.default
-            help_ = f"{docs.get(f.name, '')} (default: {default})"
+            help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
             if isinstance(default, bool):
-                g.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+                # Not BooleanOptionalAction: it treats every flag starting with --no- as "off", so --no-truncate
+                # (the field no_truncate) could never be switched on. The off-switch of no_x is --x.
+                dashed = f.name.replace("_", "-")
+                off = [f"--{dashed[3:]}" if f.name.startswith("no_") else f"--no-{dashed}", f"--no-{sec}.{f.name}"]
+                g.add_argument(*flags, dest=f.name, action="store_const", const=True, default=None, help=help_)
+                g.add_argument(*off, dest=f.name, action="store_const", const=False, default=None, help=f"turn {flags[0]} off")
             else:
                 g.add_argument(*flags, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
 
@@ -46,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning on frozen Transformers models.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train a soft prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # No ArgumentDefaultsHelpFormatter: every flag's default is None (so that YAML values are not overridden) and
+    # its help already names the dataclass default; the formatter appended a misleading "(default: None)".
+    t = sub.add_parser("train", help="train a soft prompt")
     t.add_argument("--config", help="YAML file with any of the options below (flags given here win)")
     _add_config_flags(t)
 
@@ -81,6 +88,29 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="metadata and size of a prompt file (JSON)")
     i.add_argument("path")
     sub.add_parser("models", help="list the built-in model aliases and whether each is installed")
+
+    sv = sub.add_parser("serve", help="HTTP server: every prompt in --prompts DIR is a task on one model",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("--prompts", required=True, metavar="DIR", help="directory of prompt files (task = file name)")
+    sv.add_argument("--model", help="backbone (default: the base model recorded in the first prompt)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--admin-token", help="bearer token for the admin endpoints (default: $SOFTPROMPT_ADMIN_TOKEN; "
+                    "none: admin endpoints disabled)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="rows per forward pass")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests before 429")
+    sv.add_argument("--timeout-s", type=float, default=60.0, help="request timeout (504)")
+    sv.add_argument("--kv-cache-mb", type=float, default=1024.0, help="memory for cached per-task prompt keys/values")
+    sv.add_argument("--max-input-tokens", type=int, help="longest input (413); default: each task's own limit")
+    sv.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens a request may ask")
+    sv.add_argument("--max-upload-mb", type=float, default=16.0, help="largest prompt upload")
+    sv.add_argument("--scheduler", default="mixed", choices=["mixed", "per-task"], help="batch composition")
+    sv.add_argument("--no-kv-cache", action="store_true", help="recompute the prompt with every request (PEFT way)")
+    sv.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--dtype", default="float32")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
 
@@ -131,6 +161,12 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"out": res.out, "steps": res.steps, "best_step": res.best_step,
                           "wall_s": round(res.wall_s, 1), **{k: v for k, v in res.metrics.items()}}))
         return 0
+
+    if args.cmd == "serve":
+        from softprompt.serve.server import ServeConfig, serve
+
+        keys = ServeConfig.__dataclass_fields__
+        return serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in keys}))
 
     from softprompt.api import Predictor, dumps
 

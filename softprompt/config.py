@@ -42,6 +42,10 @@ class PromptConfig:
     """Half-width of the uniform distribution used by `random` init."""
     position: str = "auto"
     """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
+    method: str = "prompt"
+    """prompt (input-embedding soft prompt) or deep (learned keys/values at every layer, softprompt.deep)."""
+    deep_reparam: int = 0
+    """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
 
 
 @dataclass
@@ -148,6 +152,10 @@ class RunConfig:
             (t.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (t.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (t.eval_every >= 0, "--eval-every must be >= 0"),
+            (t.eval_max >= 0, "--eval-max must be >= 0"),
+            (t.patience >= 0, "--patience must be >= 0"),
+            (t.save_every >= 1, "--save-every must be >= 1"),
+            (d.max_target_length >= 1, "--max-target-length must be >= 1"),
             (t.weight_decay >= 0, "--weight-decay must be >= 0"),
             (d.max_length >= 1, "--max-length must be >= 1"),
             (t.optimizer in ("adamw", "adafactor"), f"--optimizer must be adamw or adafactor, got {t.optimizer!r}"),
@@ -160,6 +168,8 @@ class RunConfig:
                 f"--metric must be accuracy, macro_f1, exact_match, token_f1 or loss, got {t.metric!r}",
             ),
             (p.position in ("auto", "start"), f"--position must be auto or start, got {p.position!r}"),
+            (p.method in ("prompt", "deep"), f"--method must be prompt or deep, got {p.method!r}"),
+            (p.deep_reparam >= 0, "--deep-reparam must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -215,22 +225,31 @@ def apply_options(cfg: RunConfig, options: dict[str, Any], source: str) -> None:
 
 def _coerce(obj: Any, name: str, value: Any, source: str) -> Any:
     default = getattr(type(obj)(), name)
-    if value is None or default is None:
+    if value is None:
         return value
     try:
+        if default is None:  # the optional fields are all `str | None`: a YAML list or mapping is a mistake
+            if isinstance(value, (dict, list)):
+                raise TypeError(value)
+            return str(value)
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("1", "true", "yes")
             return bool(value)
+        if isinstance(value, bool) and not isinstance(default, bool):
+            raise ValueError(value)  # YAML `lr: yes` is a mistake, not 1.0
         if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)  # YAML `max_steps: 1.5` must not silently become 1
             return int(value)
         if isinstance(default, float):
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: option {name} expects {type(default).__name__}, got {value!r}") from None
+        want = "str" if default is None else type(default).__name__
+        raise ConfigError(f"{source}: option {name} expects {want}, got {value!r}") from None
 
 
 def load_yaml(path: str) -> dict[str, Any]:

@@ -276,6 +276,32 @@ class PromptedModel(nn.Module):
             for i in range(len(per_prompt[0]))
         ]
 
+    def build_deep_prefix(
+        self, deep: Sequence[tuple[torch.Tensor, torch.Tensor]], prompt: torch.Tensor | None = None
+    ) -> Prefix:
+        """A one-prompt Prefix whose prompt is learned keys/values at every layer (deep prompt tuning: prefix tuning,
+        P-tuning v2). deep[l] = (keys, values) of layer l, each (H_kv, P, dh), as the model's cache stores them
+        (keys after any rotary embedding). Layout [lead token][prompt][P deep slots]: the lead token (and an optional
+        input-embedding prompt) is run through the model as usual; the deep slots are appended to every layer's
+        keys/values as they are, so gradients reach them directly. Decoder-only models (shared-prefix path)."""
+        if self.family != "causal":
+            raise ValueError(f"build_deep_prefix: a {self.family} model takes deep prompts through softprompt.deep")
+        base = self.build_prefix([prompt], kv=True)
+        n_deep = int(deep[0][0].shape[1]) if deep else 0
+        dtype = base.embeds.dtype
+        if base.kv is None:  # nothing in front of the deep slots (no lead token, no prompt)
+            kv = [(k[None].to(dtype), v[None].to(dtype)) for k, v in deep]
+        else:
+            kv = [(torch.cat([k0, k[None].to(k0.dtype)], 2), torch.cat([v0, v[None].to(v0.dtype)], 2))
+                  for (k0, v0), (k, v) in zip(base.kv, deep, strict=True)]
+        return Prefix(
+            F.pad(base.embeds, (0, 0, 0, n_deep)),  # deep slots have no input embedding (zeros, never read)
+            F.pad(base.mask, (0, n_deep), value=1),
+            F.pad(base.pool, (0, n_deep)),
+            base.lengths + n_deep,
+            kv,
+        )
+
     # ----- hidden states ------------------------------------------------------------------------------
     def _rows(self, prefix: Prefix, rows: torch.Tensor | None, n: int) -> torch.Tensor:
         if rows is None:
@@ -319,6 +345,12 @@ class PromptedModel(nn.Module):
         rows = self._rows(prefix, rows, n)
         emb = self.embed(ids)
         x, attn, pool = _pack_rows(prefix, rows, emb, mask)
+        if prefix.kv is not None and self.family == "encoder":  # a deep prompt (softprompt.deep): per-layer K/V
+            layers = [(k[rows], v[rows]) for k, v in prefix.kv]  # (N, H, P, dh), handed over as the layers' cache
+            slots = torch.ones(n, layers[0][0].shape[2], dtype=attn.dtype, device=attn.device)
+            cache = DynamicCache(ddp_cache_data=layers)
+            h = self.model(inputs_embeds=x, attention_mask=torch.cat([slots, attn], 1), cache=cache)[0]
+            return h, attn, pool
         encoder = self.model.get_encoder() if self.family == "seq2seq" else self.model
         h = encoder(inputs_embeds=x, attention_mask=attn)[0]
         return h, attn, pool

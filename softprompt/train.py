@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -82,7 +82,9 @@ def _state_dir(cfg: RunConfig) -> Path:
 
 
 def save_state(path: Path, params: list[torch.nn.Parameter], opt, sched, step: int, extra: dict[str, Any]) -> None:
-    """Training state as safetensors (tensors) + JSON (scalars), each written atomically."""
+    """Training state in ONE atomically written safetensors file: tensors, with the scalars as JSON in its header
+    (a kill between two files could otherwise pair step k's scalars with step k+1's tensors). state.json, a
+    readable copy of the scalars, is written after it and is not read back."""
     tensors: dict[str, torch.Tensor] = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
     opt_sd = opt.state_dict()
     scalars: dict[str, Any] = {}
@@ -96,15 +98,20 @@ def save_state(path: Path, params: list[torch.nn.Parameter], opt, sched, step: i
     path.mkdir(parents=True, exist_ok=True)
     meta = {"step": step, "param_groups": opt_sd["param_groups"], "opt_scalars": scalars,
             "sched": sched.state_dict(), "python_rng": repr(random.getstate()), **extra}
-    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write(path / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, default=str)))
+    meta_json = json.dumps(meta, default=str)
+    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"state": meta_json}))
+    atomic_write(path / "state.json", lambda tmp: Path(tmp).write_text(meta_json))
 
 
 def load_state(path: Path, params: list[torch.nn.Parameter], opt, sched) -> dict[str, Any]:
     import ast
 
+    from safetensors import safe_open
+
     tensors = load_file(str(path / "state.safetensors"))
-    meta = json.loads((path / "state.json").read_text())
+    with safe_open(str(path / "state.safetensors"), framework="pt") as f:
+        header = (f.metadata() or {}).get("state")
+    meta = json.loads(header if header is not None else (path / "state.json").read_text())
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -123,8 +130,30 @@ def load_state(path: Path, params: list[torch.nn.Parameter], opt, sched) -> dict
     return meta
 
 
-def train(cfg: RunConfig, *, backbone: Backbone | None = None, log=print) -> TrainResult:
+class Replicas:
+    """Data-parallel hooks; this default is one process. softprompt.distributed.AccelerateReplicas runs N processes
+    that each hold the frozen backbone and a replica of the prompt: each takes its shard of every global micro-batch,
+    gradients are summed across processes, and only the main process writes files."""
+
+    is_main = True
+
+    def shard(self, ex: list[Encoded]) -> tuple[list[Encoded], float]:
+        """This process's rows of a global micro-batch, and their share of that micro-batch's mean loss."""
+        return ex, 1.0
+
+    def all_reduce(self, params: list[torch.nn.Parameter], loss: float) -> float:
+        """Sum the gradients (and the loss) over processes; returns the global loss."""
+        return loss
+
+    def step_done(self, step: int) -> None:
+        """Called after optimiser step `step` (1-based) and its state save."""
+
+
+def train(
+    cfg: RunConfig, *, backbone: Backbone | None = None, log=print, replicas: Replicas | None = None
+) -> TrainResult:
     """Train a soft prompt as configured; returns where it was written and its metrics."""
+    rep = replicas or Replicas()
     t0 = time.time()
     cfg.validate()
     t = cfg.train
@@ -153,13 +182,23 @@ def train(cfg: RunConfig, *, backbone: Backbone | None = None, log=print) -> Tra
 
     # ---- trainable tensors --------------------------------------------------------------------------
     prompt = SoftPrompt(cfg.prompt.num_tokens, bb.embed_dim).to(bb.device)
-    init = init_prompt(cfg.prompt.init, cfg.prompt.num_tokens, bb.model.get_input_embeddings().weight, bb.tokenizer,
+    init_rule = cfg.prompt.init
+    if init_rule.strip() == "labels" and spec.task != "classify":
+        init_rule = "vocab"  # the default rule needs class labels; Lester et al. use vocab init otherwise
+        log("note: --init labels needs class labels; using --init vocab for --task generate")
+    init = init_prompt(init_rule, cfg.prompt.num_tokens, pm.embedding_matrix(), bb.tokenizer,
                        seed=t.seed, scale=cfg.prompt.init_scale,
                        label_words=task.label_words() if spec.task == "classify" and spec.verbalizer else None)
     with torch.no_grad():
         prompt.embedding.copy_(init)
     pm.head = task.make_head(seed=t.seed)
-    params = [prompt.embedding] + [p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad]
+    deep = None  # --method deep: learned keys/values at every layer instead of the input prompt (softprompt.deep)
+    if cfg.prompt.method == "deep":
+        from softprompt.deep import make_deep_prompt
+
+        deep = make_deep_prompt(pm, init, reparam=cfg.prompt.deep_reparam)
+    params = (deep.trainable() if deep is not None else [prompt.embedding]) + [
+        p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad]
     steps = total_steps(cfg, len(train_set))
     opt = make_optimizer(params, cfg)
     sched = get_scheduler(t.schedule if t.schedule != "constant" else "constant_with_warmup", opt,
@@ -167,19 +206,27 @@ def train(cfg: RunConfig, *, backbone: Backbone | None = None, log=print) -> Tra
 
     meta = {
         "base_model": bb.model_id, "architecture": bb.architecture, "family": bb.family,
-        "fingerprint": bb.fingerprint, "init": cfg.prompt.init, "train_config": to_dict(cfg), **spec.to_meta(),
+        "fingerprint": bb.fingerprint, "init": init_rule, "train_config": to_dict(cfg), **spec.to_meta(),
     }
 
     def write_prompt(path: str, metrics: dict[str, Any]) -> None:
+        if not rep.is_main:
+            return
         extra = {}
-        if pm.head is not None and hasattr(pm.head, "linear"):
-            extra = {f"head.{k}": v for k, v in pm.head.linear.state_dict().items()}  # type: ignore[union-attr]
+        if pm.head is not None and hasattr(pm.head, "linear"):  # head.linear.weight/.bias: what Predictor.load reads
+            extra = {f"head.{k}": v for k, v in pm.head.state_dict().items()}
+        if deep is not None:  # an empty input prompt, the per-layer keys/values as deep.keys/deep.values
+            extra.update(deep.tensors())
+            save_prompt(path, prompt.embedding[:0], {**meta, **deep.meta(), "metrics": _scalars(metrics)}, extra)
+            return
         save_prompt(path, prompt.embedding, {**meta, "metrics": _scalars(metrics)}, extra)
 
     # ---- resume -------------------------------------------------------------------------------------
     state_dir = _state_dir(cfg)
     start, history, best, best_step, bad_evals = 0, [], None, -1, 0
-    if t.resume and (state_dir / "state.json").exists():
+    if t.resume and (state_dir / "state.safetensors").exists():
+        if rep.is_main:
+            _remove_stale_temps(state_dir, Path(t.out))
         st = load_state(state_dir, params, opt, sched)
         start, history, best, best_step, bad_evals = (
             st["step"], st.get("history", []), st.get("best"), st.get("best_step", -1), st.get("bad_evals", 0))
@@ -190,44 +237,63 @@ def train(cfg: RunConfig, *, backbone: Backbone | None = None, log=print) -> Tra
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
     autocast = torch.autocast(bb.device.type, dtype=amp) if amp else nullcontext()
     log_path = Path(t.out).with_suffix(".log.jsonl")
-    if start == 0 and log_path.exists():
+    log_path.parent.mkdir(parents=True, exist_ok=True)  # the log's first line comes before any prompt is saved
+    if rep.is_main and start == 0 and log_path.exists():
         log_path.unlink()
-    tb = _tensorboard(Path(t.out).with_suffix(".tb"))
-    bar = _progress(steps, start, t.progress)
-    last_good = prompt.embedding.detach().clone()
+    elif rep.is_main and start > 0:  # a kill can land after a step's log line but before its state: the log
+        # follows the state
+        atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in history)))
+    tb = _tensorboard(Path(t.out).with_suffix(".tb")) if rep.is_main else None
+    bar = _progress(steps, start, t.progress and rep.is_main)
+    last_good = [p.detach().clone() for p in params]  # prompt (and head) after the last finite update
     larger_is_better = t.metric != "loss"
+
+    def stop_non_finite(what: str, step: int) -> NoReturn:
+        hint = "(lower --lr or use --max-grad-norm)"
+        if best_step >= 1:  # an evaluated best prompt is already in t.out: keep it
+            raise TrainingError(f"{what}: stopped; kept the best prompt (step {best_step}) in {t.out} {hint}")
+        with torch.no_grad():
+            for p, good in zip(params, last_good, strict=True):
+                p.copy_(good)
+        write_prompt(t.out, {"stopped": f"{what}; last good prompt from step {step}"})
+        raise TrainingError(f"{what}: stopped; kept the last good prompt (step {step}) in {t.out} {hint}")
+
     for step in range(start, steps):
         loss_sum = 0.0
         for idx in batch_schedule(lengths, t.batch_size, t.seed, step, t.grad_accum):
-            ex = [train_set[i] for i in idx]
+            ex, share = rep.shard([train_set[i] for i in idx])
+            if not ex:  # more processes than rows in this micro-batch
+                continue
             batch = pm.collate([e.input_ids for e in ex],
                                labels=[int(e.label) for e in ex] if spec.task == "classify" else None,  # type: ignore[arg-type]
                                targets=[e.target_ids or [] for e in ex] if spec.task == "generate" else None)
             with autocast:
-                prefix = pm.build_prefix([prompt()])  # (1, P, d) + per-layer K/V: once per micro-batch
-                loss = pm.loss(prefix, batch.to(bb.device), task.label_ids) / t.grad_accum
+                prefix = pm.build_prefix([prompt()]) if deep is None else deep.prefix(pm)  # once per micro-batch
+                loss = pm.loss(prefix, batch.to(bb.device), task.label_ids) * share / t.grad_accum
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
+        loss_sum = rep.all_reduce(params, loss_sum)
         if not math.isfinite(loss_sum):
-            with torch.no_grad():
-                prompt.embedding.copy_(last_good)
-            write_prompt(t.out, {"stopped": f"non-finite loss at step {step + 1}"})
-            raise TrainingError(f"non-finite loss ({loss_sum}) at step {step + 1}: stopped; kept the prompt from "
-                                f"step {step} in {t.out} (lower --lr or use --max-grad-norm)")
+            stop_non_finite(f"non-finite loss ({loss_sum}) at step {step + 1}", step)
         if t.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the lr this step uses (get_last_lr after sched.step() is the next step's)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        last_good = prompt.embedding.detach().clone()
-        rec: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": sched.get_last_lr()[0],
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # e.g. an inf/NaN gradient with a finite loss
+            stop_non_finite(f"non-finite prompt after the update of step {step + 1} (loss {loss_sum})", step)
+        last_good = [p.detach().clone() for p in params]
+        rec: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr,
                                "time_s": round(time.time() - t0, 2)}
         done = step + 1 == steps
         if eval_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
             pm.eval()
-            m = evaluate_examples(pm, pm.build_prefix([prompt.embedding.detach()]), eval_set, task=spec.task,
+            eval_prefix = pm.build_prefix([prompt.embedding.detach()]) if deep is None else deep.eval_prefix(pm)
+            m = evaluate_examples(pm, eval_prefix, eval_set, task=spec.task,
                                   label_ids=task.label_ids,
                                   labels=spec.verbalizer.labels if spec.verbalizer else None)
+            pm.train(cfg.model.dropout)  # back to training mode: --dropout stays active after an evaluation
             rec.update({f"eval_{k}": v for k, v in _scalars(m).items()})
             score = m.get(t.metric, m.get("loss"))
             improved = best is None or (score > best if larger_is_better else score < best)
@@ -237,8 +303,9 @@ def train(cfg: RunConfig, *, backbone: Backbone | None = None, log=print) -> Tra
             else:
                 bad_evals += 1
         history.append(rec)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if rep.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
         if tb is not None:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -246,19 +313,28 @@ def train(cfg: RunConfig, *, backbone: Backbone | None = None, log=print) -> Tra
         bar.update(1)
         bar.set_postfix({"loss": f"{loss_sum:.4f}", **({t.metric: f"{best:.4f}"} if best is not None else {})})
         stop = bool(t.patience) and bad_evals >= t.patience
-        if (step + 1) % t.save_every == 0 or done or stop:
+        if ((step + 1) % t.save_every == 0 or done or stop) and rep.is_main:
             save_state(state_dir, params, opt, sched, step + 1,
                        {"history": history, "best": best, "best_step": best_step, "bad_evals": bad_evals})
+        rep.step_done(step + 1)
         if stop:
             log(f"early stopping at step {step + 1}: no {t.metric} improvement in {t.patience} evaluations")
             break
     bar.close()
     if not eval_set:  # no evaluation: the last prompt is the result
         write_prompt(t.out, {"train_loss": history[-1]["loss"] if history else None})
-    if t.plot:
+    if t.plot and rep.is_main:
         plot_history(history, Path(t.out).with_suffix(".png"), t.metric)
     final = {k[5:]: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval_")}
     return TrainResult(t.out, len(history) and history[-1]["step"], final, best_step, history, time.time() - t0)
+
+
+def _remove_stale_temps(state_dir: Path, out: Path) -> None:
+    """Temp files of atomic writes cut short by a kill (atomic_write's names: .NAME.XXXX.tmp)."""
+    for folder, prefixes in ((state_dir, (".state.",)), (out.parent, (f".{out.name}.", f".{out.stem}.log."))):
+        for f in folder.glob(".*.tmp"):
+            if f.name.startswith(prefixes):
+                f.unlink(missing_ok=True)
 
 
 def _scalars(m: dict[str, Any]) -> dict[str, Any]:

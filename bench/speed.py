@@ -1,0 +1,686 @@
+"""Speed benchmark: softprompt vs PEFT prompt tuning, side by side in one process.
+
+    python bench/speed.py --quick            # ~4 min on 2 quiet cores: fewer rounds, fewer steps
+    python bench/speed.py                    # the full run (~15 min on 2 quiet cores)
+    python bench/speed.py --only train,gen   # some parts: train infer gen mem encoder (and profile, not in a run)
+    python bench/speed.py --json-out r.json  # also write the final JSON object to a file
+
+Both systems get the same frozen weights (PEFT on its own copy), the same input ids, batch, prompt values and
+number of steps; their losses/scores are checked equal before anything is timed. Timed calls alternate
+(A B A B ...), and each comparison reports both medians, the ratio of medians and the spread of the
+per-round ratios. stdout: markdown tables as results come, then one JSON line. stderr: progress.
+docs/performance.md explains the method and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import (  # noqa: E402
+    fixed_length_rows,
+    interleaved,
+    mib,
+    note,
+    peak_rss_bytes,
+    print_row,
+    print_table,
+    rss_bytes,
+    spread,
+    sst2_sentences,
+)
+
+from softprompt.models import Backbone, load_backbone  # noqa: E402
+from softprompt.prompt import init_prompt  # noqa: E402
+from softprompt.prompted import Batch, LinearHead, PromptedModel  # noqa: E402
+
+CAUSAL_MODEL = "smollm2-135m"
+ENCODER_MODEL = "minilm-l6"
+TEMPLATE = "Review: {sentence}\nSentiment:"
+WORDS = ["negative", "positive"]
+INPUT_LEN = 64  # every row exactly this many ids: no padding, so PEFT (right padding) and softprompt agree
+TRAIN_CONFIGS = [(20, 8), (100, 8), (100, 32)]  # (prompt tokens, batch)
+FWD_CONFIG = (100, 8)  # training step / forward, item 2
+INFER_CONFIG = (100, 32)  # classification latency, item 3
+GEN_PROMPT, GEN_NEW = 100, 32  # generation, item 4
+MEM_CONFIG = (100, 32)  # peak memory, item 5
+LR = 1e-3
+TOL = 1e-4  # softprompt and PEFT must agree this closely before they are timed
+PARTS = ("train", "infer", "gen", "mem", "encoder")
+
+
+@dataclass(frozen=True)
+class Mode:
+    warmup: int  # untimed rounds
+    rounds: int  # timed rounds (each runs every system once)
+    mem_steps: int  # training steps in each memory subprocess
+    gen_batches: tuple[int, ...]
+
+
+MODES = {
+    "quick": Mode(warmup=1, rounds=3, mem_steps=2, gen_batches=(8,)),
+    "full": Mode(warmup=2, rounds=8, mem_steps=3, gen_batches=(1, 8)),
+}
+
+
+# ----- the two systems ------------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """One batch of fixed-length rows, as each system wants it."""
+
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) all ones
+    y: torch.Tensor  # (B,) class index
+    sp: Batch  # softprompt's collated batch
+
+
+class Softprompt:
+    """softprompt's real training step and inference calls (what train.py and a loaded Predictor do)."""
+
+    name = "softprompt"
+
+    def __init__(self, bb: Backbone, init: torch.Tensor, words: list[str] | None, head: nn.Module | None = None):
+        # position="start": the prompt goes in front of everything, BOS/CLS included, exactly where PEFT puts it
+        self.pm = PromptedModel(bb, position="start")
+        self.pm.head = head
+        self.prompt = nn.Parameter(init.clone().to(bb.device))
+        self.label_ids = self.pm.verbalizer_ids(words, TEMPLATE) if words else []
+        extra = [p for p in head.parameters() if p.requires_grad] if head is not None else []
+        self.opt = torch.optim.AdamW([self.prompt, *extra], lr=LR)
+
+    def loss(self, r: Rows) -> torch.Tensor:
+        prefix = self.pm.build_prefix([self.prompt])  # per-layer K/V of the prompt, once (decoder-only)
+        return self.pm.loss(prefix, r.sp, self.label_ids or None)
+
+    def train_step(self, r: Rows) -> float:
+        loss = self.loss(r)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    @torch.no_grad()
+    def forward(self, r: Rows) -> float:
+        return float(self.loss(r))
+
+    @torch.no_grad()
+    def cached_prefix(self, with_prompt: bool = True):
+        """What a loaded Predictor keeps: the prompt's K/V computed once (or the empty prefix, no prompt)."""
+        return self.pm.build_prefix([self.prompt if with_prompt else None]).detach()
+
+    @torch.no_grad()
+    def scores(self, r: Rows, prefix=None) -> torch.Tensor:
+        """(B, L) log-probability of each verbalizer token after the input (full-vocabulary softmax)."""
+        return self.pm.label_scores(prefix if prefix is not None else self.cached_prefix(), None, r.sp, self.label_ids)
+
+    def generate(self, r: Rows, prefix, new: int) -> torch.Tensor:
+        return self.pm.generate(prefix, None, r.sp, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+
+
+class Peft:
+    """PEFT prompt tuning on its own copy of the frozen weights, used the way PEFT's docs train and infer."""
+
+    name = "peft"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        init: torch.Tensor,
+        label_ids: list[list[int]],
+        pad_id: int,
+        head: nn.Module | None = None,
+    ):
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        cfg = PromptTuningConfig(task_type=getattr(TaskType, task), num_virtual_tokens=init.shape[0])
+        self.model = get_peft_model(model, cfg)
+        emb = self.model.prompt_encoder["default"].embedding.weight
+        with torch.no_grad():
+            emb.copy_(init.to(emb))
+        self.model.eval()  # frozen backbone in eval mode, as softprompt's (no dropout on either side)
+        self.P = init.shape[0]
+        self.head = head
+        self.label_tok = torch.tensor([v[0] for v in label_ids]) if label_ids else None
+        self.pad_id = pad_id
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        assert len(params) == 1, "PEFT prompt tuning should train the prompt embedding only"
+        extra = [p for p in head.parameters() if p.requires_grad] if head is not None else []
+        self.opt = torch.optim.AdamW(params + extra, lr=LR)
+
+    def loss(self, r: Rows) -> torch.Tensor:
+        if self.head is not None:  # encoder: the same linear head on mean-pooled input positions
+            h = self.model(input_ids=r.ids, attention_mask=r.mask)[0][:, self.P :]
+            w = r.mask[..., None].to(h.dtype)
+            return F.cross_entropy(self.head((h * w).sum(1) / w.sum(1)).float(), r.y)
+        # causal LM: the verbalizer token appended after the input; labels -100 everywhere else
+        assert self.label_tok is not None
+        gold = self.label_tok.to(r.ids.device)[r.y][:, None]
+        ids = torch.cat([r.ids, gold], 1)
+        labels = torch.cat([torch.full_like(r.ids, -100), gold], 1)
+        return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+
+    def train_step(self, r: Rows) -> float:
+        loss = self.loss(r)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    @torch.no_grad()
+    def scores(self, r: Rows) -> torch.Tensor:
+        """PEFT inference: forward of the batch, log-softmax of the last position's logits, verbalizer tokens."""
+        assert self.label_tok is not None
+        logits = self.model(input_ids=r.ids, attention_mask=r.mask).logits[:, -1].float()
+        return logits.log_softmax(-1)[:, self.label_tok.to(logits.device)]
+
+    @torch.no_grad()
+    def generate(self, r: Rows, new: int) -> torch.Tensor:
+        out = self.model.generate(
+            input_ids=r.ids,
+            attention_mask=r.mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+        )
+        return out[:, -new:]
+
+
+# ----- shared set-up ---------------------------------------------------------------------------------------
+class Setup:
+    """Backbones (loaded once), input rows and prompt initial values shared by every measurement."""
+
+    def __init__(self) -> None:
+        self._bb: dict[str, Backbone] = {}
+        self.sentences, self.data_source = sst2_sentences()
+
+    def backbone(self, name: str) -> Backbone:
+        if name not in self._bb:
+            t0 = time.perf_counter()
+            self._bb[name] = load_backbone(name, progress=False)
+            note(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
+        return self._bb[name]
+
+    def rows(self, bb: Backbone, batch: int, pm: PromptedModel) -> Rows:
+        def encode(body: str) -> list[int]:
+            return pm.encode_input(TEMPLATE.format(sentence=body))
+
+        ids, labels = fixed_length_rows(encode, self.sentences, batch, INPUT_LEN)
+        sp = pm.collate(ids, labels=labels).to(bb.device)
+        return Rows(sp.ids, sp.mask, sp.labels, sp)  # type: ignore[arg-type]
+
+    @staticmethod
+    def init(bb: Backbone, tokens: int) -> torch.Tensor:
+        """The prompt's initial values (the `vocab` rule, seed 0): given to both systems."""
+        return init_prompt("vocab", tokens, bb.model.get_input_embeddings().weight, bb.tokenizer, seed=0)
+
+    def causal_pair(self, tokens: int, batch: int, *, peft: bool = True) -> tuple[Softprompt, Peft | None, Rows]:
+        bb = self.backbone(CAUSAL_MODEL)
+        init = self.init(bb, tokens)
+        sp = Softprompt(bb, init, WORDS)
+        if any(len(v) != 1 for v in sp.label_ids):
+            raise SystemExit(f"verbalizer {WORDS} is not one token per word for {CAUSAL_MODEL}")
+        rows = self.rows(bb, batch, sp.pm)
+        pf = Peft(copy.deepcopy(bb.model), "CAUSAL_LM", init, sp.label_ids, sp.pm.pad_id) if peft else None
+        return sp, pf, rows
+
+    def encoder_pair(self, tokens: int, batch: int, *, peft: bool = True) -> tuple[Softprompt, Peft | None, Rows]:
+        bb = self.backbone(ENCODER_MODEL)
+        init = self.init(bb, tokens)
+        torch.manual_seed(0)
+        head = LinearHead(bb.embed_dim, len(WORDS)).to(bb.device)
+        sp = Softprompt(bb, init, None, head=head)
+        rows = self.rows(bb, batch, sp.pm)
+        pf = None
+        if peft:
+            pf = Peft(copy.deepcopy(bb.model), "FEATURE_EXTRACTION", init, [], sp.pm.pad_id, copy.deepcopy(head))
+        return sp, pf, rows
+
+
+# ----- checks ----------------------------------------------------------------------------------------------
+class Checks:
+    """Equality checks run before timing; any failure is reported in the table, the JSON and the exit code."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, float] = {}
+
+    def record(self, name: str, diff: float) -> str:
+        self.results[name] = diff
+        return f"{diff:.1e}" + ("" if diff <= TOL else " FAIL")
+
+    @property
+    def ok(self) -> bool:
+        return all(v <= TOL for v in self.results.values())
+
+
+def loss_check(sp: Softprompt, pf: Peft, r: Rows) -> tuple[float, float]:
+    """The loss each system trains on, computed on the same batch: (softprompt's, PEFT's).
+
+    Causal LM: PEFT's `labels` loss is the full-vocabulary NLL of the gold verbalizer token after the input;
+    softprompt's label_scores give the same log-probabilities, so -mean(score of the gold class) must match.
+    (softprompt trains a cross-entropy over the verbalizer classes, a different normalisation of the same
+    forward pass.) Encoder: both are cross-entropy of the same head on the same pooled states."""
+    with torch.no_grad():
+        theirs = float(pf.loss(r))
+        if sp.pm.family == "encoder":
+            return float(sp.loss(r)), theirs
+        s = sp.scores(r, sp.pm.build_prefix([sp.prompt]))
+        return float(-s.gather(1, r.y[:, None]).mean()), theirs
+
+
+# ----- measurements ----------------------------------------------------------------------------------------
+def run_train(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks, configs: list[tuple[int, int]]) -> None:
+    """Items 1 and 2: training step time vs PEFT, and softprompt's training step / forward."""
+    print_table(
+        f"Training step, {CAUSAL_MODEL}, inputs {INPUT_LEN} tokens (seconds per step, median)",
+        ["prompt x batch", "softprompt", "PEFT", "speedup", "per-round", "loss sp / PEFT", "diff"],
+    )
+    for P, B in configs:
+        note(f"train P={P} B={B}")
+        sp, pf, r = setup.causal_pair(P, B)
+        assert pf is not None
+        a, b = loss_check(sp, pf, r)
+        diff = checks.record(f"train_loss_p{P}_b{B}", abs(a - b))
+        t = interleaved({"sp": partial(sp.train_step, r), "peft": partial(pf.train_step, r)}, mode.rounds, mode.warmup)
+        key = f"p{P}_b{B}"
+        res[f"train_speedup_{key}"] = t.ratio("peft", "sp")
+        res["medians_s"][f"train_{key}_softprompt"] = t.median("sp")
+        res["medians_s"][f"train_{key}_peft"] = t.median("peft")
+        print_row(
+            [
+                f"{P} x {B}",
+                f"{t.median('sp'):.3f}",
+                f"{t.median('peft'):.3f}",
+                f"**{t.ratio('peft', 'sp'):.2f}x**",
+                spread(t.pair_ratios("peft", "sp")),
+                f"{a:.5f} / {b:.5f}",
+                diff,
+            ]
+        )
+        del sp, pf
+
+    P, B = FWD_CONFIG
+    note(f"train / forward P={P} B={B}")
+    sp, _, r = setup.causal_pair(P, B, peft=False)
+    t = interleaved({"train": partial(sp.train_step, r), "fwd": partial(sp.forward, r)}, mode.rounds, mode.warmup)
+    res["train_over_forward"] = t.ratio("train", "fwd")
+    res["medians_s"][f"train_p{P}_b{B}_softprompt_step"] = t.median("train")
+    res["medians_s"][f"forward_p{P}_b{B}_softprompt"] = t.median("fwd")
+    print_table(
+        f"softprompt training step / forward (no_grad), prompt {P}, batch {B} (seconds, median)",
+        ["prompt x batch", "train step", "forward", "train / forward", "per-round"],
+    )
+    print_row(
+        [
+            f"{P} x {B}",
+            f"{t.median('train'):.3f}",
+            f"{t.median('fwd'):.3f}",
+            f"**{t.ratio('train', 'fwd'):.2f}**",
+            spread(t.pair_ratios("train", "fwd")),
+        ]
+    )
+
+
+def run_infer(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks) -> None:
+    """Item 3: classification latency per batch, 100-token prompt (K/V cached) vs no prompt vs PEFT."""
+    P, B = INFER_CONFIG
+    note(f"infer P={P} B={B}")
+    sp, pf, r = setup.causal_pair(P, B)
+    assert pf is not None
+    with_prompt, no_prompt = sp.cached_prefix(True), sp.cached_prefix(False)  # outside the timed region
+    diff = checks.record("infer_scores", float((sp.scores(r, with_prompt) - pf.scores(r)).abs().max()))
+    t = interleaved(
+        {
+            "prompt": partial(sp.scores, r, with_prompt),
+            "none": partial(sp.scores, r, no_prompt),
+            "peft": partial(pf.scores, r),
+        },
+        mode.rounds,
+        mode.warmup,
+    )
+    res["infer_prompt_overhead"] = t.ratio("prompt", "none")
+    res["infer_speedup_vs_peft"] = t.ratio("peft", "prompt")
+    for k, v in (("softprompt_prompt", "prompt"), ("softprompt_no_prompt", "none"), ("peft", "peft")):
+        res["medians_s"][f"infer_p{P}_b{B}_{k}"] = t.median(v)
+    print_table(
+        f"Classification latency, {CAUSAL_MODEL}, batch {B} x {INPUT_LEN} tokens (seconds per batch, median)",
+        [
+            "system",
+            "latency",
+            "vs no prompt",
+            "per-round",
+            "PEFT speedup vs this",
+            "per-round",
+            "max score diff vs PEFT",
+        ],
+    )
+    print_row(
+        [
+            f"softprompt, {P}-token prompt (K/V cached)",
+            f"{t.median('prompt'):.3f}",
+            f"**{t.ratio('prompt', 'none'):.3f}**",
+            spread(t.pair_ratios("prompt", "none")),
+            f"**{t.ratio('peft', 'prompt'):.2f}x**",
+            spread(t.pair_ratios("peft", "prompt")),
+            diff,
+        ]
+    )
+    print_row(["softprompt, no prompt", f"{t.median('none'):.3f}", "1.000", "-", "-", "-", "-"])
+    print_row(
+        [
+            f"PEFT, {P}-token prompt",
+            f"{t.median('peft'):.3f}",
+            f"{t.ratio('peft', 'none'):.3f}",
+            spread(t.pair_ratios("peft", "none")),
+            "1.00x",
+            "-",
+            "-",
+        ]
+    )
+
+
+def run_gen(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks) -> None:
+    """Item 4: greedy generation throughput, 100-token prompt (K/V cached), vs PEFT."""
+    print_table(
+        f"Greedy generation, {CAUSAL_MODEL}, {GEN_PROMPT}-token prompt, {INPUT_LEN}-token inputs, "
+        f"{GEN_NEW} new tokens (new tokens / s, median)",
+        ["batch", "softprompt", "PEFT", "speedup", "per-round", "same tokens"],
+    )
+    for B in mode.gen_batches:
+        note(f"generate P={GEN_PROMPT} B={B}")
+        sp, pf, r = setup.causal_pair(GEN_PROMPT, B)
+        assert pf is not None
+        prefix = sp.cached_prefix(True)
+        same = float((sp.generate(r, prefix, GEN_NEW) == pf.generate(r, GEN_NEW)).float().mean())
+        t = interleaved(
+            {"sp": partial(sp.generate, r, prefix, GEN_NEW), "peft": partial(pf.generate, r, GEN_NEW)},
+            mode.rounds,
+            mode.warmup,
+        )
+        n = B * GEN_NEW
+        res["medians_s"][f"gen_p{GEN_PROMPT}_b{B}_softprompt"] = t.median("sp")
+        res["medians_s"][f"gen_p{GEN_PROMPT}_b{B}_peft"] = t.median("peft")
+        res[f"gen_speedup_vs_peft_b{B}"] = t.ratio("peft", "sp")
+        if B == max(mode.gen_batches):
+            res["gen_speedup_vs_peft"] = t.ratio("peft", "sp")
+            res["gen_same_tokens"] = same
+        print_row(
+            [
+                str(B),
+                f"{n / t.median('sp'):.1f}",
+                f"{n / t.median('peft'):.1f}",
+                f"**{t.ratio('peft', 'sp'):.2f}x**",
+                spread(t.pair_ratios("peft", "sp")),
+                f"{same:.1%}",
+            ]
+        )
+
+
+def run_mem(mode: Mode, res: dict[str, Any]) -> None:
+    """Item 5: peak RSS of a training run, each system alone in a fresh subprocess."""
+    P, B = MEM_CONFIG
+    print_table(
+        f"Peak resident memory, training {mode.mem_steps} steps, {CAUSAL_MODEL}, prompt {P}, batch {B}",
+        ["system", "RSS after load", "peak RSS", "peak - after load (training working set)"],
+    )
+    got = {}
+    for system in ("softprompt", "peft"):
+        note(f"memory: {system} subprocess")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-worker", system, "--_steps", str(mode.mem_steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"memory worker {system} failed:\n{proc.stderr[-3000:]}")
+        got[system] = json.loads(proc.stdout.strip().splitlines()[-1])
+        g = got[system]
+        print_row([system, mib(g["rss_after_load"]), mib(g["peak"]), mib(g["peak"] - g["rss_after_load"])])
+    sp, pf = got["softprompt"], got["peft"]
+    res["peak_mem_ratio_vs_peft"] = sp["peak"] / pf["peak"]
+    res["train_working_set_ratio_vs_peft"] = (sp["peak"] - sp["rss_after_load"]) / (pf["peak"] - pf["rss_after_load"])
+    res["memory_bytes"] = got
+    print_row(
+        [
+            "**softprompt / PEFT**",
+            "",
+            f"**{res['peak_mem_ratio_vs_peft']:.2f}**",
+            f"{res['train_working_set_ratio_vs_peft']:.2f}",
+        ]
+    )
+
+
+def mem_worker(system: str, steps: int) -> None:
+    """Subprocess body of run_mem: load, measure RSS, train `steps` steps, print one JSON line."""
+    setup = Setup()
+    P, B = MEM_CONFIG
+    sp, pf, r = setup.causal_pair(P, B, peft=False)
+    runner: Softprompt | Peft = sp
+    if system == "peft":  # PEFT wraps the loaded model itself: one copy of the weights in this process too
+        runner = Peft(sp.pm.model, "CAUSAL_LM", sp.prompt.detach(), sp.label_ids, sp.pm.pad_id)
+        del sp
+    import gc
+
+    gc.collect()
+    after_load, peak_load = rss_bytes(), peak_rss_bytes()
+    for _ in range(steps):
+        runner.train_step(r)
+    print(json.dumps({"rss_after_load": after_load, "peak_after_load": peak_load, "peak": peak_rss_bytes()}))
+
+
+def run_encoder(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks, configs: list[tuple[int, int]]) -> None:
+    """Item 6: the training comparison for an encoder (concatenation path, linear head on mean-pooled output)."""
+    print_table(
+        f"Training step, {ENCODER_MODEL} (encoder, concatenation path), inputs {INPUT_LEN} tokens "
+        "(seconds per step, median)",
+        ["prompt x batch", "softprompt", "PEFT", "speedup", "per-round", "loss sp / PEFT", "diff"],
+    )
+    for P, B in configs:
+        note(f"encoder P={P} B={B}")
+        sp, pf, r = setup.encoder_pair(P, B)
+        assert pf is not None
+        a, b = loss_check(sp, pf, r)
+        diff = checks.record(f"encoder_loss_p{P}_b{B}", abs(a - b))
+        t = interleaved({"sp": partial(sp.train_step, r), "peft": partial(pf.train_step, r)}, mode.rounds, mode.warmup)
+        key = f"p{P}_b{B}"
+        res[f"encoder_train_speedup_{key}"] = t.ratio("peft", "sp")
+        res["medians_s"][f"encoder_train_{key}_softprompt"] = t.median("sp")
+        res["medians_s"][f"encoder_train_{key}_peft"] = t.median("peft")
+        print_row(
+            [
+                f"{P} x {B}",
+                f"{t.median('sp'):.4f}",
+                f"{t.median('peft'):.4f}",
+                f"**{t.ratio('peft', 'sp'):.2f}x**",
+                spread(t.pair_ratios("peft", "sp")),
+                f"{a:.5f} / {b:.5f}",
+                diff,
+            ]
+        )
+    last = configs[-1]
+    res["encoder_train_speedup"] = res[f"encoder_train_speedup_p{last[0]}_b{last[1]}"]
+
+
+def run_profile(setup: Setup) -> None:
+    """Where one softprompt training step at P=100, B=32 spends its time (not part of a benchmark run)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    P, B = 100, 32
+    sp, _, r = setup.causal_pair(P, B, peft=False)
+    layers = sp.pm.model.model.layers
+    spent = {"layers": 0.0}
+    starts: dict[int, float] = {}
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter()))
+        layer.register_forward_hook(
+            lambda m, a, o: spent.__setitem__("layers", spent["layers"] + time.perf_counter() - starts[id(m)])
+        )
+    sp.train_step(r)  # warm-up
+    parts: dict[str, float] = {}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        with record_function("build_prefix"):
+            prefix = sp.pm.build_prefix([sp.prompt])
+        t1 = time.perf_counter()
+        parts["prefix forward: decoder layers"] = spent["layers"]
+        spent["layers"] = 0.0
+        with record_function("batch_forward"):
+            loss = sp.pm.loss(prefix, r.sp, sp.label_ids)
+        t2 = time.perf_counter()
+        parts["batch forward: decoder layers"] = spent["layers"]
+        with record_function("backward"):
+            loss.backward()
+        t3 = time.perf_counter()
+        sp.opt.step()
+        sp.opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+    parts["prefix forward: outside layers"] = t1 - t0 - parts["prefix forward: decoder layers"]
+    parts["batch forward: outside layers"] = t2 - t1 - parts["batch forward: decoder layers"]
+    parts["backward (prefix and batch)"] = t3 - t2
+    parts["optimizer step"] = t4 - t3
+    print_table(f"Profile of one softprompt training step, prompt {P}, batch {B}", ["part", "seconds", "share"])
+    for k, v in parts.items():
+        print_row([k, f"{v:.3f}", f"{v / (t4 - t0):.1%}"])
+    print_row(["total", f"{t4 - t0:.3f}", "100%"])
+    print("\n```\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20) + "\n```", flush=True)
+
+
+# ----- main ------------------------------------------------------------------------------------------------
+KEYS = [
+    "train_speedup_p20_b8",
+    "train_speedup_p100_b8",
+    "train_speedup_p100_b32",
+    "train_over_forward",
+    "infer_prompt_overhead",
+    "infer_speedup_vs_peft",
+    "gen_speedup_vs_peft",
+    "peak_mem_ratio_vs_peft",
+    "encoder_train_speedup",
+]
+TARGETS = {  # key: (comparison, bound), from the issue
+    "train_speedup_p100_b32": (">=", 4.0),
+    "train_speedup_p100_b8": (">=", 2.5),
+    "train_speedup_p20_b8": (">=", 1.3),
+    "train_over_forward": ("<=", 2.3),
+    "infer_prompt_overhead": ("<=", 1.10),
+    "peak_mem_ratio_vs_peft": ("<=", 1.0),
+    "encoder_train_speedup": (">=", 1.0),
+}
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        p, _, b = part.strip().partition("x")
+        out.append((int(p), int(b)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and steps (a check, not a measurement)")
+    ap.add_argument("--only", action="append", default=[], help=f"comma-separated parts: {' '.join(PARTS)}, profile")
+    ap.add_argument("--json-out", help="also write the final JSON object to this file")
+    ap.add_argument("--rounds", type=int, help="timed rounds per comparison (overrides the mode)")
+    ap.add_argument("--warmup", type=int, help="untimed rounds per comparison (overrides the mode)")
+    ap.add_argument(
+        "--train-configs",
+        default=",".join(f"{p}x{b}" for p, b in TRAIN_CONFIGS),
+        help="prompt tokens x batch for the training comparisons (default: %(default)s)",
+    )
+    ap.add_argument("--_mem-worker", dest="mem_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_steps", dest="steps", type=int, default=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.mem_worker:
+        mem_worker(args.mem_worker, args.steps)
+        return 0
+
+    mode = MODES["quick" if args.quick else "full"]
+    mode = Mode(
+        args.warmup if args.warmup is not None else mode.warmup,
+        args.rounds if args.rounds is not None else mode.rounds,
+        mode.mem_steps,
+        mode.gen_batches,
+    )
+    parts = [p.strip() for o in args.only for p in o.split(",") if p.strip()] or list(PARTS)
+    unknown = set(parts) - set(PARTS) - {"profile"}
+    if unknown:
+        ap.error(f"--only: unknown part(s) {sorted(unknown)}; choose from {' '.join(PARTS)} profile")
+    configs = parse_configs(args.train_configs)
+
+    setup = Setup()
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {k: None for k in KEYS}
+    res["medians_s"] = {}
+    checks = Checks()
+    print(f"# softprompt speed benchmark ({'quick' if args.quick else 'full'})\n")
+    print(
+        f"`{' '.join(['python', 'bench/speed.py', *sys.argv[1:]])}` - torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
+        f"data: {setup.data_source}; {mode.warmup} warm-up + {mode.rounds} timed rounds, systems alternating."
+    )
+    if "train" in parts:
+        run_train(setup, mode, res, checks, configs)
+    if "infer" in parts:
+        run_infer(setup, mode, res, checks)
+    if "gen" in parts:
+        run_gen(setup, mode, res, checks)
+    if "mem" in parts:
+        run_mem(mode, res)
+    if "encoder" in parts:
+        run_encoder(setup, mode, res, checks, configs)
+    if "profile" in parts:
+        run_profile(setup)
+
+    print_table("Targets", ["key", "value", "target", "met"])
+    for key in KEYS:
+        v = res[key]
+        op, bound = TARGETS.get(key, ("", None))
+        met = "-" if v is None or bound is None else ("yes" if (v >= bound if op == ">=" else v <= bound) else "**no**")
+        print_row([f"`{key}`", "-" if v is None else f"{v:.2f}", f"{op} {bound}" if bound is not None else "", met])
+    res["checks"] = {"tolerance": TOL, "ok": checks.ok, "max_abs_diff": checks.results}
+    res["meta"] = {
+        "mode": "quick" if args.quick else "full",
+        "warmup": mode.warmup,
+        "rounds": mode.rounds,
+        "parts": parts,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "input_len": INPUT_LEN,
+        "data": setup.data_source,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    if not checks.ok:
+        print("\n**equality check failed**: the two systems did not compute the same thing; see the diff columns.")
+    line = json.dumps(res)
+    print()
+    print(line, flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    return 0 if checks.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

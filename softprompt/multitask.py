@@ -1,0 +1,526 @@
+"""Multi-task prompt tuning (`softprompt train-multi`): one shared prompt plus a prompt per task, trained on
+mixed-task batches; each task is exported as an ordinary prompt file.
+
+Composition: shared ⊕ task (concatenation). Task k's prompt is  P_k = [shared (S, d) ; task_k (T, d)],  S + T tokens.
+Why concatenation rather than MPT's  P_k = shared ⊙ (u_k v_kᵀ)  (Wang et al. 2023):
+- Export is the identity: P_k *is* an ordinary prompt, so an exported task serves, ensembles and transfers like any
+  other prompt file, with no new code path at inference (MPT's product exports too, but needs its own training).
+- MPT obtains its shared prompt by distilling single-task teacher prompts first; concatenation trains in one stage,
+  with nothing to distil: the shared rows get the gradient of every task, the task rows only of their own.
+- Under causal attention the shared rows come first and never see the task rows, so their keys/values are the same
+  for every task (and can be cached once when serving many tasks).
+- Adding a task later is training T new rows with the shared rows frozen (or not): nothing else changes.
+Cost: the exported prompt is S + T tokens long (longer sequences at inference), and each task holds T*d parameters
+where MPT's rank-one factors hold S + d. The two are compared in docs/methods.md.
+
+Batches: each optimiser step draws batch_size rows; row i's task is drawn with probability rate_k / sum(rates), then
+an example of that task uniformly (with replacement). The draw is a pure function of (seed, step, micro-batch), so
+`--resume` repeats it. All rows go through one forward pass: one Prefix holds the K task prompts (rows = task index,
+the same mechanism as an ensemble); classification scores every row against the union of the tasks' verbalizers
+and takes the cross-entropy over its own task's labels (an encoder applies its task's head to the pooled output).
+All tasks of a run are classification or all are generation.
+
+Config (YAML; every `softprompt train` option works at the top level, and a task's own keys override them):
+
+    model: smollm2-135m
+    shared_tokens: 10       # S (0: independent task prompts, trained together)
+    num_tokens: 10          # T, per task
+    max_steps: 200
+    out: runs/multi         # a directory: runs/multi/<task>.safetensors, state/, train.log.jsonl
+    tasks:
+      - name: sst2
+        train: sst2/train.tsv
+        eval: sst2/dev.tsv
+        template: "Review: {sentence}\\nSentiment:"
+        labels: "0=negative,1=positive"
+        rate: 1.0            # sampling weight (default 1)
+      - name: agnews
+        train: agnews/train.tsv
+        columns: text,label
+        template: "Article: {text}\\nTopic:"
+        rate: 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import get_scheduler
+
+from softprompt.checkpoint import save_prompt
+from softprompt.config import DataConfig, RunConfig, apply_options, load_yaml, to_dict
+from softprompt.data import DataError, Encoded
+from softprompt.evaluate import evaluate_examples
+from softprompt.models import Backbone, load_backbone
+from softprompt.prompt import init_prompt
+from softprompt.prompted import Batch, Prefix, PromptedModel
+from softprompt.task import BoundTask, TaskSpec
+
+TASK_KEYS = {f for f in DataConfig.__dataclass_fields__} | {"name", "rate", "init"}
+DEFAULT_OUT = "multitask"
+
+
+class MultiTaskError(ValueError):
+    """A bad multi-task configuration; the message names the task or key."""
+
+
+@dataclass
+class TaskEntry:
+    name: str
+    data: DataConfig
+    rate: float = 1.0
+    init: str | None = None
+
+
+@dataclass
+class MultiConfig:
+    run: RunConfig
+    tasks: list[TaskEntry]
+    shared_tokens: int = 10
+
+    @property
+    def out_dir(self) -> Path:
+        out = self.run.train.out
+        return Path(DEFAULT_OUT if out == "prompt.safetensors" else out)
+
+    def validate(self) -> None:
+        self.run.validate()
+        if len(self.tasks) < 1:
+            raise MultiTaskError("tasks: at least one task is required")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise MultiTaskError(f"tasks: duplicate task names in {names}")
+        for t in self.tasks:
+            if not t.name or not all(c.isalnum() or c in "-_." for c in t.name):
+                raise MultiTaskError(f"tasks: name {t.name!r} must be letters, digits, '-', '_' or '.' (a file name)")
+            if not (t.rate > 0 and math.isfinite(t.rate)):
+                raise MultiTaskError(f"task {t.name}: rate must be > 0, got {t.rate}")
+            if not t.data.train:
+                raise MultiTaskError(f"task {t.name}: a train file is required")
+        if len({t.data.task for t in self.tasks}) > 1:
+            raise MultiTaskError("tasks: all tasks must be classify or all generate (a batch mixes their rows)")
+        if self.shared_tokens < 0:
+            raise MultiTaskError("--shared-tokens must be >= 0")
+
+
+def parse_multi_config(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> MultiConfig:
+    """MultiConfig from a YAML mapping (top-level RunConfig options, shared_tokens, tasks) and flag overrides."""
+    raw = dict(raw)
+    tasks_raw = raw.pop("tasks", None)
+    shared = raw.pop("shared_tokens", raw.pop("shared-tokens", 10))
+    overrides = dict(overrides or {})
+    if overrides.get("shared_tokens") is not None:
+        shared = overrides.pop("shared_tokens")
+    overrides.pop("shared_tokens", None)
+    run = RunConfig()
+    apply_options(run, raw, source)
+    apply_options(run, {k: v for k, v in overrides.items() if v is not None}, "command line")
+    if isinstance(tasks_raw, dict):  # {name: {options}}
+        tasks_raw = [{"name": k, **(v or {})} for k, v in tasks_raw.items()]
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise MultiTaskError(f"{source}: 'tasks' must list at least one task (each with name, train, template, ...)")
+    tasks = []
+    for i, t in enumerate(tasks_raw, 1):
+        if not isinstance(t, dict):
+            raise MultiTaskError(f"{source}: task {i} must be a mapping of options")
+        t = {k.replace("-", "_"): v for k, v in t.items()}
+        unknown = sorted(set(t) - TASK_KEYS)
+        if unknown:
+            raise MultiTaskError(f"{source}: task {t.get('name', i)}: unknown option(s) {', '.join(unknown)}")
+        data = copy.deepcopy(run.data)  # top-level data options are every task's defaults
+        opts = {k: v for k, v in t.items() if k not in ("name", "rate", "init")}
+        holder = RunConfig(data=data)
+        apply_options(holder, {"data": opts}, f"{source}: task {t.get('name', i)}")
+        try:
+            rate = float(t.get("rate", 1.0))
+        except (TypeError, ValueError):
+            raise MultiTaskError(f"{source}: task {t.get('name', i)}: rate must be a number") from None
+        tasks.append(TaskEntry(str(t.get("name", f"task{i}")), holder.data, rate, t.get("init")))
+    try:
+        shared_n = int(shared)
+    except (TypeError, ValueError):
+        raise MultiTaskError(f"{source}: shared_tokens must be an integer") from None
+    mc = MultiConfig(run, tasks, shared_n)
+    mc.validate()
+    return mc
+
+
+# ---- the multi-task model ---------------------------------------------------------------------------------------
+class MultiPrompt(torch.nn.Module):
+    """shared (S, d) and per-task (T, d) rows; prompt(k) = cat(shared, task_k)."""
+
+    def __init__(self, shared: torch.Tensor, tasks: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.shared = torch.nn.Parameter(shared.clone())
+        self.tasks = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in tasks])
+
+    def prompt(self, k: int) -> torch.Tensor:
+        return torch.cat([self.shared, self.tasks[k]])
+
+    def prompts(self) -> list[torch.Tensor]:
+        return [self.prompt(k) for k in range(len(self.tasks))]
+
+
+@dataclass
+class MultiTask:
+    """The K bound tasks on one PromptedModel, their heads, and the union of their verbalizers."""
+
+    pm: PromptedModel
+    names: list[str]
+    tasks: list[BoundTask]
+    heads: list[torch.nn.Module | None] = field(default_factory=list)
+    union: list[list[int]] = field(default_factory=list)  # distinct verbalizer token sequences of all tasks
+    columns: list[list[int]] = field(default_factory=list)  # task k's labels -> columns of `union`
+
+    def __post_init__(self) -> None:
+        seen: dict[tuple[int, ...], int] = {}
+        for bt in self.tasks:
+            cols = []
+            for ids in bt.label_ids:
+                key = tuple(ids)
+                if key not in seen:
+                    seen[key] = len(self.union)
+                    self.union.append(list(ids))
+                cols.append(seen[key])
+            self.columns.append(cols)
+
+    @property
+    def kind(self) -> str:
+        return self.tasks[0].spec.task
+
+    def class_scores(self, prefix: Prefix, rows: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
+        """Row i's class scores over its own task's labels (L_k,), from one forward pass over the mixed batch."""
+        pm = self.pm
+        out: list[torch.Tensor] = []
+        if pm.family == "encoder":
+            pooled = pm.pooled(prefix, rows, batch)
+            for i, k in enumerate(rows.tolist()):
+                head = self.heads[k]
+                assert head is not None
+                out.append(head(pooled[i : i + 1])[0].float())
+            return out
+        saved, pm.head = pm.head, None
+        try:
+            scores = pm.label_scores(prefix, rows, batch, self.union)  # (N, |union|)
+        finally:
+            pm.head = saved
+        cols = [torch.tensor(c, device=scores.device) for c in self.columns]
+        return [scores[i, cols[k]] for i, k in enumerate(rows.tolist())]
+
+    def loss(self, prefix: Prefix, rows: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean cross-entropy over the rows (each against its task's labels), or token-level CE for generation."""
+        if self.kind == "generate":
+            tok, valid = self.pm.target_logp(prefix, rows, batch)
+            return -tok.sum() / valid.sum().clamp(min=1)
+        assert batch.labels is not None
+        scores = self.class_scores(prefix, rows, batch)
+        return torch.stack([F.cross_entropy(s[None], y[None]) for s, y in zip(scores, batch.labels)]).mean()
+
+    @torch.no_grad()
+    def probs(
+        self, prefix: Prefix, examples: list[Encoded], task_of: list[int], batch_size: int = 32
+    ) -> list[torch.Tensor]:
+        """Class probabilities of mixed-task examples (each under its task's prompt), in mixed batches."""
+        out: list[torch.Tensor] = []
+        device = prefix.mask.device
+        for s in range(0, len(examples), batch_size):
+            ex = examples[s : s + batch_size]
+            rows = torch.tensor(task_of[s : s + batch_size], device=device)
+            batch = self.pm.collate([e.input_ids for e in ex]).to(device)
+            out += [x.softmax(-1).cpu() for x in self.class_scores(prefix, rows, batch)]
+        return out
+
+
+def sample_rows(
+    sizes: list[int], rates: list[float], n: int, seed: int, step: int, micro: int
+) -> list[tuple[int, int]]:
+    """(task, example) pairs of one micro-batch: a pure function of (seed, step, micro)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1024 + micro)
+    tasks = torch.multinomial(torch.tensor(rates, dtype=torch.float64), n, replacement=True, generator=g).tolist()
+    return [(k, int(torch.randint(sizes[k], (1,), generator=g))) for k in tasks]
+
+
+@dataclass
+class MultiResult:
+    out_dir: str
+    exports: dict[str, str]
+    steps: int
+    metrics: dict[str, dict[str, Any]]
+    best_step: int
+    history: list[dict[str, Any]]
+    wall_s: float
+
+
+def _task_init(rule: str, n: int, bb: Backbone, bt: BoundTask, seed: int, scale: float) -> torch.Tensor:
+    if n == 0:
+        return torch.zeros(0, bb.embed_dim)
+    words = bt.label_words() if bt.spec.task == "classify" and bt.spec.verbalizer else None
+    weight = bb.model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return init_prompt(rule, n, weight, bb.tokenizer, seed=seed, scale=scale, label_words=words)
+
+
+def build(
+    mc: MultiConfig, bb: Backbone, *, log=print
+) -> tuple[MultiTask, MultiPrompt, list[list[Encoded]], list[list[Encoded]]]:
+    """Bound tasks, encoded train/eval sets and the initial prompts (shared: --init, or vocab when --init is
+    `labels`; task k: its own `init`, else --init with its labels)."""
+    cfg, t = mc.run, mc.run.train
+    pm = PromptedModel(bb, position=cfg.prompt.position, naive=t.naive)
+    total = mc.shared_tokens + cfg.prompt.num_tokens
+    bound, trains, evals = [], [], []
+    for te in mc.tasks:
+        try:
+            spec = TaskSpec.from_config(te.data, position=cfg.prompt.position)
+            bt = BoundTask(spec, pm, num_tokens=total)
+            tr, n_cut, _ = bt.encode_file(te.data.train or "", truncate=not te.data.no_truncate)
+            ev: list[Encoded] = []
+            if te.data.eval:
+                ev = bt.encode_file(te.data.eval, truncate=not te.data.no_truncate)[0]
+                if t.eval_max:
+                    ev = ev[: t.eval_max]
+        except (DataError, ValueError) as e:
+            raise MultiTaskError(f"task {te.name}: {e}") from None
+        if n_cut:
+            log(f"note: task {te.name}: {n_cut} of {len(tr)} training inputs were truncated")
+        bound.append(bt)
+        trains.append(tr)
+        evals.append(ev)
+    mt = MultiTask(pm, [te.name for te in mc.tasks], bound)
+    mt.heads = [bt.make_head(seed=t.seed + k) for k, bt in enumerate(bound)]
+    shared_rule = "vocab" if cfg.prompt.init == "labels" else cfg.prompt.init
+    shared = _task_init(shared_rule, mc.shared_tokens, bb, bound[0], t.seed, cfg.prompt.init_scale)
+    parts = []
+    for k, (te, bt) in enumerate(zip(mc.tasks, bound)):
+        rule = te.init or cfg.prompt.init
+        if rule.startswith("file:") and te.init is None:  # a --init file: seeds the shared rows, not every task
+            rule = "vocab"
+        parts.append(_task_init(rule, cfg.prompt.num_tokens, bb, bt, t.seed + 1 + k, cfg.prompt.init_scale))
+    return mt, MultiPrompt(shared, parts).to(bb.device), trains, evals
+
+
+def train_multi(mc: MultiConfig, *, backbone: Backbone | None = None, log=print) -> MultiResult:
+    """Train shared + per-task prompts on mixed-task batches; export OUT/<task>.safetensors for every task."""
+    from softprompt.train import _progress, _scalars, load_state, make_optimizer, save_state
+
+    t0 = time.time()
+    mc.validate()
+    cfg, t = mc.run, mc.run.train
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    bb = backbone or load_backbone(cfg.model, progress=t.progress)
+    mt, mp, trains, evals = build(mc, bb, log=log)
+    pm = mt.pm
+    params: list[torch.nn.Parameter] = ([mp.shared] if mc.shared_tokens else []) + [
+        p for p in mp.tasks if p.shape[0] > 0
+    ]
+    for h in mt.heads:
+        if h is not None:
+            params += [p for p in h.parameters() if p.requires_grad]
+    n_examples = sum(len(x) for x in trains)
+    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * n_examples / (t.batch_size * t.grad_accum)))
+    opt = make_optimizer(params, cfg)
+    sched = get_scheduler(
+        t.schedule if t.schedule != "constant" else "constant_with_warmup",
+        opt,
+        num_warmup_steps=t.warmup_steps,
+        num_training_steps=steps,
+    )
+    out_dir = mc.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exports = {name: str(out_dir / f"{name}.safetensors") for name in mt.names}
+
+    def export(metrics: dict[str, dict[str, Any]]) -> None:
+        for k, (name, bt) in enumerate(zip(mt.names, mt.tasks)):
+            tcfg = copy.deepcopy(cfg)
+            tcfg.data = mc.tasks[k].data
+            tcfg.prompt.num_tokens = mc.shared_tokens + cfg.prompt.num_tokens
+            meta = {
+                "base_model": bb.model_id,
+                "architecture": bb.architecture,
+                "family": bb.family,
+                "fingerprint": bb.fingerprint,
+                "init": mc.tasks[k].init or cfg.prompt.init,
+                "train_config": to_dict(tcfg),
+                **bt.spec.to_meta(),
+                "metrics": _scalars(metrics.get(name, {})),
+                "multitask": {
+                    "task": name,
+                    "tasks": mt.names,
+                    "shared_tokens": mc.shared_tokens,
+                    "task_tokens": cfg.prompt.num_tokens,
+                    "rates": [te.rate for te in mc.tasks],
+                },
+            }
+            head = mt.heads[k]
+            extra = {}
+            if head is not None and hasattr(head, "linear"):
+                extra = {f"head.{n}": v for n, v in head.state_dict().items()}  # head.linear.*, as train.py
+            save_prompt(exports[name], mp.prompt(k), meta, extra)
+
+    state_dir = Path(t.resume) if t.resume else out_dir / "state"
+    start, history, best, best_step = 0, [], None, -1
+    if t.resume and (state_dir / "state.json").exists():
+        st = load_state(state_dir, params, opt, sched)
+        start, history, best, best_step = st["step"], st.get("history", []), st.get("best"), st.get("best_step", -1)
+        log(f"resumed from {state_dir} at step {start}")
+    log_path = out_dir / "train.log.jsonl"
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    sizes, rates = [len(x) for x in trains], [te.rate for te in mc.tasks]
+    larger_is_better = t.metric != "loss"
+    bar = _progress(steps, start, t.progress)
+    last: dict[str, dict[str, Any]] = {}
+    for step in range(start, steps):
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            pairs = sample_rows(sizes, rates, t.batch_size, t.seed, step, micro)
+            ex = [trains[k][i] for k, i in pairs]
+            batch = pm.collate(
+                [e.input_ids for e in ex],
+                labels=[int(e.label) for e in ex] if mt.kind == "classify" else None,  # type: ignore[arg-type]
+                targets=[e.target_ids or [] for e in ex] if mt.kind == "generate" else None,
+            )
+            rows = torch.tensor([k for k, _ in pairs], device=bb.device)
+            prefix = pm.build_prefix(mp.prompts())  # the K task prompts, each run once
+            loss = mt.loss(prefix, rows, batch.to(bb.device)) / t.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        if not math.isfinite(loss_sum):
+            raise MultiTaskError(f"non-finite loss ({loss_sum}) at step {step + 1}: lower --lr")
+        if t.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rec: dict[str, Any] = {
+            "step": step + 1,
+            "loss": loss_sum,
+            "lr": sched.get_last_lr()[0],
+            "time_s": round(time.time() - t0, 2),
+        }
+        done = step + 1 == steps
+        if any(evals) and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
+            last = evaluate_tasks(mt, mp, evals, metric=t.metric)
+            for name, m in last.items():
+                rec.update({f"eval_{name}_{k}": v for k, v in _scalars(m).items()})
+            scored = [float(m.get(t.metric, m.get("loss", 0.0))) for m in last.values()]
+            score = sum(scored) / len(scored)
+            rec[f"eval_mean_{t.metric}"] = score
+            if best is None or (score > best if larger_is_better else score < best):
+                best, best_step = score, step + 1
+                export(last)
+        history.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        bar.update(1)
+        bar.set_postfix({"loss": f"{loss_sum:.4f}"})
+        if (step + 1) % t.save_every == 0 or done:
+            save_state(
+                state_dir, params, opt, sched, step + 1, {"history": history, "best": best, "best_step": best_step}
+            )
+    bar.close()
+    if not any(evals):
+        export({})
+    return MultiResult(
+        str(out_dir), exports, len(history) and history[-1]["step"], last, best_step, history, time.time() - t0
+    )
+
+
+@torch.no_grad()
+def evaluate_tasks(
+    mt: MultiTask, mp: MultiPrompt, evals: list[list[Encoded]], *, metric: str = "accuracy"
+) -> dict[str, dict[str, Any]]:
+    """Each task's metrics under its own prompt (exactly what its exported file gives)."""
+    out = {}
+    saved = mt.pm.head
+    try:
+        for k, (name, bt, ev) in enumerate(zip(mt.names, mt.tasks, evals)):
+            if not ev:
+                continue
+            mt.pm.head = mt.heads[k]
+            labels = bt.spec.verbalizer.labels if bt.spec.verbalizer else None
+            out[name] = evaluate_examples(
+                mt.pm,
+                mt.pm.build_prefix([mp.prompt(k).detach()]),
+                ev,
+                task=bt.spec.task,
+                label_ids=bt.label_ids,
+                labels=labels,
+            )
+    finally:
+        mt.pm.head = saved
+    return out
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-multi",
+        help="multi-task prompt tuning: shared + per-task prompts, one file per task",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML file with top-level options and a `tasks:` list")
+    p.add_argument("--shared-tokens", type=int, default=None, help="tokens of the shared prompt (default 10)")
+    p.add_argument("--num-tokens", type=int, default=None, help="tokens of each task's own prompt")
+    p.add_argument("--out", default=None, help="output directory (default: `out` in the config, else multitask/)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", default=None, help="state directory to resume from (default OUT/state)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+
+def run(args: argparse.Namespace) -> int | None:
+    if args.cmd != "train-multi":
+        return None
+    over = {
+        k: getattr(args, k)
+        for k in (
+            "shared_tokens",
+            "num_tokens",
+            "out",
+            "model",
+            "max_steps",
+            "lr",
+            "batch_size",
+            "seed",
+            "device",
+            "resume",
+            "progress",
+        )
+    }
+    mc = parse_multi_config(load_yaml(args.config), args.config, over)
+    res = train_multi(mc, log=lambda s: print(s, file=sys.stderr))
+    print(
+        json.dumps(
+            {
+                "out": res.out_dir,
+                "exports": res.exports,
+                "steps": res.steps,
+                "best_step": res.best_step,
+                "wall_s": round(res.wall_s, 1),
+                "metrics": {k: _summary(m) for k, m in res.metrics.items()},
+            }
+        )
+    )
+    return 0
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k in ("accuracy", "macro_f1", "exact_match", "token_f1", "loss", "n")}

@@ -1,0 +1,405 @@
+"""The task registry: every prompt file in the prompts directory is a task, resident in memory, on one backbone.
+
+- A task is `DIR/NAME.safetensors`; NAME must match NAME_RE (no path separators, no "..").
+- At start every prompt is loaded and checked against the served model (embedding dim and fingerprint); a prompt
+  that does not fit is refused with a logged reason (listed under `refused`), never served.
+- Prompts stay resident. The per-task Prefix (prompt embeddings and, for decoder-only models, the prompt's
+  per-layer keys/values) is computed on first use and kept in an LRU bounded by `kv_cache_mb`.
+- add / replace / remove change the directory atomically: an upload is written to a temporary file in DIR,
+  validated (safetensors framing, softprompt metadata, dim, fingerprint, template, verbalizer, head) and only then
+  renamed over `NAME.safetensors`; a restart therefore serves the same tasks. Requests already accepted keep the
+  TaskEntry they resolved, so a replace or remove never changes a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
+from softprompt.data import DataError, Template, _record
+from softprompt.models import Backbone
+from softprompt.prompted import LinearHead, Prefix, PromptedModel
+from softprompt.serve.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
+from softprompt.task import BoundTask, TaskSpec
+
+log = logging.getLogger("softprompt.serve")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SUFFIX = ".safetensors"
+_uids = count(1)
+
+
+def validate_name(name: str) -> str:
+    """A task name usable as a file name in DIR and in a URL: letters, digits, '_', '.', '-', no '..'."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name or name.endswith(SUFFIX):
+        raise Unprocessable(
+            f"invalid task name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit,"
+            " without '..'",
+            param="name",
+        )
+    return name
+
+
+@dataclass(eq=False)
+class TaskEntry:
+    """One registered task: its prompt (resident), template, verbalizer ids or head, and limits."""
+
+    name: str
+    path: Path
+    ckpt: PromptCheckpoint
+    spec: TaskSpec
+    template: Template
+    pm: PromptedModel  # shares the backbone; one per prompt position rule (auto/start)
+    label_ids: list[list[int]]
+    head: nn.Module | None
+    max_input_tokens: int
+    prefix_len: int  # BOS/CLS kept in front + prompt tokens
+    created: float
+    uid: int = field(default_factory=lambda: next(_uids))
+
+    @property
+    def kind(self) -> str:
+        return self.spec.task
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.spec.verbalizer.labels if self.spec.verbalizer else None
+
+    def fill(self, value: str | dict[str, Any], param: str) -> str:
+        """A string fills the template's single field (a template with several fields takes it as already filled,
+        as `softprompt generate --input` does); an object supplies the fields by name."""
+        fields = self.template.fields
+        if isinstance(value, str):
+            if len(fields) == 1:
+                return self.template.fill({fields[0]: value}, param)
+            return value
+        record = _record(value)
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise Unprocessable(
+                f"{param}: missing field {missing[0]!r} (task {self.name!r} has template fields {', '.join(fields)})",
+                param=param,
+            )
+        return self.template.fill(record, param)
+
+    def info(self) -> dict[str, Any]:
+        meta = {k: v for k, v in self.ckpt.meta.items() if k != "train_config"}
+        return {
+            "name": self.name,
+            "task": self.spec.task,
+            "template": self.template.text,
+            "fields": self.template.fields,
+            "labels": self.labels,
+            "head": self.spec.head,
+            "num_tokens": self.ckpt.num_tokens,
+            "embed_dim": self.ckpt.embed_dim,
+            "max_input_tokens": self.max_input_tokens,
+            "created": int(self.created),
+            "metadata": meta,
+        }
+
+
+class Registry:
+    """Tasks of one backbone, loaded from (and persisted to) one directory of prompt files."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        directory: str | Path,
+        *,
+        kv_cache_mb: float = 1024,
+        max_input_tokens: int | None = None,
+        allow_other_model: bool = False,
+        load: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.dir = Path(directory)
+        self.kv_cache_bytes = int(kv_cache_mb * 2**20)
+        self.max_input_tokens = max_input_tokens
+        self.allow_other_model = allow_other_model
+        self.tok_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
+        self._lock = threading.RLock()
+        self._admin = threading.Lock()
+        self._tasks: dict[str, TaskEntry] = {}
+        self._lru: OrderedDict[int, Prefix] = OrderedDict()
+        self._lru_bytes = 0
+        self._pms: dict[str, PromptedModel] = {}
+        self._bound: dict[tuple[Any, ...], tuple[list[list[int]], int]] = {}
+        self.refused: dict[str, str] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.pm = self._pm("auto")
+        limit = getattr(backbone.model.config, "max_position_embeddings", None) or getattr(
+            backbone.model.config, "n_positions", None
+        )
+        self.position_limit: int | None = int(limit) if limit and backbone.family == "causal" else None
+        if load:
+            self.load_all()
+
+    # ---- loading ---------------------------------------------------------------------------------------
+    def _pm(self, position: str) -> PromptedModel:
+        if position not in self._pms:
+            self._pms[position] = PromptedModel(self.backbone, position=position)
+        return self._pms[position]
+
+    def load_all(self) -> None:
+        if not self.dir.is_dir():
+            raise FileNotFoundError(f"--prompts: {self.dir} is not a directory")
+        t0 = time.perf_counter()
+        for path in sorted(self.dir.glob("*" + SUFFIX)):
+            name = path.name[: -len(SUFFIX)]
+            if name.startswith("."):
+                continue  # temporary files of an interrupted write
+            try:
+                validate_name(name)
+                entry = self._make_entry(name, path)
+            except (Unprocessable, CheckpointError, DataError, ValueError, RuntimeError) as e:
+                reason = getattr(e, "message", None) or str(e).splitlines()[0]
+                self.refused[name] = reason
+                log.warning("refusing prompt %s: %s", path, reason)
+                continue
+            self._tasks[name] = entry
+        log.info(
+            "loaded %d task(s) from %s in %.1f s (%d refused)",
+            len(self._tasks),
+            self.dir,
+            time.perf_counter() - t0,
+            len(self.refused),
+        )
+
+    def _make_entry(self, name: str, path: Path, *, source: Path | None = None) -> TaskEntry:
+        """Load and validate a prompt file (read from `source` when given, e.g. an upload's temporary file)."""
+        ckpt = load_prompt(source or path)
+        ckpt.path = str(path)
+        bb = self.backbone
+        check_compatible(ckpt, bb.embed_dim, bb.fingerprint, allow_other_model=self.allow_other_model)
+        fam = ckpt.meta.get("family")
+        if fam and fam != bb.family:
+            raise CheckpointError(f"{path}: trained on a {fam} model, this server runs a {bb.family} model")
+        spec = TaskSpec.from_meta(ckpt.meta)
+        if spec.task not in ("classify", "generate"):
+            raise CheckpointError(f"{path}: unknown task {spec.task!r} in its metadata")
+        if spec.position not in ("auto", "start"):
+            raise CheckpointError(f"{path}: unknown prompt position {spec.position!r} in its metadata")
+        template = Template(spec.template, flag="template")
+        pm = self._pm(spec.position)
+        verb = spec.verbalizer
+        key = (spec.position, spec.task, spec.template, spec.head, spec.max_length, ckpt.num_tokens,
+               tuple(verb.words) if verb else None)  # fmt: skip
+        cached = self._bound.get(key)  # tasks sharing template and verbalizer share their tokenisation
+        if cached is None:
+            with self.tok_lock:
+                task = BoundTask(spec, pm, num_tokens=ckpt.num_tokens)  # validates verbalizer and head choice
+                cached = self._bound[key] = (task.label_ids, task.max_input_length())
+        label_ids, max_in = cached
+        if self.max_input_tokens:
+            max_in = min(max_in, self.max_input_tokens)
+        head: nn.Module | None = None
+        if pm.family == "encoder" and spec.task == "classify":
+            if "head.linear.weight" in ckpt.extra:
+                w = ckpt.extra["head.linear.weight"]
+                assert spec.verbalizer is not None
+                if w.ndim != 2 or w.shape[1] != bb.embed_dim or w.shape[0] != len(spec.verbalizer.labels):
+                    raise CheckpointError(f"{path}: head.linear.weight has shape {tuple(w.shape)}")
+                head = LinearHead(int(w.shape[1]), int(w.shape[0])).to(bb.device)
+                try:
+                    head.load_state_dict({k[5:]: v for k, v in ckpt.extra.items() if k.startswith("head.")})
+                except RuntimeError as e:
+                    raise CheckpointError(f"{path}: bad head tensors ({str(e).splitlines()[0]})") from None
+            else:
+                with torch.no_grad(), self.tok_lock:
+                    head = BoundTask(spec, pm, num_tokens=ckpt.num_tokens).make_head()
+            if head is not None:
+                head.eval()
+        ckpt.prompt = ckpt.prompt.to(bb.device)
+        try:
+            created = os.path.getmtime(path)
+        except OSError:
+            created = time.time()
+        return TaskEntry(
+            name=name,
+            path=path,
+            ckpt=ckpt,
+            spec=spec,
+            template=template,
+            pm=pm,
+            label_ids=label_ids,
+            head=head,
+            max_input_tokens=max_in,
+            prefix_len=len(pm.prefix_ids) + ckpt.num_tokens,
+            created=created,
+        )
+
+    # ---- lookup ----------------------------------------------------------------------------------------
+    def get(self, name: str) -> TaskEntry:
+        entry = self._tasks.get(name)
+        if entry is None:
+            raise NotFound(f"unknown task {name!r}", param="task")
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def entries(self) -> list[TaskEntry]:
+        with self._lock:
+            return [self._tasks[n] for n in sorted(self._tasks)]
+
+    def encode(self, entry: TaskEntry, value: str | dict[str, Any], param: str) -> list[int]:
+        """Token ids of one request input for `entry`: 422 when it does not fit the template or is empty,
+        413 when it is longer than the task allows."""
+        try:
+            text = entry.fill(value, param)
+        except DataError as e:
+            raise Unprocessable(
+                str(e).replace("(needed by template)", f"(needed by task {entry.name!r})"), param=param
+            ) from None
+        with self.tok_lock:
+            ids = entry.pm.encode_input(text)
+        if not ids:
+            raise Unprocessable(f"{param}: input is empty after tokenisation", param=param)
+        if len(ids) > entry.max_input_tokens:
+            raise TooLarge(
+                f"{param}: input has {len(ids)} tokens, more than the {entry.max_input_tokens} task {entry.name!r} "
+                "allows",
+                param=param,
+            )
+        return ids
+
+    # ---- prefixes (LRU) --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def build_prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
+        return entry.pm.build_prefix([entry.ckpt.prompt], kv=kv).detach()
+
+    def prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
+        """The task's Prefix: cached in the LRU (kv=True), or rebuilt every call (kv=False: the prompt goes through
+        the model with every batch, as PEFT does)."""
+        if not kv:
+            return self.build_prefix(entry, kv=False)
+        with self._lock:
+            p = self._lru.get(entry.uid)
+            if p is not None:
+                self._lru.move_to_end(entry.uid)
+                self.stats["hits"] += 1
+                return p
+            self.stats["misses"] += 1
+        p = self.build_prefix(entry, kv=True)
+        nbytes = p.nbytes()
+        with self._lock:
+            if nbytes <= self.kv_cache_bytes and self._tasks.get(entry.name) is entry and entry.uid not in self._lru:
+                self._lru[entry.uid] = p
+                self._lru_bytes += nbytes
+                while self._lru_bytes > self.kv_cache_bytes:
+                    _, old = self._lru.popitem(last=False)
+                    self._lru_bytes -= old.nbytes()
+                    self.stats["evictions"] += 1
+        return p
+
+    def _drop_cached(self, entry: TaskEntry | None) -> None:
+        if entry is None:
+            return
+        with self._lock:
+            p = self._lru.pop(entry.uid, None)
+            if p is not None:
+                self._lru_bytes -= p.nbytes()
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._lru),
+                "bytes": self._lru_bytes,
+                "limit_bytes": self.kv_cache_bytes,
+                **self.stats,
+            }
+
+    # ---- admin -----------------------------------------------------------------------------------------
+    def add(self, name: str, data: bytes, *, replace: bool) -> tuple[TaskEntry, bool]:
+        """Register `data` (a prompt file's bytes) as task `name`, persisting it as DIR/name.safetensors.
+
+        replace=False refuses an existing name (409). The bytes are validated before anything is replaced; on any
+        failure DIR and the served tasks are unchanged. Returns the entry and whether it replaced one.
+        """
+        validate_name(name)
+        with self._admin:
+            old = self._tasks.get(name)
+            if old is not None and not replace:
+                raise Conflict(f"task {name!r} already exists (PUT replaces it)", param="name")
+            final = self.dir / (name + SUFFIX)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".upload.tmp", dir=self.dir)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    entry = self._make_entry(name, final, source=tmp)
+                except (CheckpointError, DataError, ValueError, RuntimeError) as e:
+                    msg = str(e).splitlines()[0].replace(str(tmp), "upload").replace(str(final), "upload")
+                    raise BadRequest(f"invalid prompt for task {name!r}: {msg}", param="body") from None
+                os.replace(tmp, final)
+                _fsync_dir(self.dir)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            entry.created = time.time()
+            with self._lock:
+                self._tasks[name] = entry
+                self.refused.pop(name, None)
+            self._drop_cached(old)
+            log.info("%s task %s (%d prompt tokens)", "replaced" if old else "added", name, entry.ckpt.num_tokens)
+            return entry, old is not None
+
+    def add_path(self, name: str, source: str, *, replace: bool, max_bytes: int) -> tuple[TaskEntry, bool]:
+        """Register a prompt file that is already on the server (copied into DIR; the source is left alone)."""
+        p = Path(source)
+        if not p.is_file():
+            raise BadRequest(f"path {source!r} is not a file on the server", param="path")
+        if p.stat().st_size > max_bytes:
+            raise TooLarge(f"path {source!r} is larger than the {max_bytes} byte upload limit", param="path")
+        return self.add(name, p.read_bytes(), replace=replace)
+
+    def remove(self, name: str) -> TaskEntry:
+        validate_name(name)
+        with self._admin:
+            entry = self.get(name)
+            try:
+                entry.path.unlink()
+            except FileNotFoundError:
+                pass
+            _fsync_dir(self.dir)
+            with self._lock:
+                del self._tasks[name]
+            self._drop_cached(entry)
+            log.info("removed task %s", name)
+            return entry
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

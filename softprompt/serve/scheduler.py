@@ -1,0 +1,512 @@
+"""The scheduler: one bounded queue, one model thread, mixed-task batches.
+
+Requests are validated and tokenised before they are queued, so a batch only holds well-formed rows. The worker
+(an asyncio task) takes up to `max_batch_size` rows (waiting at most `max_wait_ms` for a batch to fill when the
+model is idle) and runs them in a single model thread, so the event loop stays responsive:
+
+- classification: every queued classify request of every task goes into one batch; each row runs behind its own
+  task's prompt in one forward pass (modes: "mixed", the default, or "per-task": one task per batch);
+- generation (decoder-only): iteration-level batching; between two decoding steps new requests are prefilled
+  and join, finished ones leave (see softprompt.serve.generation).
+
+`kv_cache=False` rebuilds each task's prefix with every batch and runs the prompt through the model with the
+input (the PEFT way), for comparison. A failure while running a batch is retried request by request, so one bad
+request never fails the others. Full queue: QueueFull (429, Retry-After); a request still waiting or running at
+its deadline: Timeout (504); after `stop()`: Unavailable (503). `stop()` finishes everything accepted first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from softprompt.serve.batching import (
+    Item,
+    collate,
+    mixed_head_scores,
+    mixed_label_scores,
+    seq2seq_label_scores,
+    stack_prefixes,
+    unbatch,
+)
+from softprompt.serve.errors import QueueFull, ServeError, Timeout, Unavailable
+from softprompt.serve.generation import DecodeBatch, GenParams, GenRow, seq2seq_generate
+from softprompt.serve.metrics import Metrics
+from softprompt.serve.registry import Registry, TaskEntry
+
+log = logging.getLogger("softprompt.serve")
+MODES = ("mixed", "per-task")
+
+
+@dataclass(eq=False)
+class Request:
+    kind: str  # classify | generate
+    entry: TaskEntry
+    inputs: list[list[int]]  # classify: one per input; generate: exactly one
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    params: GenParams | None = None
+    events: asyncio.Queue | None = None  # generate, streaming: {"delta": str} ... then the final result
+    enqueued: float = field(default_factory=time.monotonic)
+    started: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class BatchRecord:
+    """What one model pass held (kept for tests, the benchmark and metrics)."""
+
+    kind: str  # classify | prefill | decode
+    rows: int
+    tasks: int
+    seconds: float
+
+
+class Scheduler:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        timeout_s: float = 60.0,
+        mode: str = "mixed",
+        kv_cache: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"--scheduler must be one of {', '.join(MODES)}, got {mode!r}")
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or timeout_s <= 0:
+            raise ValueError("--max-batch-size and --max-queue must be >= 1, --max-wait-ms >= 0, --timeout-s > 0")
+        self.registry = registry
+        self.pm = registry.pm
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.mode = mode
+        self.kv_cache = kv_cache
+        self.metrics = metrics
+        self.history: deque[BatchRecord] = deque(maxlen=10_000)
+        self._queue: deque[Request] = deque()
+        self._active: DecodeBatch | None = None
+        self._active_task: int | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._batch_s = 0.5  # running mean of a model pass, for Retry-After
+        gc = getattr(registry.backbone.model, "generation_config", None)
+        eos = gc.eos_token_id if gc is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if registry.backbone.tokenizer.eos_token_id is not None:
+            eos_ids.add(int(registry.backbone.tokenizer.eos_token_id))
+        self.eos = frozenset(int(e) for e in eos_ids)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._closing = False
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="softprompt-model")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-scheduler")
+
+    async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; with drain, finish every request already accepted, then stop the worker."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            if not drain:
+                self._task.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+            self._task = None
+        for req in list(self._queue):
+            self._fail(req, Unavailable("server shut down before the request ran"))
+        self._queue.clear()
+        if self._active is not None:
+            for row in self._active.rows:
+                self._fail(row.owner, Unavailable("server shut down during generation"))
+            self._active = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    # ---- submission ------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active_generations(self) -> int:
+        return self._active.n if self._active is not None else 0
+
+    def _submit(self, req: Request) -> None:
+        if self._closing:
+            raise Unavailable("server is shutting down")
+        if len(self._queue) >= self.max_queue:
+            wait = math.ceil(max(1.0, len(self._queue) / self.max_batch_size * self._batch_s))
+            raise QueueFull(
+                f"queue full ({self.max_queue} requests waiting); retry later", headers={"Retry-After": str(wait)}
+            )
+        if not self.running:
+            raise Unavailable("scheduler is not running")
+        self._queue.append(req)
+        self._gauges()
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def _new(
+        self,
+        kind: str,
+        entry: TaskEntry,
+        inputs: list[list[int]],
+        timeout: float | None,
+        params: GenParams | None = None,
+        stream: bool = False,
+    ) -> Request:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout_s)
+        return Request(kind, entry, inputs, deadline, loop.create_future(), params, asyncio.Queue() if stream else None)
+
+    async def classify(
+        self, entry: TaskEntry, inputs: list[list[int]], *, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Per input: {"label", "probabilities"} (the task's labels in order)."""
+        req = self._new("classify", entry, inputs, timeout)
+        self._submit(req)
+        return await self._wait(req)
+
+    async def generate(
+        self, entry: TaskEntry, input_ids: list[int], params: GenParams, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """{"text", "finish_reason", "input_tokens", "output_tokens"} once the generation is complete."""
+        req = self._new("generate", entry, [input_ids], timeout, params)
+        self._submit(req)
+        return await self._wait(req)
+
+    def submit_stream(
+        self, entry: TaskEntry, input_ids: list[int], params: GenParams, *, timeout: float | None = None
+    ) -> Request:
+        req = self._new("generate", entry, [input_ids], timeout, params, stream=True)
+        self._submit(req)
+        return req
+
+    async def stream(self, req: Request) -> AsyncIterator[dict[str, Any]]:
+        """Events of a streaming request: {"delta": text} ..., then {"done": True, **result}. Raises ServeError
+        (e.g. Timeout) instead of an event; leaving the iteration early cancels the request."""
+        assert req.events is not None
+        try:
+            while True:
+                remaining = req.deadline - time.monotonic()
+                try:
+                    ev = await asyncio.wait_for(req.events.get(), max(remaining, 0.001))
+                except asyncio.TimeoutError:
+                    raise Timeout(f"request timed out after {self.timeout_s:g} s") from None
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.get("done"):
+                    return
+        finally:
+            req.cancelled = True  # no-op when done; stops the decoding of an abandoned stream
+
+    async def _wait(self, req: Request) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(req.future), max(req.deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            req.cancelled = True
+            raise Timeout(f"request timed out after {self.timeout_s:g} s") from None
+        except asyncio.CancelledError:
+            req.cancelled = True
+            raise
+
+    # ---- worker ----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if not self._queue and self._active is None:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if self._active is None and self.max_wait > 0:
+                    await self._gather()
+                cls, gens = self._take()
+                self._gauges()
+                if cls:
+                    t0 = time.perf_counter()
+                    results = await loop.run_in_executor(self._executor, self._classify_batch, cls)
+                    self._record("classify", sum(len(r.inputs) for r in cls), len({r.entry.uid for r in cls}), t0)
+                    for req, res in zip(cls, results, strict=True):
+                        self._finish(req, res)
+                if gens or self._active is not None:
+                    events = await loop.run_in_executor(self._executor, self._generate_step, gens)
+                    for req, ev in events:
+                        self._emit(req, ev)
+                    self._gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the worker die; the requests involved have been failed
+                log.exception("scheduler iteration failed")
+                await asyncio.sleep(0.01)
+
+    async def _gather(self) -> None:
+        """Wait (model idle) until max_batch_size rows are queued or the oldest request has waited max_wait."""
+        assert self._wakeup is not None
+        while self._queue and not self._closing:
+            rows = sum(len(r.inputs) for r in self._queue)
+            remaining = self._queue[0].enqueued + self.max_wait - time.monotonic()
+            if rows >= self.max_batch_size or remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> tuple[list[Request], list[Request]]:
+        """Requests for this iteration: classify rows up to max_batch_size, generations up to the free decode slots.
+        per-task mode keeps one task per batch (generations join only a decode batch of their own task)."""
+        now = time.monotonic()
+        per_task = self.mode == "per-task"
+        cls: list[Request] = []
+        gens: list[Request] = []
+        rest: deque[Request] = deque()
+        n_cls = 0
+        slots = self.max_batch_size - self.active_generations
+        cls_task: int | None = None
+        gen_task = self._active_task if self._active is not None else None
+        for req in self._queue:
+            if req.cancelled or req.future.done():
+                continue
+            if now >= req.deadline:
+                self._fail(req, Timeout(f"request timed out after {self.timeout_s:g} s in the queue"))
+                continue
+            uid = req.entry.uid
+            if req.kind == "classify":
+                fits = n_cls == 0 or n_cls + len(req.inputs) <= self.max_batch_size
+                if fits and (not per_task or cls_task in (None, uid)):
+                    cls.append(req)
+                    n_cls += len(req.inputs)
+                    cls_task = uid
+                    continue
+            elif slots > 0 and (not per_task or gen_task in (None, uid)):
+                gens.append(req)
+                slots -= 1
+                gen_task = uid
+                continue
+            rest.append(req)
+        self._queue = rest
+        for req in cls + gens:
+            req.started = True
+            if self.metrics:
+                self.metrics.observe("softprompt_queue_wait_seconds", now - req.enqueued, {"task": req.entry.name})
+        if gens and per_task:
+            self._active_task = gens[0].entry.uid
+        return cls, gens
+
+    # ---- results ---------------------------------------------------------------------------------------
+    def _finish(self, req: Request, res: Any) -> None:
+        if isinstance(res, BaseException):
+            self._fail(req, res)
+        elif not req.future.done():
+            req.future.set_result(res)
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if not isinstance(exc, ServeError):
+            log.error("request on task %s failed: %s", req.entry.name, exc, exc_info=exc)
+            exc = ServeError(f"internal error while running the model ({type(exc).__name__})")
+        if req.events is not None:
+            req.events.put_nowait(exc)
+        if not req.future.done():
+            req.future.set_exception(exc)
+            req.future.exception()  # mark retrieved: a timed-out waiter may never read it
+
+    def _emit(self, req: Request, ev: dict[str, Any] | BaseException) -> None:
+        if isinstance(ev, BaseException):
+            self._fail(req, ev)
+            return
+        if ev.get("done"):
+            if self.metrics:
+                self.metrics.inc("softprompt_generated_tokens_total", {"task": req.entry.name}, ev["output_tokens"])
+            if req.events is not None:
+                req.events.put_nowait(ev)
+            if not req.future.done():
+                req.future.set_result({k: v for k, v in ev.items() if k != "done"})
+        elif req.events is not None:
+            req.events.put_nowait(ev)
+
+    def _gauges(self) -> None:
+        if self.metrics:
+            self.metrics.set("softprompt_queue_depth", len(self._queue))
+            self.metrics.set("softprompt_active_generations", self.active_generations)
+
+    def _record(self, kind: str, rows: int, tasks: int, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self._batch_s = 0.8 * self._batch_s + 0.2 * dt
+        self.history.append(BatchRecord(kind, rows, tasks, dt))
+        if self.metrics:
+            self.metrics.observe("softprompt_batch_size", rows, {"kind": kind})
+            self.metrics.observe("softprompt_batch_tasks", tasks, {"kind": kind})
+
+    # ---- model thread: classification ------------------------------------------------------------------
+    def _classify_batch(self, reqs: list[Request]) -> list[list[dict[str, Any]] | BaseException]:
+        try:
+            flat = self._classify_rows([(r.entry, ids) for r in reqs for ids in r.inputs])
+            return list(unbatch(flat, [len(r.inputs) for r in reqs]))
+        except Exception as e:
+            if len(reqs) == 1:
+                return [e]
+            log.warning("batch of %d requests failed (%s); retrying them one by one", len(reqs), e)
+            return [self._classify_batch([r])[0] for r in reqs]
+
+    @torch.no_grad()
+    def _classify_rows(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        pm, dev = self.pm, self.registry.backbone.device
+        for at in range(0, len(rows), self.max_batch_size):
+            chunk = rows[at : at + self.max_batch_size]
+            by_uid = {e.uid: e for e, _ in chunk}
+            batch, prow, keys = collate(
+                [Item(e.uid, ids) for e, ids in chunk], pad_id=pm.pad_id, left=pm.family == "causal"
+            )
+            prefix = stack_prefixes([self.registry.prefix(by_uid[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
+            batch, prow = batch.to(dev), prow.to(dev)
+            entries = [e for e, _ in chunk]
+            if pm.family == "causal":
+                scores = mixed_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries])
+            elif pm.family == "seq2seq":
+                scores = seq2seq_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries])
+            else:
+                scores = mixed_head_scores(pm, prefix, prow, batch, [e.head for e in entries])  # type: ignore[misc]
+            for e, s in zip(entries, scores, strict=True):
+                p = s.float().softmax(-1).cpu()
+                labels = e.labels or []
+                probs = dict(zip(labels, map(float, p), strict=True))
+                out.append({"label": labels[int(p.argmax())], "probabilities": probs})
+            if self.metrics:
+                for e in entries:
+                    self.metrics.inc("softprompt_rows_total", {"task": e.name})
+        return out
+
+    # ---- model thread: generation ----------------------------------------------------------------------
+    def _decode_text(self, ids: list[int]) -> str:
+        with self.registry.tok_lock:
+            return str(self.pm.tok.decode(ids, skip_special_tokens=True))
+
+    def _row(self, req: Request) -> GenRow:
+        assert req.params is not None
+        return GenRow(req, req.params, self.eos, self.pm.pad_id)
+
+    @staticmethod
+    def _done(row: GenRow) -> dict[str, Any]:
+        req = row.owner
+        return {
+            "done": True,
+            "text": row.output,
+            "finish_reason": row.finish,
+            "input_tokens": len(req.inputs[0]),
+            "output_tokens": len(row.tokens),
+            "tokens": list(row.tokens),
+        }
+
+    def _advance(self, row: GenRow, token: int, events: list[tuple[Request, Any]]) -> None:
+        delta = row.advance(token, self._decode_text)
+        if delta:
+            events.append((row.owner, {"delta": delta}))
+        if row.finish:
+            events.append((row.owner, self._done(row)))
+
+    def _generate_step(self, new: list[Request]) -> list[tuple[Request, Any]]:
+        events: list[tuple[Request, Any]] = []
+        if self.pm.family != "causal":
+            for req in new:
+                t0 = time.perf_counter()
+                row = self._row(req)
+                try:
+                    prefix = self.registry.prefix(req.entry, kv=self.kv_cache)
+                    batch, _, _ = collate([Item(0, req.inputs[0])], pad_id=self.pm.pad_id, left=False)
+                    seq2seq_generate(self.pm, prefix, batch.to(self.registry.backbone.device), row, self._decode_text)
+                    events.append((req, {"delta": row.output} if row.output else {}))
+                    events.append((req, self._done(row)))
+                except Exception as e:
+                    events.append((req, e))
+                self._record("generate", 1, 1, t0)
+            return [(r, ev) for r, ev in events if ev]
+        state = self._active
+        # rows whose client left or whose deadline passed stop decoding
+        if state is not None:
+            now = time.monotonic()
+            for r in state.rows:
+                if now >= r.owner.deadline and not r.owner.cancelled:
+                    events.append((r.owner, Timeout(f"request timed out after {self.timeout_s:g} s")))
+                    r.owner.cancelled = True
+            state = state.keep([i for i, r in enumerate(state.rows) if not r.owner.cancelled])
+        if state is not None:
+            t0 = time.perf_counter()
+            try:
+                logits = state.step(self.pm)
+                for i, row in enumerate(state.rows):
+                    self._advance(row, row.choose(logits[i]), events)
+            except Exception as e:
+                log.exception("decoding step failed")
+                events.extend((r.owner, e) for r in state.rows)
+                state = None
+            if state is not None:
+                self._record("decode", state.n, len({r.owner.entry.uid for r in state.rows}), t0)
+        joined = self._prefill(new, events) if new else None
+        state = DecodeBatch.merge([state, joined])
+        if state is not None:
+            state = state.keep([i for i, r in enumerate(state.rows) if r.finish is None])
+        self._active = state
+        if state is None:
+            self._active_task = None
+        return events
+
+    def _prefill(self, reqs: list[Request], events: list[tuple[Request, Any]]) -> DecodeBatch | None:
+        t0 = time.perf_counter()
+        try:
+            rows = [self._row(r) for r in reqs]
+            by_uid = {r.entry.uid: r.entry for r in reqs}
+            batch, prow, keys = collate(
+                [Item(r.entry.uid, r.inputs[0]) for r in reqs], pad_id=self.pm.pad_id, left=True
+            )
+            prefix = stack_prefixes([self.registry.prefix(by_uid[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
+            dev = self.registry.backbone.device
+            state, logits = DecodeBatch.prefill(self.pm, prefix, prow.to(dev), batch.to(dev), rows)
+        except Exception as e:
+            if len(reqs) == 1:
+                events.append((reqs[0], e))
+                return None
+            log.warning("prefill of %d requests failed (%s); retrying them one by one", len(reqs), e)
+            return DecodeBatch.merge([self._prefill([r], events) for r in reqs])
+        self._record("prefill", len(reqs), len(keys), t0)
+        for i, row in enumerate(rows):
+            self._advance(row, row.choose(logits[i]), events)
+        return state

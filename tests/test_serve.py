@@ -1,0 +1,700 @@
+"""softprompt.serve in-process: every endpoint and error through httpx's ASGI transport, exactness of mixed-task
+batches against `softprompt predict` / Predictor alone, iteration-level generation, admin changes, metrics, a
+1,000-task registry, encoder and encoder-decoder backbones, and graceful shutdown.
+
+Models are tiny and random (tests/tiny.py), re-drawn at a larger scale so that outputs depend on input and prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from test_serve_support import ADMIN, lively_model_dir, load, make_prompt, served, sse_events
+from tiny import tiny_model_dir
+
+from softprompt import cli
+from softprompt.api import Predictor
+from softprompt.data import Template
+from softprompt.evaluate import generate_ids
+from softprompt.serve import GenParams, Registry, Scheduler
+from softprompt.serve.registry import TaskEntry
+
+TOL = 1e-5
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serve-models")
+
+
+@pytest.fixture(scope="module")
+def llama(root: Path) -> tuple[Path, Any]:
+    d = lively_model_dir("llama", root)
+    return d, load(d)
+
+
+def write_causal_prompts(d: Path, model_dir: Path, bb: Any) -> Path:
+    make_prompt(d / "sentiment.safetensors", bb, model_dir, tokens=4, seed=1, template="Review: {text} Sentiment:",
+                labels=["negative", "positive"], words=["bad", "good"])  # fmt: skip
+    make_prompt(d / "topic.safetensors", bb, model_dir, tokens=7, seed=2, template="{text}\nTopic:",
+                labels=["sport", "politics", "science"], words=["sports", "world politics", "science"])  # fmt: skip
+    make_prompt(d / "nli.safetensors", bb, model_dir, tokens=3, seed=3,
+                template="{premise} Question: {hypothesis}? Answer:", labels=["yes", "no"])  # fmt: skip
+    make_prompt(d / "qa.safetensors", bb, model_dir, tokens=5, seed=4, task="generate", template="Q: {q} A:")
+    make_prompt(d / "summ.safetensors", bb, model_dir, tokens=9, seed=5, task="generate",
+                template="Text: {text}\nSummary:")  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompts(llama: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d, bb = llama
+    return write_causal_prompts(tmp_path_factory.mktemp("prompts"), d, bb)
+
+
+@pytest.fixture(scope="module")
+def reg(llama: tuple[Path, Any], prompts: Path) -> Registry:
+    return Registry(llama[1], prompts)
+
+
+def fill(reg: Registry, task: str, x: str | dict[str, str]) -> str:
+    template = Template(reg.get(task).spec.template)
+    return template.fill(x if isinstance(x, dict) else {template.fields[0]: x}, "test")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+CLASSIFY_CASES: list[tuple[str, Any]] = [
+    ("sentiment", "a great movie"),
+    ("topic", "the match ended in a draw after extra time"),
+    ("sentiment", "awful acting, a dull plot and far too long"),
+    ("nli", {"premise": "A man sleeps on a bench", "hypothesis": "a person rests"}),
+    ("topic", "parliament voted"),
+    ("nli", {"premise": "It rains", "hypothesis": "the street is dry"}),
+]
+
+
+def assert_same(server: dict[str, Any], alone: dict[str, Any]) -> None:
+    assert server["label"] == alone["label"]
+    probs = alone.get("probs", alone.get("probabilities"))
+    assert server["probabilities"].keys() == probs.keys()
+    for k, v in probs.items():
+        assert abs(server["probabilities"][k] - v) <= TOL, (k, server["probabilities"][k], v)
+
+
+# ---- exactness -----------------------------------------------------------------------------------------
+def test_mixed_task_classify_batch_equals_predict_alone(
+    llama: tuple[Path, Any], prompts: Path, reg: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def go() -> tuple[list[Any], list[Any]]:
+        async with served(reg, max_wait_ms=400) as (c, s):
+            rs = await asyncio.gather(*[c.post("/v1/classify", json={"task": t, "inputs": [x]})
+                                        for t, x in CLASSIFY_CASES])  # fmt: skip
+            return [r.json() for r in rs], list(s.history)
+
+    results, history = run(go())
+    assert any(b.kind == "classify" and b.tasks == 3 and b.rows == len(CLASSIFY_CASES) for b in history), history
+    bb = llama[1]
+    for (task, x), res in zip(CLASSIFY_CASES, results, strict=True):
+        assert res["task"] == task and len(res["results"]) == 1
+        pred = Predictor.load(str(prompts / f"{task}.safetensors"), backbone=bb)
+        assert_same(res["results"][0], pred.predict([fill(reg, task, x)])[0])
+    # and the command line itself, on a data file holding just that input
+    task, x = CLASSIFY_CASES[1]
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"text": x}) + "\n")
+    assert cli.main(["predict", "--prompt", str(prompts / f"{task}.safetensors"), "--data", str(data),
+                     "--device", "cpu"]) == 0  # fmt: skip
+    assert_same(results[1]["results"][0], json.loads(capsys.readouterr().out.strip()))
+
+
+def test_several_inputs_per_request_and_field_objects(reg: Registry) -> None:
+    async def go() -> list[httpx.Response]:
+        async with served(reg) as (c, _):
+            return [
+                await c.post("/v1/classify", json={"task": "sentiment", "inputs": ["good", "bad", {"text": "meh"}]}),
+                await c.post("/v1/classify", json={"task": "nli", "inputs": ["It rains Question: wet? Answer:"]}),
+            ]
+
+    many, filled = run(go())
+    assert many.status_code == 200 and [r["label"] for r in many.json()["results"]]
+    assert len(many.json()["results"]) == 3
+    assert filled.status_code == 200  # a string for a multi-field template is the filled template, as the CLI
+
+
+def _greedy_ids(pred: Predictor, text: str, n: int) -> list[int]:
+    enc, _ = pred.task.encode_texts([text])
+    return generate_ids(pred.pm, pred.prefix, enc, max_new_tokens=n, do_sample=False)[0]
+
+
+GEN_CASES = [("qa", "what is the capital of france", 24), ("summ", "the cat sat on the mat all day long", 7),
+             ("qa", "who", 11), ("summ", "x", 3), ("qa", "name a large river in africa please", 16)]  # fmt: skip
+
+
+def test_iteration_level_generation_is_token_identical(llama: tuple[Path, Any], prompts: Path, reg: Registry) -> None:
+    """Requests join a running decode batch between steps and leave when done; each row's greedy tokens equal
+    PromptedModel.generate for that input and prompt alone."""
+
+    async def go() -> tuple[list[dict[str, Any]], list[Any]]:
+        s = Scheduler(reg, max_wait_ms=0, max_batch_size=8)
+        await s.start()
+        ids = {(t, x): reg.encode(reg.get(t), x, "input") for t, x, _ in GEN_CASES}
+        token_lists: dict[int, list[int]] = {}
+
+        async def one(i: int) -> dict[str, Any]:
+            t, x, n = GEN_CASES[i]
+            req = s.submit_stream(reg.get(t), ids[(t, x)], GenParams(max_new_tokens=n))
+            async for ev in s.stream(req):
+                if ev.get("done"):
+                    token_lists[i] = ev["tokens"]
+                    return ev
+            raise AssertionError("stream ended without a result")
+
+        first = asyncio.create_task(one(0))
+        while not any(b.kind == "decode" for b in s.history):  # the first request is decoding ...
+            await asyncio.sleep(0.001)
+        rest = await asyncio.gather(*(one(i) for i in range(1, len(GEN_CASES))))  # ... when the others join
+        out = [await first, *rest]
+        await s.stop()
+        for i, ev in enumerate(out):
+            ev["token_ids"] = token_lists[i]
+        return out, list(s.history)
+
+    results, history = run(go())
+    kinds = [b.kind for b in history]
+    assert "prefill" in kinds[kinds.index("decode") :], kinds  # a prefill after decoding started: a join
+    assert any(b.kind == "decode" and b.tasks == 2 and b.rows >= 3 for b in history)
+    bb, pad = llama[1], reg.pm.pad_id
+    for (task, x, n), res in zip(GEN_CASES, results, strict=True):
+        pred = Predictor.load(str(prompts / f"{task}.safetensors"), backbone=bb)
+        want = _greedy_ids(pred, fill(reg, task, x), n)
+        assert [t for t in res["token_ids"] if t != pad] == want, (task, x)
+        assert res["text"] == pred.generate([fill(reg, task, x)], max_new_tokens=n)[0]
+        assert len(want) == n or res["finish_reason"] == "stop"
+
+
+def test_generate_endpoint_stream_sampling_and_stop(prompts: Path, llama: tuple[Path, Any], reg: Registry) -> None:
+    body = {"task": "qa", "input": "what is the capital of france", "max_new_tokens": 12}
+
+    async def go() -> dict[str, httpx.Response]:
+        async with served(reg) as (c, _):
+            out = {"greedy": await c.post("/v1/generate", json=body)}
+            out["stream"] = await c.post("/v1/generate", json={**body, "stream": True})
+            out["s1"] = await c.post("/v1/generate", json={**body, "temperature": 1.0, "seed": 7})
+            out["s2"] = await c.post("/v1/generate", json={**body, "temperature": 1.0, "seed": 7})
+            out["s3"] = await c.post("/v1/generate", json={**body, "temperature": 1.0, "seed": 8})
+            out["top_p"] = await c.post("/v1/generate", json={**body, "temperature": 1.0, "top_p": 1e-9, "seed": 1})
+            words = out["greedy"].json()["output"].split()
+            out["stop"] = await c.post("/v1/generate", json={**body, "stop": [words[2]]})
+            out["obj"] = await c.post("/v1/generate", json={**body, "input": {"q": body["input"]}})
+            return out
+
+    r = run(go())
+    greedy = r["greedy"].json()
+    pred = Predictor.load(str(prompts / "qa.safetensors"), backbone=llama[1])
+    assert greedy["output"] == pred.generate([fill(reg, "qa", body["input"])], max_new_tokens=12)[0]
+    assert greedy["usage"]["output_tokens"] == 12 and greedy["finish_reason"] == "length"
+    assert r["obj"].json()["output"] == greedy["output"]
+    # SSE: deltas, then the final result, then [DONE]
+    assert r["stream"].headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r["stream"].text)
+    assert events[-1] == "[DONE]" and events[-2]["output"] == greedy["output"]
+    assert "".join(e["delta"] for e in events[:-1]).strip() == greedy["output"]
+    assert len(events) > 3
+    # sampling: per-request seed; top_p ~ 0 keeps only the most likely token (greedy)
+    assert r["s1"].json()["output"] == r["s2"].json()["output"] != r["s3"].json()["output"]
+    assert r["top_p"].json()["output"] == greedy["output"]
+    # stop strings end the generation and are cut
+    stop = greedy["output"].split()[2]
+    assert r["stop"].json()["finish_reason"] == "stop"
+    assert r["stop"].json()["output"] == greedy["output"][: greedy["output"].index(stop)].strip()
+
+
+def test_openai_completions_and_models(reg: Registry) -> None:
+    async def go() -> dict[str, httpx.Response]:
+        async with served(reg) as (c, _):
+            out = {"models": await c.get("/v1/models")}
+            base = {"model": "qa", "max_tokens": 8, "temperature": 0}
+            out["one"] = await c.post("/v1/completions", json={**base, "prompt": "who"})
+            out["many"] = await c.post("/v1/completions", json={**base, "prompt": ["who", "what is it"]})
+            out["gen"] = await c.post("/v1/generate", json={"task": "qa", "input": "what is it", "max_new_tokens": 8})
+            out["stream"] = await c.post("/v1/completions", json={**base, "prompt": "who", "stream": True})
+            out["n2"] = await c.post("/v1/completions", json={**base, "prompt": "who", "n": 2})
+            out["label"] = await c.post("/v1/completions", json={"model": "sentiment", "prompt": "great"})
+            out["unknown"] = await c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+            out["extra"] = await c.post("/v1/completions", json={**base, "prompt": "who", "presence_penalty": 0})
+            return out
+
+    r = run(go())
+    models = r["models"].json()
+    assert models["object"] == "list" and {m["id"] for m in models["data"]} == set(reg.names())
+    one = r["one"].json()
+    assert one["object"] == "text_completion" and one["model"] == "qa" and one["id"].startswith("cmpl-")
+    assert one["choices"][0]["index"] == 0 and one["choices"][0]["finish_reason"] in ("stop", "length")
+    assert one["usage"]["total_tokens"] == one["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]
+    many = r["many"].json()["choices"]
+    assert [c["index"] for c in many] == [0, 1] and many[0]["text"] == one["choices"][0]["text"]
+    assert many[1]["text"] == r["gen"].json()["output"]
+    chunks = sse_events(r["stream"].text)
+    assert chunks[-1] == "[DONE]" and chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "".join(ch["choices"][0]["text"] for ch in chunks[:-1]).strip() == one["choices"][0]["text"]
+    assert r["n2"].status_code == 422 and r["n2"].json()["error"]["param"] == "n"
+    assert r["label"].json()["choices"][0]["text"] in ("negative", "positive")
+    assert r["unknown"].status_code == 404 and r["unknown"].json()["error"]["param"] == "model"
+    assert r["extra"].status_code == 200
+
+
+def test_openai_python_client_if_installed(reg: Registry) -> None:
+    openai = pytest.importorskip("openai")
+
+    async def go() -> Any:
+        async with served(reg) as (c, _):
+            client = openai.AsyncOpenAI(base_url="http://softprompt/v1", api_key="unused", http_client=c)
+            return await client.completions.create(model="qa", prompt="who", max_tokens=5, temperature=0)
+
+    assert run(go()).choices[0].text is not None
+
+
+# ---- tasks, health, metrics, openapi -----------------------------------------------------------------------
+def test_tasks_health_metrics_openapi(reg: Registry) -> None:
+    async def go() -> dict[str, httpx.Response]:
+        async with served(reg) as (c, _):
+            await c.post("/v1/classify", json={"task": "sentiment", "inputs": ["fine", "ok"]})
+            await c.post("/v1/classify", json={"task": "nope", "inputs": ["fine"]})
+            await c.post("/v1/generate", json={"task": "qa", "input": "who", "max_new_tokens": 3})
+            return {p: await c.get(p) for p in ("/healthz", "/v1/tasks", "/v1/tasks/nli", "/v1/tasks/zzz",
+                                                "/metrics", "/openapi.json")}  # fmt: skip
+
+    r = run(go())
+    assert r["/healthz"].json()["status"] == "ok" and r["/healthz"].json()["tasks"] == len(reg)
+    tasks = {t["name"]: t for t in r["/v1/tasks"].json()["tasks"]}
+    assert set(tasks) == {"sentiment", "topic", "nli", "qa", "summ"}
+    assert tasks["topic"]["labels"] == ["sport", "politics", "science"] and tasks["topic"]["num_tokens"] == 7
+    assert tasks["qa"]["task"] == "generate" and "fingerprint" in tasks["qa"]["metadata"]
+    assert r["/v1/tasks/nli"].json()["fields"] == ["premise", "hypothesis"]
+    assert r["/v1/tasks/zzz"].status_code == 404
+    text = r["/metrics"].text
+    assert r["/metrics"].headers["content-type"].startswith("text/plain")
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="(\\.|[^"\\])*",?)*\})? (-?[0-9.eE+-]+|\+Inf|NaN)$')
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+    assert 'softprompt_requests_total{code="200",endpoint="/v1/classify",task="sentiment"} 1' in text
+    assert 'softprompt_request_errors_total{code="404",endpoint="/v1/classify",task="-"} 1' in text
+    assert 'softprompt_request_duration_seconds_bucket{endpoint="/v1/classify",task="sentiment",le="+Inf"} 1' in text
+    assert 'softprompt_rows_total{task="sentiment"} 2' in text
+    assert 'softprompt_generated_tokens_total{task="qa"} 3' in text
+    for name in ("softprompt_batch_size_bucket", "softprompt_queue_depth", "softprompt_kv_cache_bytes",
+                 "softprompt_batch_tasks_count", "softprompt_queue_wait_seconds_sum", "softprompt_tasks 5"):  # fmt: skip
+        assert name in text, name
+    paths = r["/openapi.json"].json()["paths"]
+    for p in ("/v1/classify", "/v1/generate", "/v1/completions", "/v1/models", "/v1/tasks", "/healthz", "/metrics",
+              "/v1/admin/tasks/{name}"):  # fmt: skip
+        assert p in paths, p
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+def test_request_errors(reg: Registry) -> None:
+    long_text = " ".join(["word"] * 600)
+
+    async def go() -> dict[str, httpx.Response]:
+        async with served(reg, app_kw={"max_new_tokens": 64}) as (c, _):
+            cl = "/v1/classify"
+            return {
+                "unknown": await c.post(cl, json={"task": "nope", "inputs": ["x"]}),
+                "no_inputs": await c.post(cl, json={"task": "sentiment"}),
+                "bad_type": await c.post(cl, json={"task": "sentiment", "inputs": [3]}),
+                "empty_list": await c.post(cl, json={"task": "sentiment", "inputs": []}),
+                "extra": await c.post(cl, json={"task": "sentiment", "inputs": ["x"], "temprature": 1}),
+                "json": await c.post(
+                    cl, content=b'{"task": "sentiment", "inputs": [', headers={"content-type": "application/json"}
+                ),
+                "too_long": await c.post(cl, json={"task": "sentiment", "inputs": ["ok", long_text]}),
+                "field": await c.post(cl, json={"task": "nli", "inputs": [{"premise": "p"}]}),
+                "wrong_kind": await c.post(cl, json={"task": "qa", "inputs": ["x"]}),
+                "gen_kind": await c.post("/v1/generate", json={"task": "sentiment", "input": "x"}),
+                "max_new": await c.post("/v1/generate", json={"task": "qa", "input": "x", "max_new_tokens": 65}),
+                "temp": await c.post("/v1/generate", json={"task": "qa", "input": "x", "temperature": -1}),
+                "gen_long": await c.post("/v1/generate", json={"task": "qa", "input": long_text}),
+                "still_ok": await c.post(cl, json={"task": "sentiment", "inputs": ["fine"]}),
+            }
+
+    r = run(go())
+
+    def err(name: str, status: int, param: str | None = None, text: str | None = None) -> None:
+        resp = r[name]
+        assert resp.status_code == status, (name, resp.status_code, resp.text)
+        e = resp.json()["error"]
+        assert e["code"] == status and e["message"]
+        if param is not None:
+            assert e["param"] == param, (name, e)
+        if text is not None:
+            assert text in e["message"], (name, e)
+
+    err("unknown", 404, "task", "nope")
+    err("no_inputs", 422, "inputs", "inputs: Field required")
+    assert r["no_inputs"].json()["detail"][0]["loc"] == ["body", "inputs"]
+    err("bad_type", 422, text="inputs.0")
+    err("empty_list", 422, "inputs")
+    err("extra", 422, "temprature")
+    err("json", 422, "body")
+    err("too_long", 413, "inputs.1", "tokens")
+    err("field", 422, "inputs.0", "hypothesis")
+    err("wrong_kind", 400, "task")
+    err("gen_kind", 400, "task")
+    err("max_new", 422, "max_new_tokens")
+    err("temp", 422, "temperature")
+    err("gen_long", 413, "input")
+    assert r["still_ok"].status_code == 200
+
+
+def test_queue_full_429_and_timeout_504(reg: Registry) -> None:
+    body = {"task": "sentiment", "inputs": ["x"]}
+
+    def block(s: Scheduler, seconds: float) -> threading.Event:
+        """Make each classify batch hold the model thread for `seconds`; the event is set once one started."""
+        real, started = s._classify_batch, threading.Event()
+
+        def slow(reqs: Any) -> Any:
+            started.set()
+            time.sleep(seconds)
+            return real(reqs)
+
+        s._classify_batch = slow  # type: ignore[method-assign]
+        return started
+
+    async def go() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with served(reg, max_wait_ms=0, max_queue=2) as (c, s):
+            started = block(s, 0.4)
+            first = asyncio.create_task(c.post("/v1/classify", json=body))
+            while not started.is_set():  # the worker holds the first request in the model thread
+                await asyncio.sleep(0.005)
+            queued = [asyncio.create_task(c.post("/v1/classify", json=body)) for _ in range(2)]
+            while s.queue_depth < 2:
+                await asyncio.sleep(0.005)
+            over = await c.post("/v1/classify", json=body)
+            full = [over, *await asyncio.gather(first, *queued)]
+        async with served(reg, max_wait_ms=0, timeout_s=0.25) as (c, s):
+            block(s, 0.4)
+            timed = await asyncio.gather(*(c.post("/v1/classify", json=body) for _ in range(2)))
+            after = await c.get("/healthz")
+        return full, [*timed, after]
+
+    full, timed = run(go())
+    assert full[0].status_code == 429, full[0].text
+    assert int(full[0].headers["Retry-After"]) >= 1 and full[0].json()["error"]["code"] == 429
+    assert [r.status_code for r in full[1:]] == [200, 200, 200]
+    assert [r.status_code for r in timed[:2]] == [504, 504]
+    assert timed[0].json()["error"]["type"] == "timeout_error"
+    assert timed[2].status_code == 200
+
+
+def test_a_failing_request_does_not_poison_its_batch(reg: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = reg.prefix
+
+    def broken(entry: TaskEntry, *, kv: bool = True) -> Any:
+        if entry.name == "topic":
+            raise RuntimeError("boom")
+        return real(entry, kv=kv)
+
+    async def go() -> tuple[list[httpx.Response], httpx.Response, list[Any]]:
+        async with served(reg, max_wait_ms=300) as (c, s):
+            monkeypatch.setattr(reg, "prefix", broken)
+            rs = await asyncio.gather(
+                c.post("/v1/classify", json={"task": "sentiment", "inputs": ["a great movie"]}),
+                c.post("/v1/classify", json={"task": "topic", "inputs": ["parliament voted"]}),
+                c.post("/v1/classify", json={"task": "nli", "inputs": [{"premise": "a", "hypothesis": "b"}]}),
+            )
+            monkeypatch.setattr(reg, "prefix", real)
+            again = await c.post("/v1/classify", json={"task": "topic", "inputs": ["parliament voted"]})
+            return list(rs), again, list(s.history)
+
+    rs, again, history = run(go())
+    assert [r.status_code for r in rs] == [200, 500, 200]
+    assert rs[1].json()["error"]["type"] == "server_error"
+    assert history[0].rows == 3 and history[0].tasks == 3  # they were one batch
+    assert again.status_code == 200
+
+
+# ---- scheduler settings --------------------------------------------------------------------------------
+def test_per_task_and_no_kv_cache_modes_agree(reg: Registry) -> None:
+    async def go(**kw: Any) -> tuple[list[Any], list[Any], str]:
+        async with served(reg, max_wait_ms=300, **kw) as (c, s):
+            rs = await asyncio.gather(*[c.post("/v1/classify", json={"task": t, "inputs": [x]})
+                                        for t, x in CLASSIFY_CASES])  # fmt: skip
+            g = await c.post("/v1/generate", json={"task": "summ", "input": "the cat sat", "max_new_tokens": 6})
+            return [r.json()["results"][0] for r in rs], list(s.history), g.json()["output"]
+
+    mixed, _, g_mixed = run(go())
+    per_task, hist, g_per = run(go(mode="per-task"))
+    before = reg.cache_info()["hits"] + reg.cache_info()["misses"]
+    no_kv, _, g_nokv = run(go(kv_cache=False))
+    assert reg.cache_info()["hits"] + reg.cache_info()["misses"] == before  # the cache was not used
+    assert all(b.tasks == 1 for b in hist) and sum(b.kind == "classify" for b in hist) >= 3
+    for a, b, c in zip(mixed, per_task, no_kv, strict=True):
+        assert_same(b, a)
+        assert_same(c, a)
+    assert g_mixed == g_per == g_nokv
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(reg: Registry) -> None:
+    async def go() -> tuple[httpx.Response, httpx.Response, int]:
+        body = {"task": "qa", "input": "tell me a long story", "max_new_tokens": 60}
+        async with served(reg) as (c, s):
+            app = c.app  # type: ignore[attr-defined]
+            async with app.router.lifespan_context(app):  # a nested lifespan we can end while a request runs
+                task = asyncio.create_task(c.post("/v1/generate", json=body))
+                while s.active_generations == 0:
+                    await asyncio.sleep(0.002)
+            # lifespan ended: the scheduler drained the running generation, then stopped
+            done = await task
+            refused = await c.post("/v1/classify", json={"task": "sentiment", "inputs": ["x"]})
+            health = await c.get("/healthz")
+        return done, refused, health.status_code
+
+    done, refused, health = run(go())
+    assert done.status_code == 200 and done.json()["usage"]["output_tokens"] == 60
+    assert refused.status_code == 503 and health == 503
+
+
+# ---- admin ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def admin_reg(llama: tuple[Path, Any], tmp_path: Path) -> Registry:
+    d = tmp_path / "prompts"
+    d.mkdir()
+    write_causal_prompts(d, llama[0], llama[1])
+    return Registry(llama[1], d)
+
+
+def test_admin_add_replace_remove_persist(admin_reg: Registry, llama: tuple[Path, Any], tmp_path: Path) -> None:
+    model_dir, bb = llama
+    v1 = make_prompt(tmp_path / "v1.safetensors", bb, model_dir, tokens=6, seed=11, template="Mood: {text}",
+                     labels=["sad", "happy"])  # fmt: skip
+    v2 = make_prompt(tmp_path / "v2.safetensors", bb, model_dir, tokens=2, seed=12, template="Mood: {text}",
+                     labels=["sad", "happy"], scale=3.0)  # fmt: skip
+    d = admin_reg.dir
+    url = "/v1/admin/tasks/mood"
+    body = {"task": "mood", "inputs": ["what a day"]}
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with served(admin_reg) as (c, _):
+            out["add"] = await c.post(url, content=v1.read_bytes(), headers=AUTH)
+            out["dup"] = await c.post(url, content=v1.read_bytes(), headers=AUTH)
+            out["c1"] = await c.post("/v1/classify", json=body)
+            out["listed"] = await c.get("/v1/tasks")
+            out["replace"] = await c.put(url, content=v2.read_bytes(), headers=AUTH)
+            out["c2"] = await c.post("/v1/classify", json=body)
+            out["garbage"] = await c.put(url, content=b"\x00" * 100, headers=AUTH)
+            out["c3"] = await c.post("/v1/classify", json=body)
+            out["by_path"] = await c.post("/v1/admin/tasks/mood.copy", json={"path": str(v1)}, headers=AUTH)
+            out["no_path"] = await c.post("/v1/admin/tasks/x", json={"file": "a"}, headers=AUTH)
+            out["bad_path"] = await c.post("/v1/admin/tasks/x", json={"path": str(tmp_path / "none")}, headers=AUTH)
+            out["delete"] = await c.delete(url, headers=AUTH)
+            out["gone"] = await c.post("/v1/classify", json=body)
+            out["delete2"] = await c.delete(url, headers=AUTH)
+        return out
+
+    r = run(go())
+    assert r["add"].status_code == 201 and r["add"].json()["replaced"] is False
+    assert r["add"].json()["task"]["name"] == "mood"
+    assert r["dup"].status_code == 409
+    assert "mood" in {t["name"] for t in r["listed"].json()["tasks"]}
+    assert_same(r["c1"].json()["results"][0], Predictor.load(str(v1), backbone=bb).predict(["Mood: what a day"])[0])
+    assert r["replace"].status_code == 200 and r["replace"].json()["replaced"] is True
+    assert_same(r["c2"].json()["results"][0], Predictor.load(str(v2), backbone=bb).predict(["Mood: what a day"])[0])
+    assert r["c1"].json() != r["c2"].json()
+    assert r["garbage"].status_code == 400 and r["garbage"].json()["error"]["param"] == "body"
+    assert r["c3"].json() == r["c2"].json()  # a refused upload changes nothing
+    assert r["by_path"].status_code == 201
+    assert (d / "mood.copy.safetensors").read_bytes() == v1.read_bytes()
+    assert r["no_path"].status_code == 422 and r["no_path"].json()["error"]["param"] == "path"
+    assert r["bad_path"].status_code == 400
+    assert r["delete"].status_code == 200 and r["gone"].status_code == 404 and r["delete2"].status_code == 404
+    assert not (d / "mood.safetensors").exists()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    # a restart serves the same tasks
+    assert Registry(bb, d).names() == admin_reg.names()
+    assert "mood.copy" in admin_reg.names()
+
+
+def test_admin_validation_auth_and_limits(admin_reg: Registry, llama: tuple[Path, Any], root: Path,
+                                          tmp_path: Path) -> None:  # fmt: skip
+    model_dir, bb = llama
+    good = make_prompt(tmp_path / "good.safetensors", bb, model_dir, tokens=3, seed=1)
+    other_bb = load(tiny_model_dir("qwen2", root))  # same dim, another model: fingerprint differs
+    foreign = make_prompt(tmp_path / "foreign.safetensors", other_bb, "qwen2", tokens=3)
+    big = make_prompt(tmp_path / "big.safetensors", bb, model_dir, tokens=600)
+    before = sorted(p.name for p in admin_reg.dir.iterdir())
+
+    async def go() -> dict[str, httpx.Response]:
+        out: dict[str, httpx.Response] = {}
+        async with served(admin_reg, app_kw={"max_upload_bytes": 64 * 1024}) as (c, _):
+            url = "/v1/admin/tasks/"
+            out["no_token"] = await c.post(url + "a", content=good.read_bytes())
+            out["bad_token"] = await c.post(url + "a", content=good.read_bytes(), headers={"Authorization": "Bearer x"})
+            out["basic"] = await c.delete(url + "qa", headers={"Authorization": f"Basic {ADMIN}"})
+            out["dots"] = await c.post(url + "..evil", content=good.read_bytes(), headers=AUTH)
+            out["hidden"] = await c.post(url + ".hidden", content=good.read_bytes(), headers=AUTH)
+            out["slash"] = await c.post(url + "a%2F..%2Fb", content=good.read_bytes(), headers=AUTH)
+            out["long"] = await c.post(url + "a" * 65, content=good.read_bytes(), headers=AUTH)
+            out["foreign"] = await c.post(url + "f", content=foreign.read_bytes(), headers=AUTH)
+            out["big"] = await c.post(url + "b", content=big.read_bytes(), headers=AUTH)
+            out["empty"] = await c.post(url + "e", content=b"", headers=AUTH)
+            out["truncated"] = await c.post(url + "t", content=good.read_bytes()[:-10], headers=AUTH)
+        async with served(admin_reg, admin_token=None) as (c, _):
+            out["disabled"] = await c.post(url + "a", content=good.read_bytes(), headers=AUTH)
+        return out
+
+    r = run(go())
+    for name in ("no_token", "bad_token", "basic"):
+        assert r[name].status_code == 401, name
+        assert r[name].headers["WWW-Authenticate"] == "Bearer"
+    for name in ("dots", "hidden", "long"):
+        assert r[name].status_code == 422 and r[name].json()["error"]["param"] == "name", name
+    assert r["slash"].status_code in (404, 422)
+    assert r["foreign"].status_code == 400 and "fingerprint" in r["foreign"].json()["error"]["message"]
+    assert r["big"].status_code == 413
+    assert r["empty"].status_code == 422
+    assert r["truncated"].status_code == 400
+    assert r["disabled"].status_code == 403
+    assert sorted(p.name for p in admin_reg.dir.iterdir()) == before  # nothing written, nothing removed
+    assert "qa" in admin_reg.names()
+
+
+def test_refused_prompts_at_start(llama: tuple[Path, Any], root: Path, tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    model_dir, bb = llama
+    make_prompt(tmp_path / "ok.safetensors", bb, model_dir)
+    make_prompt(tmp_path / "foreign.safetensors", load(tiny_model_dir("qwen2", root)), "qwen2")
+    bert = load(tiny_model_dir("bert", root))
+    from softprompt.checkpoint import save_prompt
+
+    save_prompt(
+        tmp_path / "wrongdim.safetensors",
+        torch.randn(3, 48),
+        {"task": "classify", "labels": {"labels": ["a"], "words": ["a"]}},
+    )
+    make_prompt(tmp_path / "encoderhead.safetensors", bert, "bert", head="linear", linear_head=True)
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a prompt")
+    make_prompt(tmp_path / "bad name.safetensors", bb, model_dir)
+    with caplog.at_level(logging.WARNING, logger="softprompt.serve"):
+        r = Registry(bb, tmp_path)
+    assert r.names() == ["ok"]
+    assert set(r.refused) == {"foreign", "wrongdim", "encoderhead", "garbage", "bad name"}
+    assert "fingerprint" in r.refused["foreign"] and "dim" in r.refused["wrongdim"]
+    assert "refusing prompt" in caplog.text
+
+    async def go() -> tuple[httpx.Response, httpx.Response]:
+        async with served(r) as (c, _):
+            return await c.get("/v1/tasks"), await c.post("/v1/classify", json={"task": "foreign", "inputs": ["x"]})
+
+    tasks, refused = run(go())
+    assert {x["name"] for x in tasks.json()["refused"]} == set(r.refused)
+    assert refused.status_code == 404
+
+
+# ---- scale ---------------------------------------------------------------------------------------------
+def test_thousand_tasks_with_a_bounded_kv_cache(root: Path, tmp_path: Path) -> None:
+    d = tiny_model_dir("llama", root)
+    bb = load(d)
+    srcs = [make_prompt(tmp_path / f"src{i}.bin", bb, d, tokens=2, seed=i, template="Q: {text}",
+                        labels=["a", "b", "c"]) for i in range(4)]  # fmt: skip
+    prompts = tmp_path / "many"
+    prompts.mkdir()
+    for i in range(1000):
+        shutil.copyfile(srcs[i % 4], prompts / f"task-{i:04d}.safetensors")
+    reg = Registry(bb, prompts, kv_cache_mb=0.02)
+    assert len(reg) == 1000
+    one = reg.build_prefix(reg.get("task-0000")).nbytes()
+    names = [f"task-{i:04d}" for i in range(0, 1000, 13)]  # 77 tasks, more than the cache holds
+
+    async def go() -> tuple[httpx.Response, httpx.Response, list[httpx.Response]]:
+        async with served(reg, max_wait_ms=50, max_batch_size=64) as (c, _):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": n, "inputs": ["hello"]}) for n in names))
+            return await c.get("/v1/tasks"), await c.get("/v1/models"), list(rs)
+
+    tasks, models, rs = run(go())
+    assert len(tasks.json()["tasks"]) == 1000 and len(models.json()["data"]) == 1000
+    assert all(r.status_code == 200 for r in rs)
+    by_src: dict[int, Any] = {}
+    for n, r in zip(names, rs, strict=True):  # copies of one source prompt answer alike
+        probs = r.json()["results"][0]["probabilities"]
+        src = int(n[5:]) % 4
+        if src in by_src:
+            assert all(abs(probs[k] - by_src[src][k]) <= TOL for k in probs)
+        by_src[src] = probs
+    info = reg.cache_info()
+    assert info["bytes"] <= info["limit_bytes"] and info["entries"] <= 0.02 * 2**20 // one
+    assert info["evictions"] > 0
+
+
+# ---- other model families ------------------------------------------------------------------------------
+def test_encoder_mixed_heads_equal_predict(root: Path, tmp_path: Path) -> None:
+    d = tiny_model_dir("bert", root)
+    bb = load(d)
+    make_prompt(
+        tmp_path / "lin2.safetensors", bb, d, tokens=3, seed=1, head="linear", linear_head=True, labels=["n", "p"]
+    )
+    make_prompt(tmp_path / "lin3.safetensors", bb, d, tokens=6, seed=2, head="linear", linear_head=True,
+                labels=["a", "b", "c"], template="Topic: {text}")  # fmt: skip
+    make_prompt(tmp_path / "sim.safetensors", bb, d, tokens=4, seed=3, head="similarity",
+                labels=["sport", "science"], words=["a football match", "a physics paper"])  # fmt: skip
+    reg = Registry(bb, tmp_path)
+    assert reg.names() == ["lin2", "lin3", "sim"]
+    cases = [("lin2", "great film"), ("lin3", "the election results"), ("sim", "goal in the last minute"),
+             ("lin2", "a long and boring film with bad actors"), ("sim", "quarks")]  # fmt: skip
+
+    async def go() -> tuple[list[Any], httpx.Response, list[Any]]:
+        async with served(reg, max_wait_ms=300) as (c, s):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": t, "inputs": [x]}) for t, x in cases))
+            gen = await c.post("/v1/generate", json={"task": "lin2", "input": "x"})
+            return [r.json()["results"][0] for r in rs], gen, list(s.history)
+
+    results, gen, history = run(go())
+    assert history[0].tasks == 3 and history[0].rows == 5
+    for (t, x), res in zip(cases, results, strict=True):
+        pred = Predictor.load(str(tmp_path / f"{t}.safetensors"), backbone=bb)
+        assert_same(res, pred.predict([fill(reg, t, x)])[0])
+    assert gen.status_code == 400
+
+
+def test_encoder_decoder_classify_and_generate(root: Path, tmp_path: Path) -> None:
+    d = lively_model_dir("t5", root)
+    bb = load(d)
+    make_prompt(tmp_path / "yn.safetensors", bb, d, tokens=3, seed=1, labels=["yes", "no"], template="{text} ?")
+    make_prompt(tmp_path / "topic.safetensors", bb, d, tokens=5, seed=2, labels=["s", "p"],
+                words=["sports", "world politics"])  # fmt: skip
+    make_prompt(tmp_path / "gen.safetensors", bb, d, tokens=4, seed=3, task="generate", template="say: {text}")
+    reg = Registry(bb, tmp_path)
+    cases = [("yn", "is it raining"), ("topic", "the match"), ("yn", "really")]
+
+    async def go() -> tuple[list[Any], list[httpx.Response]]:
+        async with served(reg, max_wait_ms=300) as (c, _):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": t, "inputs": [x]}) for t, x in cases))
+            gens = await asyncio.gather(*(c.post("/v1/generate", json={"task": "gen", "input": x, "max_new_tokens": 8})
+                                          for x in ("hello there", "a b c")))  # fmt: skip
+            return [r.json()["results"][0] for r in rs], list(gens)
+
+    results, gens = run(go())
+    for (t, x), res in zip(cases, results, strict=True):
+        pred = Predictor.load(str(tmp_path / f"{t}.safetensors"), backbone=bb)
+        assert_same(res, pred.predict([fill(reg, t, x)])[0])
+    pred = Predictor.load(str(tmp_path / "gen.safetensors"), backbone=bb)
+    for x, g in zip(("hello there", "a b c"), gens, strict=True):
+        assert g.status_code == 200
+        assert g.json()["output"] == pred.generate([f"say: {x}"], max_new_tokens=8)[0]
