@@ -161,6 +161,7 @@ class Peft:
         self.head = head
         self.label_tok = torch.tensor([v[0] for v in label_ids]) if label_ids else None
         self.pad_id = pad_id
+        self.native_generate = True  # see check_native_generate
         params = [p for p in self.model.parameters() if p.requires_grad]
         assert len(params) == 1, "PEFT prompt tuning should train the prompt embedding only"
         extra = [p for p in head.parameters() if p.requires_grad] if head is not None else []
@@ -193,16 +194,24 @@ class Peft:
         return logits.log_softmax(-1)[:, self.label_tok.to(logits.device)]
 
     @torch.no_grad()
-    def generate(self, r: Rows, new: int) -> torch.Tensor:
-        out = self.model.generate(
-            input_ids=r.ids,
-            attention_mask=r.mask,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-        )
-        return out[:, -new:]
+    def generate(self, r: Rows, new: int, *, native: bool | None = None) -> torch.Tensor:
+        """Greedy new tokens (B, new). `native`: PEFT's own generate; else the prompt embeddings (PEFT's
+        get_prompt) in front of the input embeddings, through the base model's generate: what PEFT's generate
+        does on its first step, with transformers' cache doing the rest. Default: native when it is correct."""
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=self.pad_id)
+        if self.native_generate if native is None else native:
+            return self.model.generate(input_ids=r.ids, attention_mask=r.mask, **kw)[:, -new:]
+        emb = self.model.word_embeddings(r.ids)
+        x = torch.cat([self.model.get_prompt(batch_size=r.ids.shape[0]).to(emb.dtype), emb], 1)
+        mask = torch.cat([torch.ones(r.ids.shape[0], self.P, dtype=r.mask.dtype, device=r.mask.device), r.mask], 1)
+        return self.model.get_base_model().generate(inputs_embeds=x, attention_mask=mask, **kw)[:, -new:]
+
+    def check_native_generate(self, r: Rows, new: int = 4) -> bool:
+        """Whether PEFT's own generate gives the tokens the plain-concatenation path gives. PEFT 0.21 with
+        transformers 5 does not: its prepare_inputs_for_generation looks for `past_key_values` (now `cache`),
+        misses the cache and prepends the prompt again at every step (wrong tokens, and slower)."""
+        self.native_generate = torch.equal(self.generate(r, new, native=True), self.generate(r, new, native=False))
+        return self.native_generate
 
 
 # ----- shared set-up ---------------------------------------------------------------------------------------
@@ -316,7 +325,7 @@ def run_train(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks, con
                 diff,
             ]
         )
-        del sp, pf
+        del sp, pf, r
 
     P, B = FWD_CONFIG
     note(f"train / forward P={P} B={B}")
@@ -403,13 +412,17 @@ def run_gen(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks) -> No
     print_table(
         f"Greedy generation, {CAUSAL_MODEL}, {GEN_PROMPT}-token prompt, {INPUT_LEN}-token inputs, "
         f"{GEN_NEW} new tokens (new tokens / s, median)",
-        ["batch", "softprompt", "PEFT", "speedup", "per-round", "same tokens"],
+        ["batch", "softprompt", "PEFT", "speedup", "per-round", "same tokens", "PEFT path"],
     )
     for B in mode.gen_batches:
         note(f"generate P={GEN_PROMPT} B={B}")
         sp, pf, r = setup.causal_pair(GEN_PROMPT, B)
         assert pf is not None
         prefix = sp.cached_prefix(True)
+        if not pf.check_native_generate(r):
+            note("PEFT's own generate is wrong with this transformers version (it re-feeds the prompt at every step);")
+            note("  timing PEFT's prompt + input embeddings through the base model's generate instead")
+        res["gen_peft_native_generate"] = pf.native_generate
         same = float((sp.generate(r, prefix, GEN_NEW) == pf.generate(r, GEN_NEW)).float().mean())
         t = interleaved(
             {"sp": partial(sp.generate, r, prefix, GEN_NEW), "peft": partial(pf.generate, r, GEN_NEW)},
@@ -431,8 +444,10 @@ def run_gen(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks) -> No
                 f"**{t.ratio('peft', 'sp'):.2f}x**",
                 spread(t.pair_ratios("peft", "sp")),
                 f"{same:.1%}",
+                "peft_model.generate" if pf.native_generate else "prompt embeds + base generate (see docs)",
             ]
         )
+        del sp, pf, r
 
 
 def run_mem(mode: Mode, res: dict[str, Any]) -> None:
@@ -448,7 +463,9 @@ def run_mem(mode: Mode, res: dict[str, Any]) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-worker", system, "--_steps", str(mode.mem_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"memory worker {system} failed:\n{proc.stderr[-3000:]}")
+            note(f"memory worker {system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            print_row([system, "failed", "-", "-"])
+            return
         got[system] = json.loads(proc.stdout.strip().splitlines()[-1])
         g = got[system]
         print_row([system, mib(g["rss_after_load"]), mib(g["peak"]), mib(g["peak"] - g["rss_after_load"])])
@@ -513,6 +530,7 @@ def run_encoder(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks, c
                 diff,
             ]
         )
+        del sp, pf, r
     last = configs[-1]
     res["encoder_train_speedup"] = res[f"encoder_train_speedup_p{last[0]}_b{last[1]}"]
 
@@ -532,6 +550,7 @@ def run_profile(setup: Setup) -> None:
             lambda m, a, o: spent.__setitem__("layers", spent["layers"] + time.perf_counter() - starts[id(m)])
         )
     sp.train_step(r)  # warm-up
+    spent["layers"] = 0.0
     parts: dict[str, float] = {}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
@@ -631,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = Setup()
     t_start = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     res: dict[str, Any] = {k: None for k in KEYS}
     res["medians_s"] = {}
     checks = Checks()
@@ -638,8 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"`{' '.join(['python', 'bench/speed.py', *sys.argv[1:]])}` - torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
-        f"data: {setup.data_source}; {mode.warmup} warm-up + {mode.rounds} timed rounds, systems alternating."
+        f"data: {setup.data_source}; {mode.warmup} warm-up + {mode.rounds} timed rounds, systems alternating; "
+        f"load average {load:.1f} at start."
     )
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"\n**Warning: the machine is busy (load {load:.1f} on {os.cpu_count()} CPUs).** Timings are not "
+            "representative: torch's threads wait for each other at every op when the CPUs are shared."
+        )
     if "train" in parts:
         run_train(setup, mode, res, checks, configs)
     if "infer" in parts:
@@ -670,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "input_len": INPUT_LEN,
         "data": setup.data_source,
+        "load_avg_start": load,
+        "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     if not checks.ok:

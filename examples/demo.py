@@ -53,22 +53,28 @@ def main() -> int:
     task = BoundTask(TaskSpec.from_config(cfg.data), pm, num_tokens=0)
     test, _, _ = task.encode_file(cfg.data.eval)
     assert task.spec.verbalizer is not None
-    zero = evaluate_examples(pm, pm.build_prefix([None]), test, task="classify", label_ids=task.label_ids,
-                             labels=task.spec.verbalizer.labels)
+    zero = evaluate_examples(
+        pm, pm.build_prefix([None]), test, task="classify", label_ids=task.label_ids, labels=task.spec.verbalizer.labels
+    )
     print(f"zero-shot accuracy {zero['accuracy']:.1%} (n={zero['n']}, chance 25%)")
 
-    print(f"\n== 3. prompt tuning: {cfg.prompt.num_tokens} tokens x {bb.embed_dim} = "
-          f"{cfg.prompt.num_tokens * bb.embed_dim:,} trainable parameters, {args.steps} steps", flush=True)
+    print(
+        f"\n== 3. prompt tuning: {cfg.prompt.num_tokens} tokens x {bb.embed_dim} = "
+        f"{cfg.prompt.num_tokens * bb.embed_dim:,} trainable parameters, {args.steps} steps",
+        flush=True,
+    )
     res = train(cfg, backbone=bb, log=lambda s: print(s, file=sys.stderr))
 
     print("\n== 4. result", flush=True)
     pred = Predictor.load(res.out, backbone=bb)
     tuned = pred.evaluate(cfg.data.eval)
     size = Path(res.out).stat().st_size
-    print(f"| model | trainable params | held-out accuracy |\n|---|---|---|\n"
-          f"| zero-shot | 0 | {zero['accuracy']:.1%} |\n"
-          f"| soft prompt ({cfg.prompt.num_tokens} tokens) | {cfg.prompt.num_tokens * bb.embed_dim:,} "
-          f"({cfg.prompt.num_tokens * bb.embed_dim / n_params:.4%}) | {tuned['accuracy']:.1%} |")
+    print(
+        f"| model | trainable params | held-out accuracy |\n|---|---|---|\n"
+        f"| zero-shot | 0 | {zero['accuracy']:.1%} |\n"
+        f"| soft prompt ({cfg.prompt.num_tokens} tokens) | {cfg.prompt.num_tokens * bb.embed_dim:,} "
+        f"({cfg.prompt.num_tokens * bb.embed_dim / n_params:.4%}) | {tuned['accuracy']:.1%} |"
+    )
     print(f"prompt saved to {res.out} ({size:,} bytes); curves in {Path(res.out).with_suffix('.png')}")
     print("confusion (rows gold, columns predicted):", tuned["labels"])
     for lab, row in zip(tuned["labels"], tuned["confusion"]):

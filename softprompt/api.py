@@ -64,7 +64,9 @@ class Predictor:
         for c in ckpts[1:]:
             other = TaskSpec.from_meta(c.meta)
             if (other.task, other.template, other.verbalizer) != (spec.task, spec.template, spec.verbalizer):
-                raise ValueError(f"{c.path}: an ensemble needs prompts of one task (template/labels differ from {paths[0]})")
+                raise ValueError(
+                    f"{c.path}: an ensemble needs prompts of one task (template/labels differ from {paths[0]})"
+                )
         if backbone is None:
             name = model or ckpts[0].meta.get("base_model")
             if not name:
@@ -122,8 +124,9 @@ class Predictor:
         examples, _, _ = self.task.encode_file(path)
         if self.task.spec.task == "classify":
             probs = self.probs(examples)
-            m = classification_metrics([int(e.label) for e in examples if e.label is not None],
-                                       probs.argmax(-1).tolist(), self.labels)
+            m = classification_metrics(
+                [int(e.label) for e in examples if e.label is not None], probs.argmax(-1).tolist(), self.labels
+            )
         else:
             preds = self._generate(examples, max_new_tokens=max_new_tokens)
             golds = [self.pm.decode(e.target_ids or []) for e in examples]

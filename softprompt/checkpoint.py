@@ -1,6 +1,7 @@
 """Prompt checkpoints: one `.safetensors` file, tensors plus string metadata in the header.
 
-Tensors: `prompt` (P, d); optionally `head.weight` (L, d) and `head.bias` (L,) for an encoder's linear head.
+Tensors: `prompt` (P, d); optionally `head.linear.weight` (L, d) and `head.linear.bias` (L,) for a
+linear head on an encoder.
 A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and `deep.keys`, `deep.values`
 (layers, kv heads, tokens, head dim): learned keys/values at every layer; num_tokens counts their tokens.
 Header metadata (all strings; JSON where structured):
@@ -132,7 +133,9 @@ def _check_header(path: str) -> None:
                 raise CheckpointError(f"{path}: not a safetensors file (too short)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+                raise CheckpointError(
+                    f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)"
+                )
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
@@ -190,13 +193,17 @@ def _check_deep(path: str, tensors: dict[str, torch.Tensor]) -> None:
     if k is None or v is None:
         raise CheckpointError(f"{path}: a deep prompt needs both 'deep.keys' and 'deep.values'")
     if k.ndim != 4 or k.shape != v.shape:
-        raise CheckpointError(f"{path}: 'deep.keys'/'deep.values' must both be (layers, heads, tokens, head_dim), "
-                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise CheckpointError(
+            f"{path}: 'deep.keys'/'deep.values' must both be (layers, heads, tokens, head_dim), "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
         raise CheckpointError(f"{path}: 'deep.keys'/'deep.values' hold NaN or inf values")
 
 
-def check_compatible(ckpt: PromptCheckpoint, embed_dim: int, fingerprint: str, *, allow_other_model: bool = False) -> None:
+def check_compatible(
+    ckpt: PromptCheckpoint, embed_dim: int, fingerprint: str, *, allow_other_model: bool = False
+) -> None:
     """A prompt only fits the model it was trained on: dim always checked, fingerprint unless overridden."""
     if ckpt.embed_dim != embed_dim:
         raise CheckpointError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from typing import Any
@@ -31,7 +30,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 dashed = f.name.replace("_", "-")
                 off = [f"--{dashed[3:]}" if f.name.startswith("no_") else f"--no-{dashed}", f"--no-{sec}.{f.name}"]
                 g.add_argument(*flags, dest=f.name, action="store_const", const=True, default=None, help=help_)
-                g.add_argument(*off, dest=f.name, action="store_const", const=False, default=None, help=f"turn {flags[0]} off")
+                off_help = f"turn {flags[0]} off"
+                g.add_argument(*off, dest=f.name, action="store_const", const=False, default=None, help=off_help)
             else:
                 g.add_argument(*flags, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
 
@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a soft prompt")
     t.add_argument("--config", help="YAML file with any of the options below (flags given here win)")
     _add_config_flags(t)
+    from softprompt import interop, multitask, transfer
+    from softprompt.distributed import add_train_flags
+
+    add_train_flags(t)
+    for mod in (interop, multitask, transfer):
+        mod.add_parsers(sub)
 
     def prompt_cmd(name: str, help_: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
@@ -89,27 +95,37 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     sub.add_parser("models", help="list the built-in model aliases and whether each is installed")
 
-    sv = sub.add_parser("serve", help="HTTP server: every prompt in --prompts DIR is a task on one model",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv = sub.add_parser("serve", help="HTTP server: every prompt in --prompts DIR is a task on one model")
     sv.add_argument("--prompts", required=True, metavar="DIR", help="directory of prompt files (task = file name)")
     sv.add_argument("--model", help="backbone (default: the base model recorded in the first prompt)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--admin-token", help="bearer token for the admin endpoints (default: $SOFTPROMPT_ADMIN_TOKEN; "
-                    "none: admin endpoints disabled)")
-    sv.add_argument("--max-batch-size", type=int, default=32, help="rows per forward pass")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
-    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests before 429")
-    sv.add_argument("--timeout-s", type=float, default=60.0, help="request timeout (504)")
-    sv.add_argument("--kv-cache-mb", type=float, default=1024.0, help="memory for cached per-task prompt keys/values")
-    sv.add_argument("--max-input-tokens", type=int, help="longest input (413); default: each task's own limit")
-    sv.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens a request may ask")
-    sv.add_argument("--max-upload-mb", type=float, default=16.0, help="largest prompt upload")
-    sv.add_argument("--scheduler", default="mixed", choices=["mixed", "per-task"], help="batch composition")
-    sv.add_argument("--no-kv-cache", action="store_true", help="recompute the prompt with every request (PEFT way)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    sv.add_argument(
+        "--admin-token",
+        help="bearer token of the admin endpoints (default: $SOFTPROMPT_ADMIN_TOKEN; "
+        "neither: admin endpoints disabled)",
+    )
+    sv.add_argument("--max-batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill (default: 5)")
+    sv.add_argument("--max-queue", type=int, default=1024, help="queued requests before 429 (default: 1024)")
+    sv.add_argument("--timeout-s", type=float, default=60.0, help="request timeout, 504 (default: 60)")
+    sv.add_argument(
+        "--kv-cache-mb", type=float, default=1024.0, help="memory for per-task prompt keys/values (default: 1024)"
+    )
+    sv.add_argument("--max-input-tokens", type=int, help="longest input, 413 (default: each task's own limit)")
+    sv.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens allowed (default: 512)")
+    sv.add_argument("--max-upload-mb", type=float, default=16.0, help="largest prompt upload (default: 16)")
+    sv.add_argument(
+        "--scheduler",
+        default="mixed",
+        choices=["mixed", "per-task"],
+        help="mixed-task batches or one task per batch (default: mixed)",
+    )
+    sv.add_argument("--no-kv-cache", action="store_true", help="run the prompt with every request (the PEFT way)")
     sv.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
-    sv.add_argument("--device", default="auto")
-    sv.add_argument("--dtype", default="float32")
+    sv.add_argument("--device", default="auto", help="(default: auto)")
+    sv.add_argument("--dtype", default="float32", help="(default: float32)")
+    sv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -154,13 +170,15 @@ def _run(args: argparse.Namespace) -> int:
         print(dumps(info(args.path)))
         return 0
     if args.cmd == "train":
-        cfg = build_config(args)
-        from softprompt.train import train
+        from softprompt.distributed import run_train
 
-        res = train(cfg, log=lambda s: print(s, file=sys.stderr))
-        print(json.dumps({"out": res.out, "steps": res.steps, "best_step": res.best_step,
-                          "wall_s": round(res.wall_s, 1), **{k: v for k, v in res.metrics.items()}}))
-        return 0
+        return run_train(args)
+    from softprompt import interop, multitask, transfer
+
+    for mod in (interop, multitask, transfer):
+        code = mod.run(args)
+        if code is not None:
+            return code
 
     if args.cmd == "serve":
         from softprompt.serve.server import ServeConfig, serve
@@ -170,8 +188,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from softprompt.api import Predictor, dumps
 
-    pred = Predictor.load(args.prompt, model=args.model, allow_other_model=args.allow_other_model,
-                          combine=args.combine, batch_size=args.batch_size, device=args.device)
+    pred = Predictor.load(
+        args.prompt,
+        model=args.model,
+        allow_other_model=args.allow_other_model,
+        combine=args.combine,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     if args.cmd == "eval":
         m = pred.evaluate(args.data, max_new_tokens=args.max_new_tokens)
         print(dumps(m))

@@ -30,6 +30,8 @@ class ModelConfig:
     """Keep the backbone's dropout active during training (off by default: the backbone is frozen)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa or eager."""
+    quantize: str = "none"
+    """Frozen-weight quantization: none, int8 or int4 (optimum-quanto; CPU/GPU), bnb8 or bnb4 (bitsandbytes; CUDA)."""
 
 
 @dataclass
@@ -159,7 +161,10 @@ class RunConfig:
             (t.weight_decay >= 0, "--weight-decay must be >= 0"),
             (d.max_length >= 1, "--max-length must be >= 1"),
             (t.optimizer in ("adamw", "adafactor"), f"--optimizer must be adamw or adafactor, got {t.optimizer!r}"),
-            (t.schedule in ("constant", "linear", "cosine"), f"--schedule must be constant, linear or cosine, got {t.schedule!r}"),
+            (
+                t.schedule in ("constant", "linear", "cosine"),
+                f"--schedule must be constant, linear or cosine, got {t.schedule!r}",
+            ),
             (d.task in ("classify", "generate"), f"--task must be classify or generate, got {d.task!r}"),
             (d.head in ("lm", "linear", "similarity"), f"--head must be lm, linear or similarity, got {d.head!r}"),
             (t.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {t.precision!r}"),

@@ -68,8 +68,10 @@ def encoder_attention(pm: PromptedModel) -> tuple[list[nn.Module], list[Any]]:
     layers = list(getattr(enc, "layer", []) or [])
     attn = [getattr(getattr(layer, "attention", None), "self", None) for layer in layers]
     if not layers or any(a is None or not hasattr(a, "attention_head_size") for a in attn):
-        raise ValueError(f"--method deep: {type(model).__name__} is not a BERT-style encoder (encoder.layer[i]"
-                         ".attention.self); deep prompts support BERT-family encoders")
+        raise ValueError(
+            f"--method deep: {type(model).__name__} is not a BERT-style encoder (encoder.layer[i]"
+            ".attention.self); deep prompts support BERT-family encoders"
+        )
     return layers, attn
 
 
@@ -90,9 +92,10 @@ class DeepPrompt(nn.Module):
         self.kv0 = nn.Parameter(kv0.detach().float().clone(), requires_grad=False)  # in the training state, fixed
         self.embedding = nn.Parameter(embeds.detach().float().clone())
         d = self.embedding.shape[1]
-        self.mlp = nn.Sequential(nn.Linear(d, reparam), nn.Tanh(), nn.Linear(reparam, L * two * H * dh))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        last = nn.Linear(reparam, L * two * H * dh)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(nn.Linear(d, reparam), nn.Tanh(), last)
 
     @property
     def num_tokens(self) -> int:
@@ -119,8 +122,10 @@ class DeepPrompt(nn.Module):
 
     def meta(self) -> dict[str, Any]:
         L, _, H, P, dh = self.shape
-        return {"method": "deep", "deep": {"layers": L, "kv_heads": H, "head_dim": dh, "tokens": P,
-                                           "reparam": self.reparam}}
+        return {
+            "method": "deep",
+            "deep": {"layers": L, "kv_heads": H, "head_dim": dh, "tokens": P, "reparam": self.reparam},
+        }
 
     def prefix(self, pm: PromptedModel) -> Prefix:
         return deep_prefix(pm, self())
@@ -140,8 +145,12 @@ def initial_kv(pm: PromptedModel, init: torch.Tensor) -> torch.Tensor:
             assert prefix.kv is not None
             return torch.stack([torch.stack([k[0, :, -P:], v[0, :, -P:]]) for k, v in prefix.kv]).float()
         layers, attn = encoder_attention(pm)
-        seq = torch.cat([pm.embed(torch.tensor(pm.prefix_ids, dtype=torch.long, device=init.device)),
-                         init.to(pm.embed(torch.zeros(1, dtype=torch.long, device=init.device)).dtype)])
+        seq = torch.cat(
+            [
+                pm.embed(torch.tensor(pm.prefix_ids, dtype=torch.long, device=init.device)),
+                init.to(pm.embed(torch.zeros(1, dtype=torch.long, device=init.device)).dtype),
+            ]
+        )
         out = pm.model(inputs_embeds=seq[None], output_hidden_states=True)
         hs = out.hidden_states  # (L+1) x (1, S, d): the input of layer l is hs[l]
         kv = []
@@ -194,7 +203,7 @@ def checkpoint_prefix(pm: PromptedModel, ckpts: Sequence[PromptCheckpoint]) -> P
     if pm.family == "encoder" and len(ckpts) > 1:  # encoder slots are all attended: no padding between prompts
         kvs = [checkpoint_kv(c) for c in ckpts]
         if any(kv is None for kv in kvs) or len({int(kv.shape[3]) for kv in kvs if kv is not None}) > 1:
-            raise ValueError("an encoder ensemble with deep prompts needs deep prompts of one length only")
+            raise ValueError("an encoder ensemble cannot mix deep and plain prompts; its deep prompts need one length")
     want = geometry(pm)
     parts = []
     for c in ckpts:

@@ -109,6 +109,12 @@ def train_distributed(cfg: RunConfig, *, log=print, accelerator: Any = None) -> 
     from softprompt.models import load_backbone
 
     acc = accelerator or make_accelerator(cfg.model.device)
+    kind = str(getattr(acc, "distributed_type", "")).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate is configured for {kind}: sharding the frozen backbone is not implemented yet (each process "
+            "would hold a full copy); use a plain multi-process config, or see docs/distributed.md"
+        )
     cfg.model.device = str(acc.device)  # each process on its own device (cuda:LOCAL_RANK or cpu)
     rep = AccelerateReplicas(acc, task=cfg.data.task)
     quiet = lambda *a, **k: None  # noqa: E731

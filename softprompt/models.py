@@ -328,8 +328,8 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _from_pretrained(cls: Any, source: str, dtype: torch.dtype, attn: str) -> PreTrainedModel:
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": _local_files_only()}
+def _from_pretrained(cls: Any, source: str, dtype: torch.dtype, attn: str, **extra: Any) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": _local_files_only(), **extra}
     try:
         return cls.from_pretrained(source, attn_implementation=attn, **kwargs)
     except (ValueError, ImportError) as e:
@@ -368,6 +368,10 @@ def load_backbone(spec: ModelConfig | str, *, family: Family | None = None, prog
     dtype, device = resolve_dtype(cfg.dtype), resolve_device(cfg.device)
     if cfg.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"--attn-implementation must be sdpa or eager, got {cfg.attn_implementation!r}")
+    from softprompt.quant import finalize as finalize_quantized
+    from softprompt.quant import load_kwargs, placed_by_loader
+
+    quant_kwargs = load_kwargs(cfg.quantize, device, dtype)  # {} unless --quantize
     source, alias_family = _resolve_source(cfg.model, progress)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=_local_files_only())
@@ -381,11 +385,13 @@ def load_backbone(spec: ModelConfig | str, *, family: Family | None = None, prog
     fam: Family = family or alias_family or detect_family(config)
     try:
         with _progress_bars(progress):
-            model = _from_pretrained(_auto_class(fam), source, dtype, cfg.attn_implementation)
+            model = _from_pretrained(_auto_class(fam), source, dtype, cfg.attn_implementation, **quant_kwargs)
     except (OSError, ValueError, ImportError, KeyError) as e:
         raise ModelLoadError(f"cannot load {fam} model {cfg.model!r}: {_first_line(e)}") from None
     tokenizer = _load_tokenizer(source, cfg.model)
-    model.to(device)  # type: ignore[arg-type]
+    finalize_quantized(model, cfg.quantize)
+    if not placed_by_loader(cfg.quantize):
+        model.to(device)  # type: ignore[arg-type]
     freeze(model, dropout=cfg.dropout)
     embed_dim, arch = int(_embedding_weight(model).shape[1]), type(model).__name__
     return Backbone(model, tokenizer, fam, cfg.model, arch, embedding_fingerprint(model), embed_dim, device)

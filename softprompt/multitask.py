@@ -371,7 +371,7 @@ def train_multi(mc: MultiConfig, *, backbone: Backbone | None = None, log=print)
 
     state_dir = Path(t.resume) if t.resume else out_dir / "state"
     start, history, best, best_step = 0, [], None, -1
-    if t.resume and (state_dir / "state.json").exists():
+    if t.resume and (state_dir / "state.safetensors").exists():
         st = load_state(state_dir, params, opt, sched)
         start, history, best, best_step = st["step"], st.get("history", []), st.get("best"), st.get("best_step", -1)
         log(f"resumed from {state_dir} at step {start}")

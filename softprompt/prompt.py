@@ -46,7 +46,9 @@ class InitSpec:
                 if len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "\"'":
                     arg = arg[1:-1]
                 if not arg:
-                    raise InitError(f"--init {kind}: needs a value, e.g. {kind}:" + ('"a phrase"' if kind == "text" else "PATH"))
+                    raise InitError(
+                        f"--init {kind}: needs a value, e.g. {kind}:" + ('"a phrase"' if kind == "text" else "PATH")
+                    )
                 return cls(kind, arg)
         raise InitError(f'--init: unknown rule {spec!r} (use random, vocab, text:"...", labels or file:PATH)')
 
@@ -144,9 +146,12 @@ def init_prompt(
             out = torch.cat([out, _vocab_rows(num_tokens - len(rows), embed, tokenizer, gen)[0]])
         return out
     if rule.kind == "file":
-        from softprompt.checkpoint import load_prompt
+        from softprompt.checkpoint import CheckpointError, load_prompt
 
-        src = load_prompt(rule.arg).prompt.float()
+        try:
+            src = load_prompt(rule.arg).prompt.float()
+        except CheckpointError as e:
+            raise InitError(f"--init file: {e}") from None
         if src.shape[1] != d:
             raise InitError(f"--init file:{rule.arg}: prompt dim {src.shape[1]} != model embedding dim {d}")
         if src.shape[0] >= num_tokens:

@@ -292,8 +292,10 @@ class PromptedModel(nn.Module):
         if base.kv is None:  # nothing in front of the deep slots (no lead token, no prompt)
             kv = [(k[None].to(dtype), v[None].to(dtype)) for k, v in deep]
         else:
-            kv = [(torch.cat([k0, k[None].to(k0.dtype)], 2), torch.cat([v0, v[None].to(v0.dtype)], 2))
-                  for (k0, v0), (k, v) in zip(base.kv, deep, strict=True)]
+            kv = [
+                (torch.cat([k0, k[None].to(k0.dtype)], 2), torch.cat([v0, v[None].to(v0.dtype)], 2))
+                for (k0, v0), (k, v) in zip(base.kv, deep, strict=True)
+            ]
         return Prefix(
             F.pad(base.embeds, (0, 0, 0, n_deep)),  # deep slots have no input embedding (zeros, never read)
             F.pad(base.mask, (0, n_deep), value=1),

@@ -53,8 +53,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.op
     t = cfg.train
     if t.optimizer == "adafactor":
         # Lester et al.: Adafactor with a fixed lr (no relative step), no warm-up inside the optimiser
-        return Adafactor(params, lr=t.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=t.weight_decay)
+        return Adafactor(
+            params, lr=t.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=t.weight_decay
+        )
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -96,8 +97,14 @@ def save_state(path: Path, params: list[torch.nn.Parameter], opt, sched, step: i
                 scalars[f"{pid}.{k}"] = v
     tensors["rng.torch"] = torch.get_rng_state()
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"step": step, "param_groups": opt_sd["param_groups"], "opt_scalars": scalars,
-            "sched": sched.state_dict(), "python_rng": repr(random.getstate()), **extra}
+    meta = {
+        "step": step,
+        "param_groups": opt_sd["param_groups"],
+        "opt_scalars": scalars,
+        "sched": sched.state_dict(),
+        "python_rng": repr(random.getstate()),
+        **extra,
+    }
     meta_json = json.dumps(meta, default=str)
     atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"state": meta_json}))
     atomic_write(path / "state.json", lambda tmp: Path(tmp).write_text(meta_json))
@@ -186,9 +193,15 @@ def train(
     if init_rule.strip() == "labels" and spec.task != "classify":
         init_rule = "vocab"  # the default rule needs class labels; Lester et al. use vocab init otherwise
         log("note: --init labels needs class labels; using --init vocab for --task generate")
-    init = init_prompt(init_rule, cfg.prompt.num_tokens, pm.embedding_matrix(), bb.tokenizer,
-                       seed=t.seed, scale=cfg.prompt.init_scale,
-                       label_words=task.label_words() if spec.task == "classify" and spec.verbalizer else None)
+    init = init_prompt(
+        init_rule,
+        cfg.prompt.num_tokens,
+        pm.embedding_matrix(),
+        bb.tokenizer,
+        seed=t.seed,
+        scale=cfg.prompt.init_scale,
+        label_words=task.label_words() if spec.task == "classify" and spec.verbalizer else None,
+    )
     with torch.no_grad():
         prompt.embedding.copy_(init)
     pm.head = task.make_head(seed=t.seed)
@@ -198,15 +211,25 @@ def train(
 
         deep = make_deep_prompt(pm, init, reparam=cfg.prompt.deep_reparam)
     params = (deep.trainable() if deep is not None else [prompt.embedding]) + [
-        p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad]
+        p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad
+    ]
     steps = total_steps(cfg, len(train_set))
     opt = make_optimizer(params, cfg)
-    sched = get_scheduler(t.schedule if t.schedule != "constant" else "constant_with_warmup", opt,
-                          num_warmup_steps=t.warmup_steps, num_training_steps=steps)
+    sched = get_scheduler(
+        t.schedule if t.schedule != "constant" else "constant_with_warmup",
+        opt,
+        num_warmup_steps=t.warmup_steps,
+        num_training_steps=steps,
+    )
 
     meta = {
-        "base_model": bb.model_id, "architecture": bb.architecture, "family": bb.family,
-        "fingerprint": bb.fingerprint, "init": init_rule, "train_config": to_dict(cfg), **spec.to_meta(),
+        "base_model": bb.model_id,
+        "architecture": bb.architecture,
+        "family": bb.family,
+        "fingerprint": bb.fingerprint,
+        "init": init_rule,
+        "train_config": to_dict(cfg),
+        **spec.to_meta(),
     }
 
     def write_prompt(path: str, metrics: dict[str, Any]) -> None:
@@ -229,7 +252,12 @@ def train(
             _remove_stale_temps(state_dir, Path(t.out))
         st = load_state(state_dir, params, opt, sched)
         start, history, best, best_step, bad_evals = (
-            st["step"], st.get("history", []), st.get("best"), st.get("best_step", -1), st.get("bad_evals", 0))
+            st["step"],
+            st.get("history", []),
+            st.get("best"),
+            st.get("best_step", -1),
+            st.get("bad_evals", 0),
+        )
         log(f"resumed from {state_dir} at step {start}")
 
     # ---- loop ---------------------------------------------------------------------------------------
@@ -264,9 +292,11 @@ def train(
             ex, share = rep.shard([train_set[i] for i in idx])
             if not ex:  # more processes than rows in this micro-batch
                 continue
-            batch = pm.collate([e.input_ids for e in ex],
-                               labels=[int(e.label) for e in ex] if spec.task == "classify" else None,  # type: ignore[arg-type]
-                               targets=[e.target_ids or [] for e in ex] if spec.task == "generate" else None)
+            batch = pm.collate(
+                [e.input_ids for e in ex],
+                labels=[int(e.label) for e in ex] if spec.task == "classify" else None,  # type: ignore[arg-type]
+                targets=[e.target_ids or [] for e in ex] if spec.task == "generate" else None,
+            )
             with autocast:
                 prefix = pm.build_prefix([prompt()]) if deep is None else deep.prefix(pm)  # once per micro-batch
                 loss = pm.loss(prefix, batch.to(bb.device), task.label_ids) * share / t.grad_accum
@@ -284,15 +314,19 @@ def train(
         if not all(bool(torch.isfinite(p).all()) for p in params):  # e.g. an inf/NaN gradient with a finite loss
             stop_non_finite(f"non-finite prompt after the update of step {step + 1} (loss {loss_sum})", step)
         last_good = [p.detach().clone() for p in params]
-        rec: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr,
-                               "time_s": round(time.time() - t0, 2)}
+        rec: dict[str, Any] = {"step": step + 1, "loss": loss_sum, "lr": lr, "time_s": round(time.time() - t0, 2)}
         done = step + 1 == steps
         if eval_set and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
             pm.eval()
             eval_prefix = pm.build_prefix([prompt.embedding.detach()]) if deep is None else deep.eval_prefix(pm)
-            m = evaluate_examples(pm, eval_prefix, eval_set, task=spec.task,
-                                  label_ids=task.label_ids,
-                                  labels=spec.verbalizer.labels if spec.verbalizer else None)
+            m = evaluate_examples(
+                pm,
+                eval_prefix,
+                eval_set,
+                task=spec.task,
+                label_ids=task.label_ids,
+                labels=spec.verbalizer.labels if spec.verbalizer else None,
+            )
             pm.train(cfg.model.dropout)  # back to training mode: --dropout stays active after an evaluation
             rec.update({f"eval_{k}": v for k, v in _scalars(m).items()})
             score = m.get(t.metric, m.get("loss"))
@@ -314,8 +348,14 @@ def train(
         bar.set_postfix({"loss": f"{loss_sum:.4f}", **({t.metric: f"{best:.4f}"} if best is not None else {})})
         stop = bool(t.patience) and bad_evals >= t.patience
         if ((step + 1) % t.save_every == 0 or done or stop) and rep.is_main:
-            save_state(state_dir, params, opt, sched, step + 1,
-                       {"history": history, "best": best, "best_step": best_step, "bad_evals": bad_evals})
+            save_state(
+                state_dir,
+                params,
+                opt,
+                sched,
+                step + 1,
+                {"history": history, "best": best, "best_step": best_step, "bad_evals": bad_evals},
+            )
         rep.step_done(step + 1)
         if stop:
             log(f"early stopping at step {step + 1}: no {t.metric} improvement in {t.patience} evaluations")

@@ -20,7 +20,7 @@ from tiny import tiny_model_dir
 from softprompt.checkpoint import load_prompt
 from softprompt.config import RunConfig, apply_options
 from softprompt.data import Encoded
-from softprompt.distributed import FAULT_ENV, AccelerateReplicas, launch_command
+from softprompt.distributed import FAULT_ENV, AccelerateReplicas, launch_command, relaunch
 from softprompt.train import Replicas, train
 
 WORDS = ["good", "great", "bad", "awful", "fine", "nice", "poor", "dull"]
@@ -164,9 +164,11 @@ def test_two_processes_equal_one_process(model_dir: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_distributed_kill_and_resume(model_dir: Path, tmp_path: Path) -> None:
-    """Generation (loss weighted by target tokens); rank 1 dies after step 3, the launcher stops the job; a
-    relaunch with --resume ends with the single-process prompt."""
+def test_distributed_kill_and_resume(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Generation (loss weighted by target tokens); rank 1 dies after step 3 and the launcher stops the job; the
+    `softprompt train --distributed` wrapper (relaunch) with --resume ends with the single-process prompt."""
     _, gen = write_data(tmp_path / "data")
     ref = single(flags(model_dir, gen, tmp_path / "ref" / "p.safetensors", "generate", batch_size=4))
     out = tmp_path / "dist" / "p.safetensors"
@@ -176,9 +178,16 @@ def test_distributed_kill_and_resume(model_dir: Path, tmp_path: Path) -> None:
     assert killed.returncode != 0, killed.stdout[-2000:]
     assert "injected fault: rank 1 exits after step 3" in killed.stderr
     assert json.loads((state / "state.json").read_text())["step"] == 3 and not out.exists()
-    resumed = launch({**opts, "resume": str(state)}, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {state} at step 3" in resumed.stderr
+
+    cfg = RunConfig()
+    apply_options(cfg, {**opts, "resume": str(state)}, "test")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SOFTPROMPT_TENSORBOARD", "0")
+    capfd.readouterr()
+    assert relaunch(cfg, 2) == 0  # writes cfg to a YAML file, runs accelerate launch on it
+    stdout, stderr = capfd.readouterr()
+    assert f"resumed from {state} at step 3" in stderr, stderr[-3000:]
+    assert json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])["steps"] == 6
     got = load_prompt(out).prompt
     assert (got - ref).abs().max().item() <= TOL, (got - ref).abs().max().item()
     assert [r["step"] for r in log_lines(out)] == list(range(1, 7))

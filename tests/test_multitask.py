@@ -265,3 +265,35 @@ def test_cli_train_multi(root: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     bad.write_text(yaml.safe_dump({"tasks": []}))
     with pytest.raises(MultiTaskError):
         run(p.parse_args(["train-multi", "--config", str(bad)]))
+
+
+def test_generation_tasks_mixed_batch(root: Path, tmp_path: Path) -> None:
+    """Two text-to-text tasks: the mixed-batch loss is the token-level loss of each row under its own prompt."""
+    for name, pairs in (("upper", [("abc", "a b c"), ("hello", "h e l l o")]), ("copy", [("one two", "one two")])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": a, "target": b}) + "\n" for a, b in pairs))
+    raw = {
+        "num_tokens": 2,
+        "shared_tokens": 1,
+        "init": "random",
+        "task": "generate",
+        "out": str(tmp_path / "o"),
+        "tasks": [
+            {"name": "upper", "train": str(tmp_path / "upper.jsonl"), "template": "Spell: {text} ->"},
+            {"name": "copy", "train": str(tmp_path / "copy.jsonl"), "template": "Copy: {text} ->"},
+        ],
+    }
+    bb = backbone("llama", root)
+    mt, mp, trains, _ = build(parse_multi_config(raw, "g.yaml"), bb)
+    assert mt.kind == "generate"
+    pm = mt.pm
+    pairs = [(0, 0), (1, 0), (0, 1)]
+    ex = [trains[k][i] for k, i in pairs]
+    rows = torch.tensor([k for k, _ in pairs])
+    batch = pm.collate([e.input_ids for e in ex], targets=[e.target_ids or [] for e in ex])
+    got = mt.loss(pm.build_prefix(mp.prompts()), rows, batch)
+    tok_sum, n_tok = 0.0, 0
+    for (k, _), e in zip(pairs, ex):
+        one = pm.collate([e.input_ids], targets=[e.target_ids or []])
+        tok, valid = pm.target_logp(pm.build_prefix([mp.prompt(k)]), None, one)
+        tok_sum, n_tok = tok_sum + float(tok.sum()), n_tok + int(valid.sum())
+    assert float(got) == pytest.approx(-tok_sum / n_tok, abs=1e-5)

@@ -294,12 +294,13 @@ def test_generate_matches_reference(kind: str, sharp_backbone: BackboneFn) -> No
 
 
 # ----- 3. padding and several prompts in one batch ------------------------------------------------------------
-@pytest.mark.parametrize("position", ["auto", "start"])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("kind", CAUSAL)
-def test_left_padding_invariance(kind: str, path: str, position: str, sharp_backbone: BackboneFn) -> None:
+def test_left_padding_invariance(kind: str, path: str, sharp_backbone: BackboneFn) -> None:
+    # --position auto is covered against the per-example reference above; here --position start, where the
+    # BOS token is the first input token of each (left-padded) row
     bb = sharp_backbone(kind)
-    pm = PromptedModel(bb, position=position, naive=PATHS[path])
+    pm = PromptedModel(bb, position="start", naive=PATHS[path])
     prefix = pm.build_prefix([make_prompt(5, bb.embed_dim, seed=8)])
     for which in ("single", "multi"):
         labels = label_ids(bb, which)
@@ -361,7 +362,7 @@ def multi_prefix(pm: PromptedModel, prompts: list[torch.Tensor]) -> Prefix:
     return prefix
 
 
-ROWS = [1, 0, 0, 1]  # row i of TEXTS uses prompt ROWS[i]
+ROWS = [1, 0, 1, 1]  # row i of TEXTS uses prompt ROWS[i] (not a palindrome: a flipped row order shows)
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -37,7 +37,7 @@ def test_serve_subprocess_end_to_end(tmp_path: Path, tmp_path_factory: pytest.Te
     env = {**os.environ, "SOFTPROMPT_ADMIN_TOKEN": ADMIN, "PYTHONUNBUFFERED": "1"}
     # no --model: the base model recorded in the prompts is served
     cmd = [sys.executable, "-m", "softprompt", "serve", "--prompts", str(prompts), "--port", str(port),
-           "--device", "cpu", "--max-wait-ms", "2"]  # fmt: skip
+           "--device", "cpu", "--max-wait-ms", "2", "--threads", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:

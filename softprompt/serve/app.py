@@ -103,6 +103,29 @@ class CompletionBody(BaseModel):
     seed: int | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    what = {400: "Wrong kind of task", 401: "Missing or invalid admin token", 403: "Admin endpoints disabled",
+            404: "Unknown task", 409: "Task exists", 413: "Input or upload too large",
+            422: "Malformed request (the field is named)", 429: "Queue full (see Retry-After)",
+            503: "Shutting down", 504: "Request timed out"}  # fmt: skip
+    return {c: {"model": ErrorBody, "description": what[c]} for c in codes}
+
+
+INFERENCE_ERRORS = _errors(400, 404, 413, 422, 429, 503, 504)
+ADMIN_ERRORS = _errors(400, 401, 403, 404, 409, 413, 422)
+
+
 # ---- errors ----------------------------------------------------------------------------------------------
 def error_body(status: int, message: str, kind: str, param: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -266,6 +289,7 @@ def create_app(
     # ---- health, metrics, tasks --------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
+        """200 while serving; 503 once shutdown has begun."""
         ok = scheduler.running and not scheduler.closing
         body = {
             "status": "ok" if ok else "unavailable",
@@ -279,14 +303,16 @@ def create_app(
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        """Prometheus text format: requests, errors, latency, batch sizes, queue depth, cache, per task."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/tasks", tags=["tasks"])
     async def list_tasks() -> dict[str, Any]:
+        """Every served task with its metadata, and the prompt files refused at start (with the reason)."""
         return {
             "model": bb.model_id,
             "tasks": [e.info() for e in registry.entries()],
-            "refused": [{"name": n, "reason": r} for n, r in sorted(registry.refused.items())],
+            "refused": registry.refused_list(),
         }
 
     @app.get("/v1/tasks/{name}", tags=["tasks"])
@@ -294,8 +320,9 @@ def create_app(
         return lookup(name, request, "name").info()
 
     # ---- inference -----------------------------------------------------------------------------------
-    @app.post("/v1/classify", tags=["inference"], response_model=ClassifyResponse)
+    @app.post("/v1/classify", tags=["inference"], response_model=ClassifyResponse, responses=INFERENCE_ERRORS)
     async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
+        """Label and class probabilities per input, batched with the requests of every other task."""
         entry = lookup(body.task, request)
         if entry.kind != "classify":
             raise BadRequest(f"task {entry.name!r} is a {entry.kind} task: use /v1/generate", param="task")
@@ -309,9 +336,14 @@ def create_app(
         "/v1/generate",
         tags=["inference"],
         response_model=GenerateResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when streaming"}},
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when streaming"},
+            **INFERENCE_ERRORS,
+        },  # fmt: skip
     )
     async def generate(body: GenerateBody, request: Request) -> Any:
+        """Text generation; joins the running decode batch between steps. `stream: true` sends server-sent
+        events: `{"delta": ...}` per piece of text, a final event with the whole output, then `[DONE]`."""
         entry = lookup(body.task, request)
         require_generate(entry, "task")
         ids = registry.encode(entry, body.input, "input")
@@ -342,6 +374,7 @@ def create_app(
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
+        """OpenAI-compatible model list: one model per task."""
         return {
             "object": "list",
             "data": [
@@ -350,8 +383,10 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/completions", tags=["openai"])
+    @app.post("/v1/completions", tags=["openai"], responses=INFERENCE_ERRORS)
     async def completions(body: CompletionBody, request: Request) -> Any:
+        """OpenAI-compatible completions; `model` is the task name. A classification task completes with its
+        predicted label."""
         entry = lookup(body.model, request, "model")
         if body.n not in (None, 1):
             raise Unprocessable("n: only n=1 is supported", param="n")
@@ -475,18 +510,19 @@ def create_app(
         request.state.task = entry.name
         return JSONResponse({"task": entry.info(), "replaced": replaced}, 200 if replaced else 201)
 
-    @app.post("/v1/admin/tasks/{name}", tags=["admin"], status_code=201, openapi_extra=upload_doc)
+    @app.post("/v1/admin/tasks/{name}", tags=["admin"], status_code=201, openapi_extra=upload_doc,
+              responses=ADMIN_ERRORS)  # fmt: skip
     async def add_task(name: str, request: Request) -> JSONResponse:
         """Add a task (409 if it exists). Body: the prompt file (application/octet-stream) or
         JSON {"path": "..."} naming a file on the server. Bearer token required."""
         return await upsert(name, request, replace=False)
 
-    @app.put("/v1/admin/tasks/{name}", tags=["admin"], openapi_extra=upload_doc)
+    @app.put("/v1/admin/tasks/{name}", tags=["admin"], openapi_extra=upload_doc, responses=ADMIN_ERRORS)
     async def put_task(name: str, request: Request) -> JSONResponse:
         """Add or replace a task (same bodies as POST). Bearer token required."""
         return await upsert(name, request, replace=True)
 
-    @app.delete("/v1/admin/tasks/{name}", tags=["admin"])
+    @app.delete("/v1/admin/tasks/{name}", tags=["admin"], responses=ADMIN_ERRORS)
     async def delete_task(name: str, request: Request) -> dict[str, Any]:
         """Remove a task and its file. Bearer token required."""
         check_admin(request)

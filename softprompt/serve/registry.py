@@ -4,7 +4,8 @@
 - At start every prompt is loaded and checked against the served model (embedding dim and fingerprint); a prompt
   that does not fit is refused with a logged reason (listed under `refused`), never served.
 - Prompts stay resident. The per-task Prefix (prompt embeddings and, for decoder-only models, the prompt's
-  per-layer keys/values) is computed on first use and kept in an LRU bounded by `kv_cache_mb`.
+  per-layer keys/values) is computed on first use and kept in an LRU bounded by `kv_cache_mb`, keyed by the
+  prompt's content (and position rule), so tasks that share a prompt share its keys/values.
 - add / replace / remove change the directory atomically: an upload is written to a temporary file in DIR,
   validated (safetensors framing, softprompt metadata, dim, fingerprint, template, verbalizer, head) and only then
   renamed over `NAME.safetensors`; a restart therefore serves the same tasks. Requests already accepted keep the
@@ -31,6 +32,7 @@ from torch import nn
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
 from softprompt.data import DataError, Template, _record
 from softprompt.models import Backbone
+from softprompt.prompt import tensor_digest
 from softprompt.prompted import LinearHead, Prefix, PromptedModel
 from softprompt.serve.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
 from softprompt.task import BoundTask, TaskSpec
@@ -68,6 +70,7 @@ class TaskEntry:
     max_input_tokens: int
     prefix_len: int  # BOS/CLS kept in front + prompt tokens
     created: float
+    prefix_key: tuple[str, str] = ("", "")  # (position rule, prompt content digest): identifies the Prefix
     uid: int = field(default_factory=lambda: next(_uids))
 
     @property
@@ -134,7 +137,7 @@ class Registry:
         self._lock = threading.RLock()
         self._admin = threading.Lock()
         self._tasks: dict[str, TaskEntry] = {}
-        self._lru: OrderedDict[int, Prefix] = OrderedDict()
+        self._lru: OrderedDict[tuple[str, str], Prefix] = OrderedDict()
         self._lru_bytes = 0
         self._pms: dict[str, PromptedModel] = {}
         self._bound: dict[tuple[Any, ...], tuple[list[list[int]], int]] = {}
@@ -240,6 +243,7 @@ class Registry:
             max_input_tokens=max_in,
             prefix_len=len(pm.prefix_ids) + ckpt.num_tokens,
             created=created,
+            prefix_key=(spec.position, tensor_digest(ckpt.prompt)),
         )
 
     # ---- lookup ----------------------------------------------------------------------------------------
@@ -256,7 +260,12 @@ class Registry:
         return len(self._tasks)
 
     def names(self) -> list[str]:
-        return sorted(self._tasks)
+        with self._lock:  # admin changes run in another thread
+            return sorted(self._tasks)
+
+    def refused_list(self) -> list[dict[str, str]]:
+        with self._lock:
+            return [{"name": n, "reason": r} for n, r in sorted(self.refused.items())]
 
     def entries(self) -> list[TaskEntry]:
         with self._lock:
@@ -293,18 +302,19 @@ class Registry:
         the model with every batch, as PEFT does)."""
         if not kv:
             return self.build_prefix(entry, kv=False)
+        key = entry.prefix_key
         with self._lock:
-            p = self._lru.get(entry.uid)
+            p = self._lru.get(key)
             if p is not None:
-                self._lru.move_to_end(entry.uid)
+                self._lru.move_to_end(key)
                 self.stats["hits"] += 1
                 return p
             self.stats["misses"] += 1
         p = self.build_prefix(entry, kv=True)
         nbytes = p.nbytes()
         with self._lock:
-            if nbytes <= self.kv_cache_bytes and self._tasks.get(entry.name) is entry and entry.uid not in self._lru:
-                self._lru[entry.uid] = p
+            if nbytes <= self.kv_cache_bytes and self._tasks.get(entry.name) is entry and key not in self._lru:
+                self._lru[key] = p
                 self._lru_bytes += nbytes
                 while self._lru_bytes > self.kv_cache_bytes:
                     _, old = self._lru.popitem(last=False)
@@ -313,10 +323,13 @@ class Registry:
         return p
 
     def _drop_cached(self, entry: TaskEntry | None) -> None:
+        """Free a removed/replaced task's cached prefix unless another task uses the same prompt."""
         if entry is None:
             return
         with self._lock:
-            p = self._lru.pop(entry.uid, None)
+            if any(e.prefix_key == entry.prefix_key for e in self._tasks.values()):
+                return
+            p = self._lru.pop(entry.prefix_key, None)
             if p is not None:
                 self._lru_bytes -= p.nbytes()
 

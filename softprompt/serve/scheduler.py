@@ -106,6 +106,7 @@ class Scheduler:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._batch_s = 0.5  # running mean of a model pass, for Retry-After
+        self._idle_since = 0.0  # time.monotonic() when the model thread last became free
         gc = getattr(registry.backbone.model, "generation_config", None)
         eos = gc.eos_token_id if gc is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -270,6 +271,7 @@ class Scheduler:
                     for req, ev in events:
                         self._emit(req, ev)
                     self._gauges()
+                self._idle_since = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the worker die; the requests involved have been failed
@@ -277,11 +279,15 @@ class Scheduler:
                 await asyncio.sleep(0.01)
 
     async def _gather(self) -> None:
-        """Wait (model idle) until max_batch_size rows are queued or the oldest request has waited max_wait."""
+        """Wait (model idle) until max_batch_size rows are queued or max_wait has passed since the oldest request
+        arrived or, when it arrived while the model was busy, since the model became free: clients answered by the
+        previous batch get max_wait to send their next request, so closed-loop load does not split into two
+        half-size cohorts that alternate."""
         assert self._wakeup is not None
         while self._queue and not self._closing:
             rows = sum(len(r.inputs) for r in self._queue)
-            remaining = self._queue[0].enqueued + self.max_wait - time.monotonic()
+            start = max(self._queue[0].enqueued, self._idle_since)
+            remaining = start + self.max_wait - time.monotonic()
             if rows >= self.max_batch_size or remaining <= 0:
                 return
             self._wakeup.clear()
@@ -302,6 +308,10 @@ class Scheduler:
         slots = self.max_batch_size - self.active_generations
         cls_task: int | None = None
         gen_task = self._active_task if self._active is not None else None
+        if per_task and gen_task is not None:
+            oldest = next((r for r in self._queue if r.kind == "generate" and not r.cancelled), None)
+            if oldest is not None and oldest.entry.uid != gen_task:
+                slots = 0  # another task is waiting: let this task's batch drain instead of growing it
         for req in self._queue:
             if req.cancelled or req.future.done():
                 continue
@@ -392,11 +402,11 @@ class Scheduler:
         pm, dev = self.pm, self.registry.backbone.device
         for at in range(0, len(rows), self.max_batch_size):
             chunk = rows[at : at + self.max_batch_size]
-            by_uid = {e.uid: e for e, _ in chunk}
+            by_key = {e.prefix_key: e for e, _ in chunk}  # rows of tasks sharing a prompt share its prefix
             batch, prow, keys = collate(
-                [Item(e.uid, ids) for e, ids in chunk], pad_id=pm.pad_id, left=pm.family == "causal"
+                [Item(e.prefix_key, ids) for e, ids in chunk], pad_id=pm.pad_id, left=pm.family == "causal"
             )
-            prefix = stack_prefixes([self.registry.prefix(by_uid[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
+            prefix = stack_prefixes([self.registry.prefix(by_key[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
             batch, prow = batch.to(dev), prow.to(dev)
             entries = [e for e, _ in chunk]
             if pm.family == "causal":
@@ -493,11 +503,11 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             rows = [self._row(r) for r in reqs]
-            by_uid = {r.entry.uid: r.entry for r in reqs}
+            by_key = {r.entry.prefix_key: r.entry for r in reqs}
             batch, prow, keys = collate(
-                [Item(r.entry.uid, r.inputs[0]) for r in reqs], pad_id=self.pm.pad_id, left=True
+                [Item(r.entry.prefix_key, r.inputs[0]) for r in reqs], pad_id=self.pm.pad_id, left=True
             )
-            prefix = stack_prefixes([self.registry.prefix(by_uid[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
+            prefix = stack_prefixes([self.registry.prefix(by_key[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
             dev = self.registry.backbone.device
             state, logits = DecodeBatch.prefill(self.pm, prefix, prow.to(dev), batch.to(dev), rows)
         except Exception as e:

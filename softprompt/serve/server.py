@@ -48,6 +48,7 @@ class ServeConfig:
     dtype: str = "float32"
     allow_other_model: bool = False
     log_level: str = "info"
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
 
     def validate(self) -> None:
         if self.scheduler not in MODES:
@@ -60,6 +61,8 @@ class ServeConfig:
         ):
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ConfigError(f"--max-input-tokens must be >= 1, got {self.max_input_tokens}")
         if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.kv_cache_mb < 0 or self.max_upload_mb <= 0:
@@ -137,6 +140,10 @@ def serve(cfg: ServeConfig, **uvicorn_kwargs: Any) -> int:
     import uvicorn
 
     _logging(cfg.log_level)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     app, registry, _ = build(cfg)
     if not (os.environ.get(TOKEN_ENV) or cfg.admin_token):
         log.info("admin endpoints disabled (no --admin-token / %s)", TOKEN_ENV)
