@@ -119,20 +119,32 @@ def interleaved(systems: dict[str, Callable[[], object]], rounds: int, warmup: i
 
 # ----- memory -----------------------------------------------------------------------------------------
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (getrusage ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far.
+
+    Linux: VmHWM from /proc/self/status. Not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec,
+    so a subprocess started by a large parent reports at least the parent's size. Elsewhere: ru_maxrss (KiB on
+    Linux, bytes on macOS)."""
+    hwm = _proc_status("VmHWM:")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def rss_bytes() -> int:
     """Current resident set size (Linux /proc; elsewhere the peak, the best available)."""
+    rss = _proc_status("VmRSS:")
+    return rss if rss is not None else peak_rss_bytes()
+
+
+def _proc_status(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss_bytes()
+    return None
 
 
 def mib(n: float) -> str:

@@ -191,6 +191,20 @@ def exp_deep_smollm(r: Runner, d: dict) -> None:
         )
 
 
+def exp_smollm_full_dev(r: Runner, d: dict) -> None:
+    """The two smollm2 prompts (and no prompt) on the full SST-2 dev set (872), not only the 200 seen in training."""
+    for method in ("prompt", "deep"):
+        r.evaluate(f"sst2-smollm-{method}-dev872", [str(r.out / f"sst2-smollm-{method}.safetensors")], d["sst2"]["eval"])
+    name = "sst2-smollm-none-dev872"
+    if name not in r.done:
+        from softprompt.checkpoint import load_prompt, save_prompt
+
+        src = load_prompt(r.out / "sst2-smollm-prompt.safetensors")
+        empty = r.out / "sst2-smollm-none.safetensors"
+        save_prompt(empty, src.prompt[:0], {**src.meta, "metrics": None}, {})
+        r.evaluate(name, [str(empty)], d["sst2"]["eval"])
+
+
 def exp_ensemble(r: Runner, d: dict) -> None:
     names = []
     for seed in (0, 1, 2):
@@ -329,6 +343,7 @@ EXPERIMENTS = {
     "deep-minilm": exp_deep_minilm,
     "deep-seeds": exp_deep_seeds,
     "deep-smollm": exp_deep_smollm,
+    "smollm-dev": exp_smollm_full_dev,
     "ensemble": exp_ensemble,
     "multitask": exp_multitask,
     "transfer": exp_transfer,

@@ -535,11 +535,10 @@ def run_encoder(setup: Setup, mode: Mode, res: dict[str, Any], checks: Checks, c
     res["encoder_train_speedup"] = res[f"encoder_train_speedup_p{last[0]}_b{last[1]}"]
 
 
-def run_profile(setup: Setup) -> None:
-    """Where one softprompt training step at P=100, B=32 spends its time (not part of a benchmark run)."""
+def run_profile(setup: Setup, P: int, B: int) -> None:
+    """Where one softprompt training step spends its time (not part of a benchmark run)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    P, B = 100, 32
     sp, _, r = setup.causal_pair(P, B, peft=False)
     layers = sp.pm.model.model.layers
     spent = {"layers": 0.0}
@@ -666,18 +665,18 @@ def main(argv: list[str] | None = None) -> int:
             f"\n**Warning: the machine is busy (load {load:.1f} on {os.cpu_count()} CPUs).** Timings are not "
             "representative: torch's threads wait for each other at every op when the CPUs are shared."
         )
+    if "mem" in parts:  # first: the subprocesses then start from a parent that holds no model yet
+        run_mem(mode, res)
     if "train" in parts:
         run_train(setup, mode, res, checks, configs)
     if "infer" in parts:
         run_infer(setup, mode, res, checks)
     if "gen" in parts:
         run_gen(setup, mode, res, checks)
-    if "mem" in parts:
-        run_mem(mode, res)
     if "encoder" in parts:
         run_encoder(setup, mode, res, checks, configs)
     if "profile" in parts:
-        run_profile(setup)
+        run_profile(setup, *configs[-1])  # the last training configuration: 100 x 32 by default
 
     print_table("Targets", ["key", "value", "target", "met"])
     for key in KEYS:

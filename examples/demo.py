@@ -40,6 +40,7 @@ def main() -> int:
     cfg.data.train, cfg.data.eval = str(DATA / "train.jsonl"), str(DATA / "test.jsonl")
     cfg.data.template, cfg.data.labels = TEMPLATE, LABELS
     cfg.prompt.num_tokens, cfg.prompt.init = 20, "labels"
+    cfg.train.lr = 0.03  # a short run: a higher rate than the 300-step default (0.01)
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.eval_every = args.steps, 16, max(1, args.steps // 3)
     cfg.train.out, cfg.train.plot = args.out, True
 

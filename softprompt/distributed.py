@@ -154,7 +154,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         "--nproc-per-node",
         type=int,
         default=None,
-        help="processes for --distributed (default: the number of GPUs, or 2 on a CPU-only machine)",
+        help="processes for --distributed; when not given: the number of GPUs, or 2 on a CPU-only machine",
     )
     g.add_argument(
         "--accelerate-config",
