@@ -51,9 +51,7 @@ def main() -> int:
         return 0
 
     from softprompt import Predictor, RunConfig, load_backbone, train
-    from softprompt.evaluate import evaluate_examples
-    from softprompt.prompted import PromptedModel
-    from softprompt.task import BoundTask, TaskSpec
+    from softprompt.api import zero_shot
 
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="sst2-"))
@@ -74,13 +72,7 @@ def main() -> int:
 
     bb = load_backbone(cfg.model)
     n_params = sum(p.numel() for p in bb.model.parameters())
-    pm = PromptedModel(bb)
-    task = BoundTask(TaskSpec.from_config(cfg.data), pm, num_tokens=0)
-    dev, _, _ = task.encode_file(cfg.data.eval)
-    assert task.spec.verbalizer is not None
-    zero = evaluate_examples(
-        pm, pm.build_prefix([None]), dev, task="classify", label_ids=task.label_ids, labels=task.spec.verbalizer.labels
-    )
+    zero = zero_shot(bb, cfg.data, cfg.data.eval)
     print(f"zero-shot dev accuracy: {zero['accuracy']:.4f}", flush=True)
 
     res = train(cfg, backbone=bb, log=lambda s: print(s, file=sys.stderr))

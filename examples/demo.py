@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 
 from softprompt import Predictor, RunConfig, load_backbone, train
-from softprompt.evaluate import evaluate_examples
-from softprompt.prompted import PromptedModel
-from softprompt.task import BoundTask, TaskSpec
+from softprompt.api import zero_shot
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -50,13 +48,7 @@ def main() -> int:
     print(f"{bb.model_id}: {bb.architecture}, {n_params / 1e6:.1f}M frozen parameters, fingerprint {bb.fingerprint}")
 
     print("\n== 2. zero-shot (no prompt) on the held-out tickets", flush=True)
-    pm = PromptedModel(bb)
-    task = BoundTask(TaskSpec.from_config(cfg.data), pm, num_tokens=0)
-    test, _, _ = task.encode_file(cfg.data.eval)
-    assert task.spec.verbalizer is not None
-    zero = evaluate_examples(
-        pm, pm.build_prefix([None]), test, task="classify", label_ids=task.label_ids, labels=task.spec.verbalizer.labels
-    )
+    zero = zero_shot(bb, cfg.data, cfg.data.eval)
     print(f"zero-shot accuracy {zero['accuracy']:.1%} (n={zero['n']}, chance 25%)")
 
     print(

@@ -21,10 +21,16 @@ from typing import Any
 import torch
 
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
-from softprompt.config import ModelConfig
+from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Encoded
 from softprompt.deep import checkpoint_prefix
-from softprompt.evaluate import class_probs, classification_metrics, generate_ids, generation_metrics
+from softprompt.evaluate import (
+    class_probs,
+    classification_metrics,
+    evaluate_examples,
+    generate_ids,
+    generation_metrics,
+)
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompted import LinearHead, Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
@@ -154,6 +160,17 @@ class Predictor:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         enc, _ = self.task.encode_texts(texts)
         return enc, texts
+
+
+def zero_shot(backbone: Backbone, data: DataConfig, path: str) -> dict[str, Any]:
+    """Metrics of the backbone with no prompt at all (same template and verbalizer) on a labelled file."""
+    pm = PromptedModel(backbone)
+    task = BoundTask(TaskSpec.from_config(data), pm, num_tokens=0)
+    examples, _, _ = task.encode_file(path)
+    labels = task.spec.verbalizer.labels if task.spec.verbalizer else None
+    return evaluate_examples(
+        pm, pm.build_prefix([None]), examples, task=data.task, label_ids=task.label_ids, labels=labels
+    )
 
 
 def info(path: str) -> dict[str, Any]:
