@@ -194,7 +194,9 @@ def exp_deep_smollm(r: Runner, d: dict) -> None:
 def exp_smollm_full_dev(r: Runner, d: dict) -> None:
     """The two smollm2 prompts (and no prompt) on the full SST-2 dev set (872), not only the 200 seen in training."""
     for method in ("prompt", "deep"):
-        r.evaluate(f"sst2-smollm-{method}-dev872", [str(r.out / f"sst2-smollm-{method}.safetensors")], d["sst2"]["eval"])
+        r.evaluate(
+            f"sst2-smollm-{method}-dev872", [str(r.out / f"sst2-smollm-{method}.safetensors")], d["sst2"]["eval"]
+        )
     name = "sst2-smollm-none-dev872"
     if name not in r.done:
         from softprompt.checkpoint import load_prompt, save_prompt
