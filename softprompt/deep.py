@@ -185,7 +185,7 @@ def encoder_deep_prefix(pm: PromptedModel, layers: Sequence[tuple[torch.Tensor, 
     the deep slots in `kv`; PromptedModel hands them to the encoder through `encoder_deep_hidden` (see
     encoder_forward below)."""
     base = pm.build_prefix([None])
-    return Prefix(base.embeds, base.mask, base.pool, base.lengths, [(k[None], v[None]) for k, v in layers])
+    return Prefix(base.embeds, base.mask, base.pool, base.lengths, [(k[None], v[None]) for k, v in layers], deep=True)
 
 
 def checkpoint_kv(ck: PromptCheckpoint) -> torch.Tensor | None:

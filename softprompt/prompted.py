@@ -43,6 +43,7 @@ class Prefix:
     pool: torch.Tensor  # (G, P) 1 = a real token (BOS/CLS) that encoder pooling includes; 0 for prompt rows
     lengths: torch.Tensor  # (G,) real slots per prefix
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (G, H, P, dh); causal fast path
+    deep: bool = False  # kv holds learned slots (softprompt.deep); an encoder's kv is then wider than the mask
 
     @property
     def width(self) -> int:
@@ -50,7 +51,7 @@ class Prefix:
 
     def detach(self) -> Prefix:
         kv = None if self.kv is None else [(k.detach(), v.detach()) for k, v in self.kv]
-        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv)
+        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv, self.deep)
 
     @staticmethod
     def stack(parts: list[Prefix]) -> Prefix:
@@ -62,18 +63,30 @@ class Prefix:
             return F.pad(t, pad)
 
         kv = None
+        deep = any(p.deep for p in parts)
         if all(p.kv is not None for p in parts):
             n_layers = len(parts[0].kv)  # type: ignore[arg-type]
+            kv_lens = [int(p.kv[0][0].shape[2]) for p in parts]  # type: ignore[index]
+            kv_width = max(kv_lens)  # = width, except for an encoder's deep slots (kv only, no mask columns)
+            if deep and len(set(kv_lens)) > 1 and any(n != p.width for n, p in zip(kv_lens, parts)):
+                raise ValueError("encoder deep prompts of different lengths cannot share a batch")
+
+            def kvpad(t: torch.Tensor) -> torch.Tensor:
+                return F.pad(t, [0, 0, kv_width - t.shape[-2], 0])
+
             kv = [
-                (torch.cat([lpad(p.kv[i][0], 2) for p in parts]), torch.cat([lpad(p.kv[i][1], 2) for p in parts]))  # type: ignore[index]
+                (torch.cat([kvpad(p.kv[i][0]) for p in parts]), torch.cat([kvpad(p.kv[i][1]) for p in parts]))  # type: ignore[index]
                 for i in range(n_layers)
             ]
+        elif deep:  # its embeddings are placeholders: without keys/values the deep prompt would silently vanish
+            raise ValueError("a deep prompt cannot share a batch with a prefix that holds no keys/values")
         return Prefix(
             torch.cat([lpad(p.embeds, 2) for p in parts]),
             torch.cat([lpad(p.mask, 1) for p in parts]),
             torch.cat([lpad(p.pool, 1) for p in parts]),
             torch.cat([p.lengths for p in parts]),
             kv,
+            deep,
         )
 
     def nbytes(self) -> int:
@@ -302,6 +315,7 @@ class PromptedModel(nn.Module):
             F.pad(base.pool, (0, n_deep)),
             base.lengths + n_deep,
             kv,
+            deep=True,
         )
 
     # ----- hidden states ------------------------------------------------------------------------------

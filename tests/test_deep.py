@@ -21,7 +21,7 @@ from softprompt.checkpoint import CheckpointError, load_prompt, save_prompt
 from softprompt.config import DataConfig, ModelConfig, PromptConfig, RunConfig, TrainConfig
 from softprompt.deep import DeepPrompt, checkpoint_prefix, deep_prefix, geometry, make_deep_prompt
 from softprompt.models import Backbone, load_backbone
-from softprompt.prompted import PromptedModel
+from softprompt.prompted import Prefix, PromptedModel
 from softprompt.train import train
 
 peft = pytest.importorskip("peft")
@@ -321,3 +321,32 @@ def test_deep_prompt_module_shapes() -> None:
     }
     with pytest.raises(ValueError, match="embeddings"):
         DeepPrompt(kv0, reparam=8)
+
+
+def test_encoder_ensemble_of_deep_prompts(root: Path) -> None:
+    """Two deep prompts on an encoder in one Prefix (rows pick their prompt): each as alone; mixing is refused."""
+    bb = backbone("bert", root)
+    pm = PromptedModel(bb)
+    a, b = random_kv(pm, 3, seed=8), random_kv(pm, 3, seed=9)
+    batch = pm.collate([pm.encode_input(t) for t in TEXTS])
+    both = Prefix.stack([deep_prefix(pm, a), deep_prefix(pm, b)])
+    assert both.deep and both.kv is not None and both.kv[0][0].shape[0] == 2
+    with torch.no_grad():
+        got = pm.pooled(both, torch.tensor([0, 1, 1]), batch)
+        for i, kv in enumerate([a, b, b]):
+            one = pm.collate([batch.ids[i][batch.mask[i].bool()].tolist()])
+            torch.testing.assert_close(got[i : i + 1], pm.pooled(deep_prefix(pm, kv), None, one), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="different lengths"):
+        Prefix.stack([deep_prefix(pm, a), deep_prefix(pm, random_kv(pm, 4))])
+    with pytest.raises(ValueError, match="no keys/values"):
+        Prefix.stack([deep_prefix(pm, a), pm.build_prefix([torch.zeros(3, bb.embed_dim)])])
+
+
+def test_causal_deep_refuses_a_prefix_without_kv(root: Path) -> None:
+    bb = backbone("llama", root)
+    pm = PromptedModel(bb)
+    deep = deep_prefix(pm, random_kv(pm, 2))
+    with pytest.raises(ValueError, match="no keys/values"):
+        Prefix.stack([deep, pm.build_prefix([torch.zeros(2, bb.embed_dim)], kv=False)])
+    mixed = Prefix.stack([deep, pm.build_prefix([torch.zeros(4, bb.embed_dim)])])  # with keys/values: fine
+    assert mixed.deep and mixed.width == 5 and mixed.kv is not None and mixed.kv[0][0].shape[2] == 5
