@@ -70,7 +70,7 @@ class TaskEntry:
     max_input_tokens: int
     prefix_len: int  # BOS/CLS kept in front + prompt tokens
     created: float
-    prefix_key: tuple[str, str] = ("", "")  # (position rule, prompt content digest): identifies the Prefix
+    prefix_key: tuple[str, ...] = ("", "")  # (position rule, prompt content digest): identifies the Prefix
     uid: int = field(default_factory=lambda: next(_uids))
 
     @property
@@ -243,7 +243,11 @@ class Registry:
             max_input_tokens=max_in,
             prefix_len=len(pm.prefix_ids) + ckpt.num_tokens,
             created=created,
-            prefix_key=(spec.position, tensor_digest(ckpt.prompt)),
+            prefix_key=(
+                spec.position,
+                tensor_digest(ckpt.prompt),
+                *[tensor_digest(ckpt.extra[k]) for k in ("deep.keys", "deep.values") if k in ckpt.extra],
+            ),
         )
 
     # ---- lookup ----------------------------------------------------------------------------------------
@@ -295,6 +299,10 @@ class Registry:
     # ---- prefixes (LRU) --------------------------------------------------------------------------------
     @torch.no_grad()
     def build_prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
+        if entry.ckpt.is_deep:  # learned per-layer keys/values: nothing to recompute, the file holds them
+            from softprompt.deep import checkpoint_prefix
+
+            return checkpoint_prefix(entry.pm, [entry.ckpt]).detach()
         return entry.pm.build_prefix([entry.ckpt.prompt], kv=kv).detach()
 
     def prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
