@@ -137,7 +137,7 @@ class Registry:
         self._lock = threading.RLock()
         self._admin = threading.Lock()
         self._tasks: dict[str, TaskEntry] = {}
-        self._lru: OrderedDict[tuple[str, str], Prefix] = OrderedDict()
+        self._lru: OrderedDict[tuple[str, ...], Prefix] = OrderedDict()
         self._lru_bytes = 0
         self._pms: dict[str, PromptedModel] = {}
         self._bound: dict[tuple[Any, ...], tuple[list[list[int]], int]] = {}
