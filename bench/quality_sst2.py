@@ -32,7 +32,7 @@ def sample_tsv(src: Path, n: int, seed: int, dst: Path) -> None:
     header, body = rows[0], rows[1:]
     random.Random(seed).shuffle(body)
     with open(dst, "w", encoding="utf-8") as f:  # rows hold no tabs or newlines: plain join is exact
-        f.writelines("\t".join(r) + "\n" for r in [header, *body[:n]])
+        f.writelines("\t".join(r) + "\n" for r in [header, *(body[:n] if n else body)])
 
 
 def main() -> int:

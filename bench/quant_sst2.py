@@ -17,12 +17,10 @@ table for docs/results.md and one JSON line per scheme. Skips (exit 0) when the 
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import gc
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -35,14 +33,7 @@ SST2 = Path(os.environ.get("SOFTPROMPT_BENCH_SST2_DIR", ROOT.parent / "shared" /
 TEMPLATE = "Review: {sentence}\nSentiment:"
 LABELS = "0=negative,1=positive"
 
-
-def sample_tsv(src: Path, n: int, seed: int, dst: Path) -> None:
-    with open(src, encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header, body = rows[0], rows[1:]
-    random.Random(seed).shuffle(body)
-    with open(dst, "w", encoding="utf-8") as f:
-        f.writelines("\t".join(r) + "\n" for r in [header, *(body[:n] if n else body)])
+from bench.quality_sst2 import sample_tsv  # noqa: E402  (after the sys.path line above)
 
 
 def _status_mb(field: str) -> float:

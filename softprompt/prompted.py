@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from softprompt.data import pad_left, pad_right
 from softprompt.models import Backbone
 
 
@@ -221,7 +222,7 @@ class PromptedModel(nn.Module):
         lab = None if labels is None else torch.tensor(labels, dtype=torch.long)
         if targets is not None and self.family == "causal":
             seqs = [x + y for x, y in zip(inputs, targets)]
-            ids, mask = _pad(seqs, self.pad_id, left=True)
+            ids, mask = pad_left(seqs, self.pad_id)
             T, M = ids.shape[1], max(len(y) for y in targets)
             tgt = torch.full((len(seqs), M), -100, dtype=torch.long)
             pos = torch.zeros((len(seqs), M), dtype=torch.long)
@@ -230,8 +231,8 @@ class PromptedModel(nn.Module):
                 # left-padded: target j sits at T - len(y) + j, predicted by the state one before it
                 pos[i, : len(y)] = torch.arange(T - len(y) - 1, T - 1)
             return Batch(ids, mask, lab, tgt, pos)
-        ids, mask = _pad(inputs, self.pad_id, left=self.family == "causal")
-        padded_targets = None if targets is None else _pad(targets, -100, left=False)[0]
+        ids, mask = (pad_left if self.family == "causal" else pad_right)(inputs, self.pad_id)
+        padded_targets = None if targets is None else pad_right(targets, -100)[0]
         return Batch(ids, mask, lab, padded_targets)
 
     # ----- prefixes -----------------------------------------------------------------------------------
@@ -485,19 +486,6 @@ def label_text(word: str, template: str, family: str) -> str:
     if family == "causal" and not template.endswith((" ", "\n", "\t")) and not word.startswith(" "):
         return " " + word
     return word
-
-
-def _pad(seqs: list[list[int]], pad: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        sl = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def _pack_rows(
