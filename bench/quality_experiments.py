@@ -46,21 +46,45 @@ def run_all(study, only: set[str], render) -> list[str]:
         step("minilm/full-ft", encoder_reference, study, "sst2", full=True)
     if want("agnews"):
         step("agnews/zero-shot", study.zero_shot, "agnews")
-        step("agnews/pt-20", study.prompt_tune, "agnews", num_tokens=20)
+        n = study.budget.agnews_steps or None
+        step("agnews/pt-20", study.prompt_tune, "agnews", num_tokens=20, steps=n, evals=3)
     if want("pairs"):
+        from bench.quality import TASKS
+
         for key in ("rte", "boolq"):
             step(f"{key}/majority", study.majority, key)
             step(f"{key}/zero-shot", study.zero_shot, key)
-            for s in seeds:
-                step(f"{key}/pt-20/s{s}", study.prompt_tune, key, num_tokens=20, seed=s)
+            n = (key == "boolq" and study.budget.boolq_steps) or study.budget.pair_steps
+            evals = 1 if key == "boolq" else 2
+            for s in seeds if TASKS[key].few_shot else seeds[:1]:
+                step(f"{key}/pt-20/s{s}", study.prompt_tune, key, num_tokens=20, seed=s, steps=n, evals=evals)
     if want("ablation"):
         for n in (1, 5, 20, 100):
             for init in ("random", "vocab", "labels"):
-                step(f"ablation/p{n}-{init}", study.prompt_tune, "sst2", num_tokens=n, init=init)
+                step(
+                    f"ablation/p{n}-{init}",
+                    study.prompt_tune,
+                    "sst2",
+                    num_tokens=n,
+                    init=init,
+                    steps=study.budget.ablation_steps,
+                    evals=1,
+                    eval_max=study.budget.ablation_eval_n,
+                )
     if want("lr"):
-        for opt, lrs in (("adamw", (0.001, 0.003, 0.01, 0.03, 0.1)), ("adafactor", (0.01, 0.03, 0.1, 0.3, 1.0))):
+        for opt, lrs in (("adamw", (0.001, 0.01, 0.03, 0.1)), ("adafactor", (0.01, 0.1, 0.3, 1.0))):
             for lr in lrs:
-                step(f"lr/{opt}-{lr}", study.prompt_tune, "sst2", optimizer=opt, lr=lr)
+                n = study.budget.ablation_steps
+                step(
+                    f"lr/{opt}-{lr}",
+                    study.prompt_tune,
+                    "sst2",
+                    optimizer=opt,
+                    lr=lr,
+                    steps=n,
+                    evals=1,
+                    eval_max=study.budget.ablation_eval_n,
+                )
     return notes
 
 
@@ -129,10 +153,11 @@ def peft_prompt_tune(study, key: str, *, num_tokens: int = 20, lr: float = 0.01,
         T = max(len(s) for s in seqs)
         ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])  # left pad: last position = last token
         mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
-        return model(input_ids=ids, attention_mask=mask).logits[:, -1][:, label_tok].float()
+        # logits_to_keep=1 goes through PEFT to the base model: only the last position's vocabulary logits
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1][:, label_tok].float()
 
     curve = []
-    every = max(1, steps // 5)
+    every = max(1, steps // 4)
     best = (0.0, 0.0, 0)
     for s, idx in enumerate(_batches(len(train), study.budget.batch, steps, seed), start=1):
         loss = F.cross_entropy(logits_last(idx, train), torch.tensor([train[i].label for i in idx]))
@@ -197,7 +222,7 @@ def encoder_reference(study, key: str, *, full: bool, lr: float | None = None, s
         return head((h * w).sum(1) / w.sum(1))
 
     curve, best = [], (0.0, 0.0, 0)
-    every = max(1, steps // 5)
+    every = max(1, steps // 4)
     for s, idx in enumerate(_batches(len(train), study.budget.batch, steps, seed), start=1):
         loss = F.cross_entropy(scores(idx, train), torch.tensor([train[i].label for i in idx]))
         loss.backward()

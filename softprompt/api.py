@@ -27,6 +27,7 @@ from softprompt.deep import checkpoint_prefix
 from softprompt.evaluate import (
     class_probs,
     classification_metrics,
+    combine_probs,
     evaluate_examples,
     generate_ids,
     generation_metrics,
@@ -109,11 +110,7 @@ class Predictor:
         rep = [e for e in examples for _ in range(K)]
         rows = [k for _ in examples for k in range(K)]
         p = class_probs(self.pm, self.prefix, rep, self.task.label_ids, batch_size=self.batch_size, rows=rows)
-        p = p.view(len(examples), K, -1)
-        if self.combine == "vote" and K > 1:
-            votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double().mean(1)  # (N, L) vote share
-            return votes + 1e-6 * p.mean(1).double()  # ties broken by mean probability (float64: not lost to rounding)
-        return p.mean(1)
+        return combine_probs(p.view(len(examples), K, -1), self.combine)
 
     def predict(self, inputs: list[str] | str) -> list[dict[str, Any]]:
         """Label and probabilities per input: texts (template already filled) or a data file path."""

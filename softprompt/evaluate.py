@@ -34,6 +34,17 @@ def class_probs(
     return out
 
 
+def combine_probs(p: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Combine an ensemble's (N, K, L) class probabilities into (N, L): `mean` averages them; `vote` gives each
+    label its share of the K members' argmax votes, ties broken by the mean probability."""
+    if how not in ("mean", "vote"):
+        raise ValueError(f"combine must be mean or vote, got {how!r}")
+    if how == "vote" and p.shape[1] > 1:
+        votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double().mean(1)  # (N, L) vote share
+        return votes + 1e-6 * p.mean(1).double()  # ties broken by mean probability (float64: not lost to rounding)
+    return p.mean(1)
+
+
 def _num_head_labels(pm: PromptedModel) -> int:
     return int(getattr(pm.head, "num_labels", 0))
 

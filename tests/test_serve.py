@@ -124,6 +124,44 @@ def test_mixed_task_classify_batch_equals_predict_alone(
     assert_same(results[1]["results"][0], json.loads(capsys.readouterr().out.strip()))
 
 
+def test_ensemble_of_tasks_equals_predictor_ensemble(llama: tuple[Path, Any], tmp_path: Path) -> None:
+    d, bb = llama
+    for k in range(3):  # three prompts of one task (as if trained with different seeds)
+        make_prompt(tmp_path / f"s{k}.safetensors", bb, d, tokens=3 + k, seed=10 + k, template="Review: {text} Mood:",
+                    labels=["negative", "positive"], words=["bad", "good"])  # fmt: skip
+    make_prompt(tmp_path / "topic.safetensors", bb, d, tokens=2, seed=9, template="{text}\nTopic:",
+                labels=["sport", "politics"], words=["sports", "politics"])  # fmt: skip
+    reg = Registry(bb, tmp_path)
+    texts = ["a great movie", "dull and far too long", "fine"]
+    names = ["s0", "s1", "s2"]
+
+    async def go() -> tuple[list[httpx.Response], list[Any]]:
+        async with served(reg, max_wait_ms=200) as (c, s):
+            rs = [await c.post("/v1/classify", json={"task": names, "inputs": texts, "combine": how})
+                  for how in ("mean", "vote")]  # fmt: skip
+            rs.append(await c.post("/v1/classify", json={"task": ["s0", "topic"], "inputs": ["x"]}))
+            rs.append(await c.post("/v1/classify", json={"task": ["s0", "s0"], "inputs": ["x"]}))
+            rs.append(await c.post("/v1/classify", json={"task": ["s0", "nope"], "inputs": ["x"]}))
+            rs.append(await c.post("/v1/classify", json={"task": names, "inputs": ["x"], "combine": "max"}))
+            return rs, list(s.history)
+
+    (mean, vote, mixed, dup, unknown, bad), history = run(go())
+    assert mean.status_code == 200 and mean.json()["task"] == names
+    assert any(b.kind == "classify" and b.tasks == 3 and b.rows == 3 * len(texts) for b in history), history
+    paths = [str(tmp_path / f"{n}.safetensors") for n in names]
+    filled = [f"Review: {t} Mood:" for t in texts]
+    for resp, how in ((mean, "mean"), (vote, "vote")):
+        alone = Predictor.load(paths, backbone=bb, combine=how).predict(filled)
+        for server, ref in zip(resp.json()["results"], alone, strict=True):
+            assert server["label"] == ref["label"]
+            ref_p = ref.get("probs", ref.get("probabilities"))
+            total = sum(ref_p.values())
+            for lab, v in ref_p.items():
+                assert abs(server["probabilities"][lab] - v / total) <= 1e-5, (how, lab)
+    assert mixed.status_code == 422 and mixed.json()["error"]["param"] == "task.1"
+    assert dup.status_code == 422 and unknown.status_code == 404 and bad.status_code == 422
+
+
 def test_several_inputs_per_request_and_field_objects(reg: Registry) -> None:
     async def go() -> list[httpx.Response]:
         async with served(reg) as (c, _):

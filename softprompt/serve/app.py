@@ -19,12 +19,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from softprompt.evaluate import combine_probs
 from softprompt.serve.errors import (
     BadRequest,
     Forbidden,
@@ -47,10 +49,17 @@ InputValue = str | dict[str, str | int | float | bool]
 # ---- request / response models ---------------------------------------------------------------------------
 class ClassifyBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: str = Field(min_length=1, description="Task name (a prompt file in the prompts directory).")
+    task: str | list[str] = Field(
+        min_length=1,
+        description="Task name (a prompt file in the prompts directory), or a list of 2-16 tasks with the same "
+        "labels: an ensemble, each input run under every prompt in the same mixed-task batch.",
+    )
     inputs: list[InputValue] = Field(
         min_length=1,
         description="Inputs: a string fills the template's single field; an object gives the fields by name.",
+    )
+    combine: Literal["mean", "vote"] = Field(
+        "mean", description="Ensembles: average the probabilities, or majority vote (ties: mean probability)."
     )
 
 
@@ -60,7 +69,7 @@ class ClassifyResult(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    task: str
+    task: str | list[str]
     results: list[ClassifyResult]
 
 
@@ -322,15 +331,44 @@ def create_app(
     # ---- inference -----------------------------------------------------------------------------------
     @app.post("/v1/classify", tags=["inference"], response_model=ClassifyResponse, responses=INFERENCE_ERRORS)
     async def classify(body: ClassifyBody, request: Request) -> dict[str, Any]:
-        """Label and class probabilities per input, batched with the requests of every other task."""
-        entry = lookup(body.task, request)
-        if entry.kind != "classify":
-            raise BadRequest(f"task {entry.name!r} is a {entry.kind} task: use /v1/generate", param="task")
+        """Label and class probabilities per input, batched with the requests of every other task. A list of tasks
+        is an ensemble: every input runs under each prompt and the probabilities are combined."""
         if len(body.inputs) > max_inputs:
             raise TooLarge(f"inputs: {len(body.inputs)} inputs, at most {max_inputs} per request", param="inputs")
-        ids = [registry.encode(entry, x, f"inputs.{i}") for i, x in enumerate(body.inputs)]
-        results = await scheduler.classify(entry, ids)
-        return {"task": entry.name, "results": results}
+        if isinstance(body.task, str):
+            entry = classify_entry(body.task, request, "task")
+            ids = [registry.encode(entry, x, f"inputs.{i}") for i, x in enumerate(body.inputs)]
+            return {"task": entry.name, "results": await scheduler.classify(entry, ids)}
+        if not 2 <= len(body.task) <= 16 or len(set(body.task)) < len(body.task):
+            raise Unprocessable("task: an ensemble lists 2 to 16 distinct tasks", param="task")
+        entries = [classify_entry(t, request, f"task.{k}") for k, t in enumerate(body.task)]
+        labels = entries[0].labels
+        for k, e in enumerate(entries[1:], start=1):
+            if e.labels != labels:
+                raise Unprocessable(f"task.{k}: {e.name!r} has labels {e.labels}, not {labels}", param=f"task.{k}")
+        request.state.task = "+".join(body.task)
+        per_task = await asyncio.gather(  # submitted together: the scheduler puts them in the same batches
+            *(
+                scheduler.classify(e, [registry.encode(e, x, f"inputs.{i}") for i, x in enumerate(body.inputs)])
+                for e in entries
+            )
+        )
+        assert labels is not None
+        p = torch.tensor(
+            [[[r[i]["probabilities"][lab] for lab in labels] for r in per_task] for i in range(len(body.inputs))]
+        )  # (N, K, L)
+        combined = combine_probs(p, body.combine)
+        results = [
+            {"label": labels[int(row.argmax())], "probabilities": dict(zip(labels, (row / row.sum()).tolist()))}
+            for row in combined
+        ]
+        return {"task": [e.name for e in entries], "results": results}
+
+    def classify_entry(name: str, request: Request, param: str) -> TaskEntry:
+        entry = lookup(name, request, param)
+        if entry.kind != "classify":
+            raise BadRequest(f"task {entry.name!r} is a {entry.kind} task: use /v1/generate", param=param)
+        return entry
 
     @app.post(
         "/v1/generate",

@@ -1,0 +1,57 @@
+"""bench/quality_report.py: the results page states targets met or missed from the numbers it is given, and
+bench/quality.py's cache merges runs written by concurrent `--only` streams."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import quality, quality_report  # noqa: E402
+
+
+def run(acc: float, **kw: float) -> dict[str, float]:
+    return {"accuracy": acc, "macro_f1": acc - 0.01, "trainable": 11520, "steps": 300, "bytes": 47000, **kw}
+
+
+def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    results = {
+        "sst2/zero-shot": run(0.786),
+        "sst2/pt-20": run(0.901, share=8.5e-5, curve=[(60, 0.85), (120, 0.901)]),
+        "sst2/peft-20": run(0.887),
+        "agnews/pt-20": run(0.861),
+        "minilm/full-ft": run(0.905),
+        "minilm/pt-linear": run(0.860, share=0.0006),
+        "rte/pt-20/s0": run(0.50),
+        "rte/pt-20/s1": run(0.54),
+        "ablation/p5-vocab": run(0.7),
+    }
+    (tmp_path / "README.md").write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    docs = tmp_path / "docs"
+    quality_report.render(results, "full", quality.FULL, ["x failed: boom"], docs)
+    page = (docs / "results.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "old" not in readme and readme.startswith("intro\n") and readme.endswith("<!-- results:end -->\ntail\n")
+    assert "| SST-2 | smollm2-135m PEFT prompt tuning, 20 tokens | 88.7 |" in readme
+    assert "AG News | smollm2-135m zero-shot" not in readme  # not run: omitted
+    assert "SST-2 prompt tuning ≥ 89% and ≥ PEFT: 90.1% — met; PEFT with the same budget 88.7%" in page
+    assert "AG News prompt tuning ≥ 88%: 86.1% — MISSED" in page
+    assert "90.5% (gap 4.5 points, 0.06% of the parameters) — MISSED" in page
+    assert "| RTE prompt tuning (n=2 seeds) | 52.0 ± 2.8 |" in page
+    assert "- x failed: boom" in page
+    assert (docs / "img" / "curves.png").stat().st_size > 0 and (docs / "img" / "ablations.png").exists()
+
+
+def test_study_cache_merges_concurrent_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    a, b = quality.Study("t", quality.QUICK), quality.Study("t", quality.QUICK)  # two streams, both started empty
+    a.run("x", lambda: {"accuracy": 0.5})
+    b.run("y", lambda: {"accuracy": 0.6})
+    a.run("z", lambda: {"accuracy": 0.7})
+    assert set(quality.Study("t", quality.QUICK).results) == {"x", "y", "z"}
+    assert set(a.results) == {"x", "y", "z"}  # a saw b's run when it merged
