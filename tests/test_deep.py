@@ -350,3 +350,46 @@ def test_causal_deep_refuses_a_prefix_without_kv(root: Path) -> None:
         Prefix.stack([deep, pm.build_prefix([torch.zeros(2, bb.embed_dim)], kv=False)])
     mixed = Prefix.stack([deep, pm.build_prefix([torch.zeros(4, bb.embed_dim)])])  # with keys/values: fine
     assert mixed.deep and mixed.width == 5 and mixed.kv is not None and mixed.kv[0][0].shape[2] == 5
+
+
+def test_encoder_server_mixes_deep_and_plain_prompts(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An encoder server with deep prompts of two lengths and a plain prompt: concurrent requests are grouped into
+    batches that can stack (no failed batch retried row by row), and each result equals the Predictor alone."""
+    import asyncio
+    import logging
+    import shutil
+
+    from test_serve_support import served
+
+    from softprompt.serve.registry import Registry
+
+    model = tiny_model_dir("bert", root / "tiny")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name, method, n in (("deep3", "deep", 3), ("deep4", "deep", 4), ("plain", "prompt", 5)):
+        cfg = run_config(root, model, str(tmp_path / f"{name}.safetensors"), head="linear")
+        cfg.prompt.method, cfg.prompt.num_tokens = method, n
+        shutil.copy(train(cfg, log=lambda s: None).out, prompts / f"{name}.safetensors")
+    bb = backbone("bert", root)
+    reg = Registry(bb, prompts)
+    names = ["deep3", "plain", "deep4", "deep3"]
+
+    async def go() -> list:
+        async with served(reg, max_wait_ms=300) as (c, _):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": n, "inputs": TEXTS}) for n in names))
+            return [r.json() for r in rs]
+
+    with caplog.at_level(logging.WARNING, logger="softprompt.serve"):
+        results = asyncio.run(go())
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    for name, res in zip(names, results, strict=True):
+        alone = Predictor.load(str(prompts / f"{name}.safetensors"), backbone=bb).predict(
+            [f"Review: {t} Sentiment:" for t in TEXTS]
+        )
+        for got, ref in zip(res["results"], alone, strict=True):
+            ref_p = ref.get("probs", ref.get("probabilities"))
+            assert got["label"] == ref["label"]
+            for k, v in ref_p.items():
+                assert abs(got["probabilities"][k] - v) <= 1e-5

@@ -396,8 +396,25 @@ class Scheduler:
             log.warning("batch of %d requests failed (%s); retrying them one by one", len(reqs), e)
             return [self._classify_batch([r])[0] for r in reqs]
 
+    def _stack_key(self, entry: TaskEntry) -> tuple[str, int]:
+        """Rows whose prefixes can share one forward pass. Decoder-only: all of them. Encoders: a deep prompt's
+        per-layer slots only stack with deep prompts of its length, and never with plain prompts."""
+        if self.pm.family == "causal" or not entry.ckpt.is_deep:
+            return ("plain", 0)
+        return ("deep", entry.ckpt.num_tokens)
+
     @torch.no_grad()
     def _classify_rows(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (e, _) in enumerate(rows):
+            groups.setdefault(self._stack_key(e), []).append(i)
+        out: list[dict[str, Any]] = [{} for _ in rows]
+        for idx in groups.values():  # one group (everything) unless an encoder serves deep and plain prompts
+            for i, res in zip(idx, self._classify_group([rows[i] for i in idx]), strict=True):
+                out[i] = res
+        return out
+
+    def _classify_group(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         pm, dev = self.pm, self.registry.backbone.device
         for at in range(0, len(rows), self.max_batch_size):
