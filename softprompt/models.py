@@ -39,7 +39,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
 CACHE_MARKER = "softprompt-cache.json"
-CACHE_FORMAT = 1  # bump to invalidate every existing conversion cache
+CACHE_FORMAT = 2  # bump to invalidate every existing conversion cache
 
 
 class ModelLoadError(RuntimeError):
@@ -217,8 +217,13 @@ def _convert_gguf(source: Path, out: Path, progress: bool) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         bar.update()
         bar.set_postfix_str("saving")
-        # save_pretrained refuses GGUF-quantized models; save_model writes plain tensors and dedups tied embeddings.
-        safetensors.torch.save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+        # save_pretrained refuses GGUF-quantized models, so write the tensors ourselves, tied weights once under the
+        # input embedding's name: stored as lm_head.weight (what save_model picks), from_pretrained would treat the
+        # embedding as missing and spend ~0.5 s filling it with random values before tying it back.
+        every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        params = dict(model.named_parameters())  # tied parameters once, under their first name (the embedding)
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k in params or k not in every}
+        safetensors.torch.save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "model.safetensors").chmod(0o644)  # safetensors creates it private
         config = model.config
         if hasattr(config, "quantization_config"):

@@ -232,6 +232,13 @@ def test_smollm2_loads_from_cache() -> None:
     row = [r for r in models.list_models() if r["alias"] == "smollm2-135m"][0]
     assert row["cached"] and row["path"] == str(cache_dir() / "models" / "smollm2-135m")
     assert load_backbone(ModelConfig(model="smollm2-135m", device="cpu"), progress=False).fingerprint == bb.fingerprint
+    # the tied embedding is stored once, under the input embedding's name: stored as lm_head.weight, transformers
+    # would fill the embedding with random values (~0.5 s) before tying it back
+    from safetensors import safe_open
+
+    with safe_open(str(cache_dir() / "models" / "smollm2-135m" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
 
 
 @pytest.mark.slow
