@@ -130,6 +130,25 @@ class LinearHead(nn.Module):
         return self.linear(pooled)
 
 
+class PerPromptHeads(nn.Module):
+    """One head per prompt of a stacked Prefix (an ensemble of encoder prompts trained with their own linear
+    heads): each row is scored by the head of the prompt it runs under."""
+
+    def __init__(self, heads: list[nn.Module]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.num_labels = int(getattr(heads[0], "num_labels", 0))
+
+    def forward(self, pooled: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if rows is None:
+            return self.heads[0](pooled)
+        out = torch.empty(pooled.shape[0], self.num_labels, dtype=pooled.dtype, device=pooled.device)
+        for k in rows.unique().tolist():  # rows sharing a prompt are scored together
+            sel = rows == k
+            out[sel] = self.heads[k](pooled[sel]).to(out.dtype)
+        return out
+
+
 class SimilarityHead(nn.Module):
     """No trainable weights: score = scale * cos(pooled input, pooled encoding of the label description)."""
 
@@ -393,7 +412,10 @@ class PromptedModel(nn.Module):
         if self.family == "encoder":
             if self.head is None:
                 raise ValueError("an encoder backbone needs a head (--head linear or similarity)")
-            return self.head(self.pooled(prefix, rows, batch)).float()
+            pooled = self.pooled(prefix, rows, batch)
+            if isinstance(self.head, PerPromptHeads):
+                return self.head(pooled, rows).float()
+            return self.head(pooled).float()
         B, L = batch.ids.shape[0], len(label_ids)
         m = max(len(v) for v in label_ids)
         tgt = torch.full((L, m), -100, dtype=torch.long, device=batch.ids.device)

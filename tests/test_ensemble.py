@@ -100,6 +100,25 @@ def test_mean_and_vote_match_hand_combination(kind: str, root: Path) -> None:
     assert len({tuple(a) for a in single.argmax(-1).tolist()}) > 1  # the members disagree somewhere
 
 
+def test_encoder_members_keep_their_own_linear_heads(root: Path) -> None:
+    """Encoder prompts trained with --head linear each carry a head: every member scores its rows with its own."""
+    from softprompt.checkpoint import load_prompt
+
+    bb = backbone("bert", root)
+    (root / "lin").mkdir(exist_ok=True)
+    paths = write_prompts(bb, root / "lin", [3, 4], LABELS3, seed=5)
+    g = torch.Generator().manual_seed(11)
+    for p in paths:  # give each member its own random linear head, as `train --head linear` writes it
+        ck = load_prompt(p)
+        meta = {**ck.meta, "head": "linear"}
+        heads = {"head.linear.weight": torch.randn(3, bb.embed_dim, generator=g), "head.linear.bias": torch.randn(3)}
+        save_prompt(p, ck.prompt, meta, heads)
+    single = single_probs(bb, paths)
+    assert not torch.allclose(single[0], single[1], atol=1e-2)  # the heads differ: so do the members
+    ens = Predictor.load(paths, backbone=bb)
+    torch.testing.assert_close(ens.probs(ens.task.encode_texts(TEXTS)[0]), single.mean(0), atol=1e-5, rtol=1e-5)
+
+
 def test_vote_tie_break_by_mean_probability(root: Path) -> None:
     """Two prompts: every disagreement is a 1-1 tie, decided by the mean probability."""
     bb = backbone("llama", root)
