@@ -221,6 +221,7 @@ class Study:
         steps: int | None = None,
         evals: int = 4,
         eval_max: int = 0,
+        method: str = "prompt",
     ) -> dict[str, Any]:
         from softprompt import RunConfig, train
 
@@ -230,21 +231,22 @@ class Study:
         cfg.model.model = model
         cfg.data.train, cfg.data.eval, cfg.data.template, cfg.data.labels = tr, ev, t.template, t.labels
         cfg.data.head = head
-        cfg.prompt.num_tokens, cfg.prompt.init = num_tokens, init
+        cfg.prompt.num_tokens, cfg.prompt.init, cfg.prompt.method = num_tokens, init, method
         cfg.train.optimizer, cfg.train.lr, cfg.train.seed = optimizer, lr, seed
         cfg.train.max_steps = steps or self.budget.steps
         cfg.train.batch_size = self.budget.batch
         cfg.train.eval_every = max(1, cfg.train.max_steps // evals)
         cfg.train.eval_max = eval_max
         cfg.train.progress = False
-        name = f"{key}-{model}-{head}-p{num_tokens}-{init}-{optimizer}-lr{lr}-s{seed}".replace("/", "_")
+        name = f"{key}-{model}-{head}-{method}-p{num_tokens}-{init}-{optimizer}-lr{lr}-s{seed}".replace("/", "_")
         cfg.train.out = str(self.dir / "prompts" / f"{name}.safetensors")
         res = train(cfg, backbone=self.backbone(model), log=lambda s: None)
         best = max((h for h in res.history if "eval_accuracy" in h), key=lambda h: h["eval_accuracy"])
+        from softprompt.checkpoint import load_prompt
+
         bb = self.backbone(model)
-        trainable = num_tokens * bb.embed_dim + (bb.embed_dim + 1) * (
-            len(t.labels.split(",")) if head == "linear" else 0
-        )
+        ck = load_prompt(cfg.train.out)  # every trained tensor is in the file: prompt or per-layer K/V, and a head
+        trainable = ck.prompt.numel() + sum(v.numel() for v in ck.extra.values())
         n_model = sum(p.numel() for p in bb.model.parameters())
         return {
             "accuracy": best["eval_accuracy"],

@@ -41,6 +41,16 @@ def run_all(study, only: set[str], render) -> list[str]:
             lr=0.03,
         )
         step("minilm/pt-linear", study.prompt_tune, "sst2", model="minilm-l6", head="linear", init="vocab", lr=0.03)
+        step(
+            "minilm/deep-linear",
+            study.prompt_tune,
+            "sst2",
+            model="minilm-l6",
+            head="linear",
+            init="vocab",
+            lr=0.03,
+            method="deep",
+        )
         step("minilm/linear-probe", encoder_reference, study, "sst2", full=False)
         step("minilm/full-ft", encoder_reference, study, "sst2", full=True)
     if want("agnews"):

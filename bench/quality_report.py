@@ -153,6 +153,7 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
             [
                 ("prompt tuning, --head similarity (prompt only)", "minilm/pt-similarity"),
                 ("prompt tuning, --head linear", "minilm/pt-linear"),
+                ("deep prompt (P-tuning v2), --head linear", "minilm/deep-linear"),
                 ("linear probe (frozen, head only)", "minilm/linear-probe"),
                 ("full fine-tuning (all weights + head)", "minilm/full-ft"),
             ],
