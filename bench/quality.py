@@ -50,11 +50,11 @@ FULL = Budget(
     eval_n=0,
     steps=300,
     pair_steps=50,
-    ablation_steps=30,
+    ablation_steps=20,
     seeds=(0, 1, 2),
     agnews_steps=200,
     boolq_steps=16,
-    ablation_eval_n=400,
+    ablation_eval_n=200,
 )
 
 
@@ -270,7 +270,7 @@ def render(study: Study, notes: list[str]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of: sst2, minilm, agnews, pairs, ablation, lr")
+    ap.add_argument("--only", default="", help="comma list of: sst2, minilm, agnews, sst2-100, pairs, ablation, lr")
     args = ap.parse_args()
     if not SHARED.exists():
         print(f"skip: {SHARED} is absent (the shared benchmark data); nothing measured")

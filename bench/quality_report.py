@@ -130,11 +130,13 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
         f"val), batch {budget.batch}; {budget.steps} steps for the main runs "
         f"(AG News {budget.agnews_steps or budget.steps}), {budget.pair_steps} per seed for RTE and "
         f"{budget.boolq_steps or budget.pair_steps} for BoolQ, {budget.ablation_steps} for each ablation run — each "
-        "row says its steps. Accuracy is the best of the evaluations during training (4 per SST-2 run, 3 for AG "
+        "row says its steps. Accuracy is the best of the evaluations during training (4 per SST-2 run, 2 for AG "
         "News, 2 per RTE run, 1 — the final prompt — per BoolQ and ablation run; ablation runs are scored on the "
         f"first {budget.ablation_eval_n or 'all'} dev rows). "
         "Defaults unless stated: 20 tokens, `labels` init, AdamW lr 0.01, linear schedule, 10 warm-up steps. "
-        "Two-core CPU budgets: the ablation runs are short, so they show early learning, not converged accuracy.",
+        "Two-core CPU budgets: the ablation runs are short, so they show early learning, not converged accuracy. "
+        "Runs went in two concurrent `--only` streams of one torch thread each, so wall times are single-thread "
+        "times on a busy 2-core machine; a row marked `not run` did not fit the session's CPU time.",
         "",
         "## SST-2 (train sample → dev), smollm2-135m",
         *_table(
