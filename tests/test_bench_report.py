@@ -42,7 +42,7 @@ def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
     assert "SST-2 prompt tuning ≥ 89% and ≥ PEFT: 90.1% — met; PEFT with the same budget 88.7%" in page
     assert "AG News prompt tuning ≥ 88%: 86.1% — MISSED" in page
     assert "90.5% (gap 4.5 points, 0.06% of the parameters) — MISSED" in page
-    assert "| RTE prompt tuning (n=2 seeds) | 52.0 ± 2.8 |" in page
+    assert "| RTE prompt tuning (2,240 examples, seed 0) (n=2 seeds) | 52.0 ± 2.8 |" in page
     assert "- x failed: boom" in page
     assert (docs / "img" / "curves.png").stat().st_size > 0 and (docs / "img" / "ablations.png").exists()
 
