@@ -44,6 +44,9 @@ def _table(results: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
             if not runs:
                 out.append(f"| {label} | not run | | | | | |")
                 continue
+            if len(runs) == 1:
+                out.append(f"| {label} | " + " | ".join(_fmt(runs[0])) + " |")
+                continue
             accs = [100 * r["accuracy"] for r in runs]
             f1s = [100 * r["macro_f1"] for r in runs]
             cells = _fmt(runs[0])
