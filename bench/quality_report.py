@@ -211,9 +211,9 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
         lines.append("- minilm-l6 linear-head prompt tuning within 4 points of full fine-tuning: not measured.")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    extra_page = docs / "results-methods.md"
-    if extra_page.exists():
-        lines += ["", extra_page.read_text()]
+    for extra in ("results-findings.md", "results-methods.md"):  # hand-written reading of the numbers; methods
+        if (docs / extra).exists():
+            lines += ["", (docs / extra).read_text()]
     tmp = docs / ".results.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(docs / "results.md")
