@@ -222,6 +222,7 @@ class Study:
         evals: int = 4,
         eval_max: int = 0,
         method: str = "prompt",
+        group_by_length: bool = True,
     ) -> dict[str, Any]:
         from softprompt import RunConfig, train
 
@@ -235,10 +236,12 @@ class Study:
         cfg.train.optimizer, cfg.train.lr, cfg.train.seed = optimizer, lr, seed
         cfg.train.max_steps = steps or self.budget.steps
         cfg.train.batch_size = self.budget.batch
+        cfg.train.group_by_length = group_by_length
         cfg.train.eval_every = max(1, cfg.train.max_steps // evals)
         cfg.train.eval_max = eval_max
         cfg.train.progress = False
         name = f"{key}-{model}-{head}-{method}-p{num_tokens}-{init}-{optimizer}-lr{lr}-s{seed}".replace("/", "_")
+        name += "" if group_by_length else "-uniform"
         cfg.train.out = str(self.dir / "prompts" / f"{name}.safetensors")
         res = train(cfg, backbone=self.backbone(model), log=lambda s: None)
         best = max((h for h in res.history if "eval_accuracy" in h), key=lambda h: h["eval_accuracy"])

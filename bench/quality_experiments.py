@@ -57,6 +57,8 @@ def run_all(study, only: set[str], render) -> list[str]:
         step("agnews/zero-shot", study.zero_shot, "agnews")
         n = study.budget.agnews_steps or None
         step("agnews/pt-20", study.prompt_tune, "agnews", num_tokens=20, steps=n, evals=2)
+    if want("sst2-uniform"):  # batching ablation: uniformly random batches (PEFT reference's order) vs length-grouped
+        step("sst2/pt-20-uniform", study.prompt_tune, "sst2", num_tokens=20, group_by_length=False)
     if want("sst2-100"):  # its own group, after AG News: on 2 CPU cores the AG News target comes first
         step("sst2/pt-100", study.prompt_tune, "sst2", num_tokens=100)
     if want("pairs"):

@@ -94,6 +94,8 @@ class TrainConfig:
     """Examples per optimiser step (before accumulation)."""
     grad_accum: int = 1
     """Gradient accumulation steps (effective batch = batch_size * grad_accum)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster); off: uniformly random batches."""
     max_steps: int = 300
     """Optimiser steps; 0 means use --epochs."""
     epochs: float = 0.0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
@@ -59,14 +60,18 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.op
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def batch_schedule(lengths: list[int], batch_size: int, seed: int, step: int, accum: int) -> list[list[int]]:
-    """The micro-batches of optimiser step `step` (0-based): a pure function of (seed, step), so resume repeats it."""
+def batch_schedule(
+    lengths: list[int], batch_size: int, seed: int, step: int, accum: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """The micro-batches of optimiser step `step` (0-based): a pure function of (seed, step), so resume repeats it.
+    group_by_length=False: uniformly random batches (one mega-chunk of size 1 batch = no sorting across rows)."""
     per_epoch = max(1, len(lengths) // batch_size) if len(lengths) >= batch_size else 1
     out = []
     for m in range(accum):
         k = step * accum + m
         epoch, i = divmod(k, per_epoch)
-        out.append(length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch)[i])
+        gf = 50 if group_by_length else 1  # chunk = one batch: sorting inside a batch changes nothing
+        out.append(length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch, group_factor=gf)[i])
     return out
 
 
@@ -110,10 +115,45 @@ def save_state(path: Path, params: list[torch.nn.Parameter], opt, sched, step: i
     atomic_write(path / "state.json", lambda tmp: Path(tmp).write_text(meta_json))
 
 
+# What fixes a run's trajectory: resuming with any of these changed would splice two different runs together.
+_RUN_FIELDS = {
+    "data": ("train", "template", "labels", "head", "task"),
+    "prompt": ("num_tokens", "init", "init_scale", "position", "method"),
+    "train": (
+        "optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "grad_accum",
+        "group_by_length", "max_steps", "epochs", "max_grad_norm", "seed", "precision",
+    ),
+}  # fmt: skip
+
+
+def run_identity(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+    """The flags (and the base model's fingerprint) a resumed run must share with the run that wrote the state."""
+    d = to_dict(cfg)
+    if d["data"].get("train") and Path(d["data"]["train"]).exists():  # ./a.tsv and /abs/a.tsv are one file
+        d["data"]["train"] = str(Path(d["data"]["train"]).resolve())
+    out: dict[str, Any] = {"fingerprint": fingerprint}
+    for sect, names in _RUN_FIELDS.items():
+        out.update({f"--{sect}.{n}": d[sect][n] for n in names if n in d[sect]})
+    return json.loads(json.dumps(out, default=str))  # as it reads back from the state file
+
+
+def check_resumable(saved: dict[str, Any] | None, now: dict[str, Any], state_dir: Path) -> None:
+    """Raise ConfigError naming the first flag that differs from the run that wrote the state."""
+    from softprompt.config import ConfigError
+
+    if saved is None:  # a state written before run identities were stored
+        return
+    for k, v in now.items():
+        if k in saved and saved[k] != v:
+            what = "the base model (fingerprint)" if k == "fingerprint" else k
+            raise ConfigError(
+                f"--resume {state_dir}: {what} was {saved[k]!r} in the interrupted run, now {v!r}; "
+                "resume with the same flags, or delete the state directory to start over"
+            )
+
+
 def load_state(path: Path, params: list[torch.nn.Parameter], opt, sched) -> dict[str, Any]:
     import ast
-
-    from safetensors import safe_open
 
     tensors = load_file(str(path / "state.safetensors"))
     with safe_open(str(path / "state.safetensors"), framework="pt") as f:
@@ -246,10 +286,13 @@ def train(
 
     # ---- resume -------------------------------------------------------------------------------------
     state_dir = _state_dir(cfg)
+    run_id = run_identity(cfg, bb.fingerprint)
     start, history, best, best_step, bad_evals = 0, [], None, -1, 0
     if t.resume and (state_dir / "state.safetensors").exists():
         if rep.is_main:
             _remove_stale_temps(state_dir, Path(t.out))
+        with safe_open(str(state_dir / "state.safetensors"), framework="pt") as f:  # check before touching params
+            check_resumable(json.loads((f.metadata() or {}).get("state", "{}")).get("run"), run_id, state_dir)
         st = load_state(state_dir, params, opt, sched)
         start, history, best, best_step, bad_evals = (
             st["step"],
@@ -288,7 +331,7 @@ def train(
 
     for step in range(start, steps):
         loss_sum = 0.0
-        for idx in batch_schedule(lengths, t.batch_size, t.seed, step, t.grad_accum):
+        for idx in batch_schedule(lengths, t.batch_size, t.seed, step, t.grad_accum, t.group_by_length):
             ex, share = rep.shard([train_set[i] for i in idx])
             if not ex:  # more processes than rows in this micro-batch
                 continue
@@ -354,7 +397,7 @@ def train(
                 opt,
                 sched,
                 step + 1,
-                {"history": history, "best": best, "best_step": best_step, "bad_evals": bad_evals},
+                {"history": history, "best": best, "best_step": best_step, "bad_evals": bad_evals, "run": run_id},
             )
         rep.step_done(step + 1)
         if stop:

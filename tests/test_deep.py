@@ -247,10 +247,10 @@ def test_resume_with_reparameterisation(root: Path, monkeypatch: pytest.MonkeyPa
     full = train(run_config(root, model, "full.safetensors", reparam=8), log=lambda s: None)
     orig = tr.batch_schedule
 
-    def killed_at_step_3(lengths, batch_size, seed, step, accum):
+    def killed_at_step_3(lengths, batch_size, seed, step, accum, *rest):
         if step >= 2:
             raise KeyboardInterrupt
-        return orig(lengths, batch_size, seed, step, accum)
+        return orig(lengths, batch_size, seed, step, accum, *rest)
 
     cfg = run_config(root, model, "part.safetensors", reparam=8)
     monkeypatch.setattr(tr, "batch_schedule", killed_at_step_3)

@@ -453,3 +453,42 @@ def test_sigkill_then_resume_matches_uninterrupted_run(
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
     assert temp_leftovers(k.out.parent.parent) == []
+
+
+def test_batch_schedule_grouped_or_uniform() -> None:
+    """--train.group-by-length off gives uniformly random batches: every row once per epoch, and a batch spans
+    the whole length range (grouped batches span ~1/50 of it); both a pure function of (seed, step)."""
+    from softprompt.train import batch_schedule
+
+    lengths = list(range(1600))  # length = index: a batch's spread is max - min of its indices
+
+    def epoch(group: bool) -> list[list[int]]:
+        return [batch_schedule(lengths, 16, 7, s, 1, group)[0] for s in range(100)]
+
+    for group in (True, False):
+        e = epoch(group)
+        assert sorted(i for b in e for i in b) == lengths
+        assert e == epoch(group)
+    spread = {g: sum(max(b) - min(b) for b in epoch(g)) / 100 for g in (True, False)}
+    assert spread[True] < 100 and spread[False] > 1000, spread
+
+
+def test_resume_with_other_flags_is_refused_and_state_kept(
+    tiny_dir: Callable[[str], Path], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Resuming with a changed trajectory flag would splice two runs together: one-line error naming the flag,
+    the state untouched; the same flags (in another spelling of the same path) resume."""
+    out = tmp_path / "p.safetensors"
+    state = Path(str(out) + ".state")
+    argv = train_argv(tiny_dir("llama"), data, out, "--max-steps", "2", "--save-every", "1")
+    assert run(capsys, argv)[0] == 0
+    before = (state / "state.safetensors").read_bytes()
+    rc, _, err = run(capsys, [*argv, "--max-steps", "4", "--lr", "0.5", "--resume", str(state)])
+    assert rc != 0 and "--train.lr" in err and "0.5" in err and len(err.strip().splitlines()) == 1, err
+    assert (state / "state.safetensors").read_bytes() == before
+    rc, _, err = run(capsys, [*argv, "--no-group-by-length", "--resume", str(state)])
+    assert rc != 0 and "--train.group_by_length" in err, err
+    rel = os.path.relpath(data)
+    argv_rel = [rel if a == str(data) else a for a in argv]
+    rc, _, err = run(capsys, [*argv_rel, "--resume", str(state)])
+    assert rc == 0 and "resumed from" in err, err
