@@ -165,6 +165,7 @@ class Study:
         t0 = time.time()
         res = fn(*args, **kw)
         res["wall_s"] = round(time.time() - t0, 1)
+        res["date"] = time.strftime("%Y-%m-%d %H:%M")
         self.results[run_id] = res
         self.save()
         print(f"    {json.dumps({k: v for k, v in res.items() if k != 'curve'})}", flush=True)

@@ -33,7 +33,21 @@ def _fmt(r: dict[str, Any] | None) -> tuple[str, str, str, str, str, str]:
     )
 
 
-def _table(results: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
+def _runs(results: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    if key.endswith("/*"):
+        return [v for k, v in results.items() if k.startswith(key[:-1])]
+    return [results[key]] if key in results else []
+
+
+def _provenance(results: dict[str, Any], rows: list[tuple[str, str]], cmd: str) -> str:
+    """The line under a table: the command that (re)produces it, the dates of its runs, their summed wall time."""
+    runs = [r for _, key in rows for r in _runs(results, key)]
+    dates = sorted({str(r.get("date", "?"))[:10] for r in runs})
+    wall = sum(r.get("wall_s", 0) for r in runs)
+    return f"Command: `{cmd}` (cached runs are skipped) · run on {', '.join(dates) or '-'} · wall {wall / 60:.0f} min"
+
+
+def _table(results: dict[str, Any], rows: list[tuple[str, str]], cmd: str = "") -> list[str]:
     out = [
         "| method | accuracy % | macro-F1 % | trainable params (share) | checkpoint bytes | steps | wall s |",
         "|---|---|---|---|---|---|---|",
@@ -57,7 +71,7 @@ def _table(results: dict[str, Any], rows: list[tuple[str, str]]) -> list[str]:
             )
             continue
         out.append(f"| {label} | " + " | ".join(_fmt(results.get(key))) + " |")
-    return out
+    return out + (["", _provenance(results, rows, cmd)] if cmd else [])
 
 
 def _plots(results: dict[str, Any], img: Path) -> list[str]:
@@ -148,8 +162,10 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("zero-shot (same template)", "sst2/zero-shot"),
                 ("prompt tuning, 20 tokens", "sst2/pt-20"),
                 ("prompt tuning, 100 tokens", "sst2/pt-100"),
+                ("prompt tuning, 20 tokens, uniform batches (--no-group-by-length)", "sst2/pt-20-uniform"),
                 ("PEFT prompt tuning, 20 tokens", "sst2/peft-20"),
             ],
+            f"{cmd} --only sst2,sst2-100,sst2-uniform",
         ),
         "",
         "## SST-2, minilm-l6 (encoder): parameter-efficient vs full fine-tuning",
@@ -162,10 +178,15 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("linear probe (frozen, head only)", "minilm/linear-probe"),
                 ("full fine-tuning (all weights + head)", "minilm/full-ft"),
             ],
+            f"{cmd} --only minilm",
         ),
         "",
         "## AG News (4 classes; 1,000 held-out rows split off train10k with seed 0), smollm2-135m",
-        *_table(results, [("zero-shot", "agnews/zero-shot"), ("prompt tuning, 20 tokens", "agnews/pt-20")]),
+        *_table(
+            results,
+            [("zero-shot", "agnews/zero-shot"), ("prompt tuning, 20 tokens", "agnews/pt-20")],
+            f"{cmd} --only agnews",
+        ),
         "",
         "## RTE and BoolQ, smollm2-135m",
         *_table(
@@ -178,10 +199,15 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("BoolQ zero-shot", "boolq/zero-shot"),
                 ("BoolQ prompt tuning (32 examples)", "boolq/pt-20/*"),
             ],
+            f"{cmd} --only pairs",
         ),
         "",
         "## Ablations (SST-2, smollm2-135m): prompt length × init, learning rate",
-        *_table(results, [(k.split("/", 1)[1], k) for k in sorted(results) if k.startswith(("ablation/", "lr/"))]),
+        *_table(
+            results,
+            [(k.split("/", 1)[1], k) for k in sorted(results) if k.startswith(("ablation/", "lr/"))],
+            f"{cmd} --only ablation,lr",
+        ),
         "",
     ]
     made = _plots(results, docs / "img")

@@ -94,7 +94,11 @@ def worker(args: argparse.Namespace) -> dict:
     res["peak_rss_mb"] = round(_status_mb("VmHWM"))
     if cuda:
         res["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    res["accuracy"] = Predictor.load(tr.out, backbone=bb).evaluate(cfg.data.eval)["accuracy"]
+    # train() evaluated the final prompt on the dev file once (eval_every 0 = at the end only): no second pass
+    acc = tr.final.get("accuracy")
+    if acc is None:
+        acc = Predictor.load(tr.out, backbone=bb).evaluate(cfg.data.eval)["accuracy"]
+    res["accuracy"] = acc
     if args.fp32_prompt and args.scheme != "none" and Path(args.fp32_prompt).exists():
         res["fp32_prompt_accuracy"] = Predictor.load(args.fp32_prompt, backbone=bb).evaluate(cfg.data.eval)["accuracy"]
     return res

@@ -27,8 +27,8 @@ def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
         "agnews/pt-20": run(0.861),
         "minilm/full-ft": run(0.905),
         "minilm/pt-linear": run(0.860, share=0.0006),
-        "rte/pt-20/s0": run(0.50),
-        "rte/pt-20/s1": run(0.54),
+        "rte/pt-20/s0": run(0.50, date="2026-11-28 10:00", wall_s=600),
+        "rte/pt-20/s1": run(0.54, date="2026-11-29 11:00", wall_s=660),
         "ablation/p5-vocab": run(0.7),
     }
     (tmp_path / "README.md").write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
@@ -44,6 +44,8 @@ def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
     assert "90.5% (gap 4.5 points, 0.06% of the parameters) — MISSED" in page
     assert "| RTE prompt tuning (2,240 examples, seed 0) (n=2 seeds) | 52.0 ± 2.8 |" in page
     assert "- x failed: boom" in page
+    assert "Command: `python bench/quality.py --only pairs` (cached runs are skipped) · run on 2026-11-28, " in page
+    assert "2026-11-29 · wall 21 min" in page
     assert (docs / "img" / "curves.png").stat().st_size > 0 and (docs / "img" / "ablations.png").exists()
 
 
