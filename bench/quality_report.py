@@ -222,6 +222,8 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
             extra = ""
             if key == "sst2/pt-20" and "sst2/peft-20" in results:
                 extra = f"; PEFT with the same budget {100 * results['sst2/peft-20']['accuracy']:.1f}%"
+                if "sst2/pt-100" in results:
+                    extra += f"; softprompt with 100 tokens {100 * results['sst2/pt-100']['accuracy']:.2f}%"
             lines.append(f"- {text}: {100 * r['accuracy']:.1f}% — {'met' if ok else 'MISSED'}{extra} ({mode} budget).")
     ft, lin = results.get("minilm/full-ft"), results.get("minilm/pt-linear")
     if ft and lin:

@@ -95,7 +95,7 @@ def worker(args: argparse.Namespace) -> dict:
     if cuda:
         res["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     # train() evaluated the final prompt on the dev file once (eval_every 0 = at the end only): no second pass
-    acc = tr.final.get("accuracy")
+    acc = tr.metrics.get("accuracy")
     if acc is None:
         acc = Predictor.load(tr.out, backbone=bb).evaluate(cfg.data.eval)["accuracy"]
     res["accuracy"] = acc
