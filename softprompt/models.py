@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,12 +389,16 @@ def load_backbone(spec: ModelConfig | str, *, family: Family | None = None, prog
             ) from None
         raise ModelLoadError(f"cannot read the config of {cfg.model!r}: {_first_line(e)}") from None
     fam: Family = family or alias_family or detect_family(config)
-    try:
-        with _progress_bars(progress):
-            model = _from_pretrained(_auto_class(fam), source, dtype, cfg.attn_implementation, **quant_kwargs)
-    except (OSError, ValueError, ImportError, KeyError) as e:
-        raise ModelLoadError(f"cannot load {fam} model {cfg.model!r}: {_first_line(e)}") from None
-    tokenizer = _load_tokenizer(source, cfg.model)
+    # The tokenizer (mostly JSON parsing, ~0.4 s for SmolLM2's) loads in a thread while the weights load
+    # (safetensors reads and torch copies, which release the GIL): the two overlap on a multi-core machine.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-tokenizer") as pool:
+        tokenizer_job = pool.submit(_load_tokenizer, source, cfg.model)
+        try:
+            with _progress_bars(progress):
+                model = _from_pretrained(_auto_class(fam), source, dtype, cfg.attn_implementation, **quant_kwargs)
+        except (OSError, ValueError, ImportError, KeyError) as e:
+            raise ModelLoadError(f"cannot load {fam} model {cfg.model!r}: {_first_line(e)}") from None
+        tokenizer = tokenizer_job.result()
     finalize_quantized(model, cfg.quantize)
     if not placed_by_loader(cfg.quantize):
         model.to(device)  # type: ignore[arg-type]
