@@ -268,7 +268,7 @@ class Study:
         }
 
 
-def render(study: Study, notes: list[str]) -> None:
+def render(study: Study, notes: list[str]) -> Path:
     """Rewrite docs/results.md from the cached results (and plots under docs/img/). A --quick smoke run writes
     its page to runs/quality/quick/docs/ instead: it must not replace the measured page or the README's table."""
     from bench import quality_report
@@ -276,6 +276,7 @@ def render(study: Study, notes: list[str]) -> None:
     docs = DOCS if study.mode == "full" else study.dir / "docs"
     docs.mkdir(parents=True, exist_ok=True)
     quality_report.render(study.results, study.mode, study.budget, notes, docs)
+    return docs / "results.md"
 
 
 def main() -> int:
@@ -293,8 +294,7 @@ def main() -> int:
     study = Study("quick" if args.quick else "full", budget)
     only = set(filter(None, args.only.split(",")))
     notes = quality_experiments.run_all(study, only, render)
-    render(study, notes)
-    print(f"wrote {(DOCS if study.mode == 'full' else study.dir / 'docs') / 'results.md'}")
+    print(f"wrote {render(study, notes)}")
     return 0
 
 

@@ -54,7 +54,7 @@ def _table(results: dict[str, Any], rows: list[tuple[str, str]], cmd: str = "") 
     ]
     for label, key in rows:
         if key.endswith("/*"):  # several seeds: mean ± std
-            runs = [v for k, v in results.items() if k.startswith(key[:-1])]
+            runs = _runs(results, key)
             if not runs:
                 out.append(f"| {label} | not run | | | | | |")
                 continue

@@ -66,11 +66,11 @@ def batch_schedule(
     """The micro-batches of optimiser step `step` (0-based): a pure function of (seed, step), so resume repeats it.
     group_by_length=False: uniformly random batches (one mega-chunk of size 1 batch = no sorting across rows)."""
     per_epoch = max(1, len(lengths) // batch_size) if len(lengths) >= batch_size else 1
+    gf = 50 if group_by_length else 1  # chunk = one batch: sorting inside a batch changes nothing
     out = []
     for m in range(accum):
         k = step * accum + m
         epoch, i = divmod(k, per_epoch)
-        gf = 50 if group_by_length else 1  # chunk = one batch: sorting inside a batch changes nothing
         out.append(length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch, group_factor=gf)[i])
     return out
 
@@ -152,13 +152,19 @@ def check_resumable(saved: dict[str, Any] | None, now: dict[str, Any], state_dir
             )
 
 
-def load_state(path: Path, params: list[torch.nn.Parameter], opt, sched) -> dict[str, Any]:
+def load_state(
+    path: Path, params: list[torch.nn.Parameter], opt, sched, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Restore the training state; with `run` (run_identity of this run), first refuse a state that another
+    configuration wrote, before anything is touched."""
     import ast
 
-    tensors = load_file(str(path / "state.safetensors"))
     with safe_open(str(path / "state.safetensors"), framework="pt") as f:
         header = (f.metadata() or {}).get("state")
     meta = json.loads(header if header is not None else (path / "state.json").read_text())
+    if run is not None:
+        check_resumable(meta.get("run"), run, path)
+    tensors = load_file(str(path / "state.safetensors"))
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -291,9 +297,7 @@ def train(
     if t.resume and (state_dir / "state.safetensors").exists():
         if rep.is_main:
             _remove_stale_temps(state_dir, Path(t.out))
-        with safe_open(str(state_dir / "state.safetensors"), framework="pt") as f:  # check before touching params
-            check_resumable(json.loads((f.metadata() or {}).get("state", "{}")).get("run"), run_id, state_dir)
-        st = load_state(state_dir, params, opt, sched)
+        st = load_state(state_dir, params, opt, sched, run=run_id)
         start, history, best, best_step, bad_evals = (
             st["step"],
             st.get("history", []),
