@@ -228,6 +228,7 @@ class Study:
         eval_max: int = 0,
         method: str = "prompt",
         group_by_length: bool = True,
+        suffix: str = "",
     ) -> dict[str, Any]:
         from softprompt import RunConfig, train
 
@@ -246,7 +247,7 @@ class Study:
         cfg.train.eval_max = eval_max
         cfg.train.progress = False
         name = f"{key}-{model}-{head}-{method}-p{num_tokens}-{init}-{optimizer}-lr{lr}-s{seed}".replace("/", "_")
-        name += "" if group_by_length else "-uniform"
+        name += ("" if group_by_length else "-uniform") + suffix  # suffix: runs that differ only in steps
         cfg.train.out = str(self.dir / "prompts" / f"{name}.safetensors")
         res = train(cfg, backbone=self.backbone(model), log=lambda s: None)
         best = max((h for h in res.history if "eval_accuracy" in h), key=lambda h: h["eval_accuracy"])
@@ -282,7 +283,8 @@ def render(study: Study, notes: list[str]) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="", help="comma list of: sst2, minilm, agnews, sst2-100, pairs, ablation, lr")
+    groups = "sst2, minilm, agnews, sst2-100, sst2-uniform, sst2-long, agnews-long, pairs, ablation, lr"
+    ap.add_argument("--only", default="", help=f"comma list of: {groups}")
     args = ap.parse_args()
     if not SHARED.exists():
         print(f"skip: {SHARED} is absent (the shared benchmark data); nothing measured")

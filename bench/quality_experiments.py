@@ -61,6 +61,13 @@ def run_all(study, only: set[str], render) -> list[str]:
         step("sst2/pt-20-uniform", study.prompt_tune, "sst2", num_tokens=20, group_by_length=False)
     if want("sst2-100"):  # its own group, after AG News: on 2 CPU cores the AG News target comes first
         step("sst2/pt-100", study.prompt_tune, "sst2", num_tokens=100)
+    # longer budgets for the two targets the 300/200-step runs missed (same data, recipe and lr; only more steps)
+    if want("sst2-long"):
+        n = 2 * study.budget.steps
+        step(f"sst2/pt-100-{n}", study.prompt_tune, "sst2", num_tokens=100, steps=n, suffix=f"-{n}steps")
+    if want("agnews-long"):
+        n = 5 * (study.budget.agnews_steps or study.budget.steps) // 2
+        step(f"agnews/pt-20-{n}", study.prompt_tune, "agnews", num_tokens=20, steps=n, evals=5, suffix=f"-{n}steps")
     if want("pairs"):
         from bench.quality import TASKS
 

@@ -39,6 +39,13 @@ def _runs(results: dict[str, Any], key: str) -> list[dict[str, Any]]:
     return [results[key]] if key in results else []
 
 
+def _longer(results: dict[str, Any], prefix: str, label: str) -> list[tuple[str, str]]:
+    """Rows for the runs of `--only sst2-long/agnews-long`: keys `<prefix>-<steps>` (steps depend on the budget)."""
+    keys = sorted((k for k in results if k.startswith(prefix + "-") and k[len(prefix) + 1 :].isdigit()),
+                  key=lambda k: int(k.rsplit("-", 1)[1]))  # fmt: skip
+    return [(f"{label}, {k.rsplit('-', 1)[1]} steps", k) for k in keys]
+
+
 def _provenance(results: dict[str, Any], rows: list[tuple[str, str]], cmd: str) -> str:
     """The line under a table: the command that (re)produces it, the dates of its runs, their summed wall time."""
     runs = [r for _, key in rows for r in _runs(results, key)]
@@ -148,7 +155,8 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
         f"(AG News {budget.agnews_steps or budget.steps}), {budget.pair_steps} per seed for RTE and "
         f"{budget.boolq_steps or budget.pair_steps} for BoolQ, {budget.ablation_steps} for each ablation run — each "
         "row says its steps. Accuracy is the best of the evaluations during training (4 per SST-2 run, 2 for AG "
-        "News, 2 per RTE run, 1 — the final prompt — per BoolQ and ablation run; ablation runs are scored on the "
+        "News and 5 for its longer run, 2 per RTE run, 1 — the final prompt — per BoolQ and ablation run; "
+        "ablation runs are scored on the "
         f"first {budget.ablation_eval_n or 'all'} dev rows). "
         "Defaults unless stated: 20 tokens, `labels` init, AdamW lr 0.01, linear schedule, 10 warm-up steps. "
         "Two-core CPU budgets: the ablation runs are short, so they show early learning, not converged accuracy. "
@@ -162,10 +170,11 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("zero-shot (same template)", "sst2/zero-shot"),
                 ("prompt tuning, 20 tokens", "sst2/pt-20"),
                 ("prompt tuning, 100 tokens", "sst2/pt-100"),
+                *_longer(results, "sst2/pt-100", "prompt tuning, 100 tokens"),
                 ("prompt tuning, 20 tokens, uniform batches (--no-group-by-length)", "sst2/pt-20-uniform"),
                 ("PEFT prompt tuning, 20 tokens", "sst2/peft-20"),
             ],
-            f"{cmd} --only sst2,sst2-100,sst2-uniform",
+            f"{cmd} --only sst2,sst2-100,sst2-long,sst2-uniform",
         ),
         "",
         "## SST-2, minilm-l6 (encoder): parameter-efficient vs full fine-tuning",
@@ -184,8 +193,12 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
         "## AG News (4 classes; 1,000 held-out rows split off train10k with seed 0), smollm2-135m",
         *_table(
             results,
-            [("zero-shot", "agnews/zero-shot"), ("prompt tuning, 20 tokens", "agnews/pt-20")],
-            f"{cmd} --only agnews",
+            [
+                ("zero-shot", "agnews/zero-shot"),
+                ("prompt tuning, 20 tokens", "agnews/pt-20"),
+                *_longer(results, "agnews/pt-20", "prompt tuning, 20 tokens"),
+            ],
+            f"{cmd} --only agnews,agnews-long",
         ),
         "",
         "## RTE and BoolQ, smollm2-135m",
@@ -222,8 +235,13 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
             extra = ""
             if key == "sst2/pt-20" and "sst2/peft-20" in results:
                 extra = f"; PEFT with the same budget {100 * results['sst2/peft-20']['accuracy']:.1f}%"
-                if "sst2/pt-100" in results:
-                    extra += f"; softprompt with 100 tokens {100 * results['sst2/pt-100']['accuracy']:.2f}%"
+                for label, k in [("softprompt, 100 tokens", "sst2/pt-100"), *_longer(results, "sst2/pt-100", "")]:
+                    if k in results:
+                        label = label.replace(", ", "softprompt, 100 tokens, ", 1) if label.startswith(",") else label
+                        extra += f"; {label} {100 * results[k]['accuracy']:.2f}%"
+            if key == "agnews/pt-20":
+                for label, k in _longer(results, "agnews/pt-20", "20 tokens"):
+                    extra += f"; {label} {100 * results[k]['accuracy']:.1f}%"
             lines.append(f"- {text}: {100 * r['accuracy']:.1f}% — {'met' if ok else 'MISSED'}{extra} ({mode} budget).")
     ft, lin = results.get("minilm/full-ft"), results.get("minilm/pt-linear")
     if ft and lin:

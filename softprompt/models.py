@@ -404,7 +404,10 @@ def load_backbone(spec: ModelConfig | str, *, family: Family | None = None, prog
         model.to(device)  # type: ignore[arg-type]
     freeze(model, dropout=cfg.dropout)
     embed_dim, arch = int(_embedding_weight(model).shape[1]), type(model).__name__
-    return Backbone(model, tokenizer, fam, cfg.model, arch, embedding_fingerprint(model), embed_dim, device)
+    # A local path is recorded absolute (checkpoints store it as base_model: they must load from any directory).
+    local = cfg.model not in ALIASES and Path(cfg.model).expanduser().exists()
+    model_id = os.path.abspath(os.path.expanduser(cfg.model)) if local else cfg.model
+    return Backbone(model, tokenizer, fam, model_id, arch, embedding_fingerprint(model), embed_dim, device)
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -48,6 +48,16 @@ def test_load_tiny(kind: str, tiny_root: Path) -> None:
     assert bb.fingerprint.startswith("sha256:") and len(bb.fingerprint) == len("sha256:") + 16
 
 
+def test_relative_path_is_recorded_absolute(tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint stores bb.model_id as base_model: a relative path would not load from another directory."""
+    d = tiny_model_dir("gpt2", tiny_root)
+    monkeypatch.chdir(d.parent)
+    bb = load(Path(d.name))
+    assert bb.model_id == str(d) and Path(bb.model_id).is_absolute()
+    monkeypatch.chdir("/")
+    assert load(Path(bb.model_id)).fingerprint == bb.fingerprint
+
+
 def test_detect_family_from_configs() -> None:
     import transformers as tf
 
