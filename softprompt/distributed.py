@@ -142,27 +142,6 @@ def train_auto(cfg: RunConfig, *, log=print) -> TrainResult | None:
 
 
 # ----- CLI ------------------------------------------------------------------------------------------------------
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for `softprompt train`: --distributed, --nproc-per-node, --accelerate-config."""
-    g = parser.add_argument_group("distributed")
-    g.add_argument(
-        "--distributed",
-        action="store_true",
-        help="data-parallel training: re-run this command under `accelerate launch` (see docs/distributed.md)",
-    )
-    g.add_argument(
-        "--nproc-per-node",
-        type=int,
-        default=None,
-        help="processes for --distributed; when not given: the number of GPUs, or 2 on a CPU-only machine",
-    )
-    g.add_argument(
-        "--accelerate-config",
-        default=None,
-        help="an `accelerate config` YAML for --distributed (e.g. FSDP or DeepSpeed; see docs/distributed.md)",
-    )
-
-
 def launch_command(config_path: str, nproc: int, accelerate_config: str | None = None) -> list[str]:
     """The `accelerate launch` command that runs `softprompt train --config CONFIG` in `nproc` processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]

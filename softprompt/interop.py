@@ -57,6 +57,7 @@ from softprompt.checkpoint import (
 )
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.models import ALIASES, Backbone, load_backbone
+from softprompt.parsers import add_interop_parsers
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -537,37 +538,6 @@ def decode_prompt_embeds(data: str) -> torch.Tensor:
 
 
 # ----- CLI ------------------------------------------------------------------------------------------------------
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """`softprompt export --to peft|prompt-table ...` and `softprompt import --from peft DIR PROMPT`."""
-    e = sub.add_parser(
-        "export",
-        help="write a prompt for another engine: a PEFT adapter or a TensorRT-LLM/NeMo prompt table",
-        description="export --to peft PROMPT DIR | export --to prompt-table PROMPT [PROMPT ...] DIR",
-    )
-    e.add_argument("--to", required=True, choices=["peft", "prompt-table"], dest="export_to")
-    e.add_argument("paths", nargs="+", metavar="PATH", help="prompt file(s), then the output directory")
-    e.add_argument("--model", help="base model (default: the one recorded in the prompt)")
-    e.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
-    e.add_argument("--base-model", help="peft: base_model_name_or_path to write (default: a loadable path/name)")
-    e.add_argument(
-        "--fold-bos",
-        action="store_true",
-        help="peft: a --position auto prompt behind a BOS/CLS gets that token as virtual token 0 (exact)",
-    )
-    e.add_argument("--force", action="store_true", help="peft: export even when PEFT's outputs would differ")
-    e.add_argument("--task-names", help="prompt-table: comma-separated task names (default: the file stems)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="prompt-table: array dtype")
-    i = sub.add_parser("import", help="convert a PEFT prompt-tuning adapter into a softprompt prompt file")
-    i.add_argument("--from", required=True, choices=["peft"], dest="import_from")
-    i.add_argument("adapter_dir", metavar="DIR")
-    i.add_argument("out", metavar="PROMPT", help="the .safetensors prompt file to write")
-    i.add_argument("--model", help="base model (default: the adapter's base_model_name_or_path)")
-    i.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
-    i.add_argument("--task", choices=["classify", "generate"], help="task of a PEFT-trained adapter")
-    i.add_argument("--template", help="input template of a PEFT-trained adapter (default {text})")
-    i.add_argument("--labels", help='verbalizer "label=word,..." of a PEFT-trained classification adapter')
-
-
 def run(args: argparse.Namespace) -> int | None:
     """Run `export` / `import`; prints one JSON line. None when the command is not ours."""
     if args.cmd == "export":
@@ -623,7 +593,7 @@ def run(args: argparse.Namespace) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m softprompt.interop export|import ...` (the same commands as the CLI)."""
     p = argparse.ArgumentParser(prog="softprompt")
-    add_parsers(p.add_subparsers(dest="cmd", required=True))
+    add_interop_parsers(p.add_subparsers(dest="cmd", required=True))
     args = p.parse_args(argv)
     try:
         return run(args) or 0

@@ -63,6 +63,7 @@ from softprompt.config import DataConfig, RunConfig, apply_options, load_yaml, t
 from softprompt.data import DataError, Encoded
 from softprompt.evaluate import evaluate_examples
 from softprompt.models import Backbone, load_backbone
+from softprompt.parsers import add_multitask_parser as add_parsers  # noqa: F401 (tests build the parser here)
 from softprompt.prompt import init_prompt
 from softprompt.prompted import Batch, Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
@@ -465,27 +466,6 @@ def evaluate_tasks(
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train-multi",
-        help="multi-task prompt tuning: shared + per-task prompts, one file per task",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML file with top-level options and a `tasks:` list")
-    p.add_argument("--shared-tokens", type=int, default=None, help="tokens of the shared prompt (default 10)")
-    p.add_argument("--num-tokens", type=int, default=None, help="tokens of each task's own prompt")
-    p.add_argument("--out", default=None, help="output directory (default: `out` in the config, else multitask/)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--resume", default=None, help="state directory to resume from (default OUT/state)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-
-
 def run(args: argparse.Namespace) -> int | None:
     if args.cmd != "train-multi":
         return None

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from softprompt.checkpoint import PromptCheckpoint, load_prompt
+from softprompt.parsers import add_similarity_parser as add_parsers  # noqa: F401 (tests build the parser here)
 
 
 def prompt_matrix(ck: PromptCheckpoint) -> torch.Tensor:
@@ -92,19 +93,6 @@ def similarity(sources: list[str], target: str, *, by: str = "mean") -> list[dic
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("similarity", help="rank source prompts by cosine similarity to a target prompt (SPoT)")
-    s.add_argument("sources", nargs="+", metavar="PROMPT", help="source prompt files")
-    s.add_argument("--to", required=True, metavar="PROMPT", help="the target task's prompt")
-    s.add_argument(
-        "--by",
-        default="mean",
-        choices=["mean", "flat"],
-        help="rank by the cosine of the mean token (any lengths) or of the flattened prompt",
-    )
-    s.add_argument("--json", action="store_true", help="one JSON object per source instead of a table")
-
-
 def run(args: argparse.Namespace) -> int | None:
     if args.cmd != "similarity":
         return None

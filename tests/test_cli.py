@@ -401,3 +401,22 @@ def test_info_via_python_dash_m(trained: Trained, capsys: pytest.CaptureFixture[
     assert trained.info_child.returncode == 0, err.decode()
     rc, inproc, _ = run(capsys, ["info", str(trained.prompt)])
     assert json.loads(out) == json.loads(inproc)
+
+
+def test_help_and_config_import_without_torch() -> None:
+    """Building the command tree (every subcommand's flags) imports neither torch nor transformers."""
+    code = (
+        "import sys, softprompt, softprompt.cli as c; p = c.build_parser()\n"
+        "for cmd in ('train', 'eval', 'predict', 'generate', 'serve', 'export', 'import', 'train-multi', 'similarity'):\n"
+        "    assert cmd in p._subparsers._group_actions[0].choices, cmd\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert softprompt.RunConfig().train.lr > 0 and 'torch' not in sys.modules  # a light lazy export\n"
+        "assert callable(softprompt.load_backbone) and 'torch' in sys.modules  # a heavy one loads on first use\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "softprompt", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0 and "--train.lr" in r.stdout
