@@ -279,10 +279,12 @@ HEADLINE = [
     ("SST-2", "smollm2-135m prompt tuning, 20 tokens", "sst2/pt-20"),
     ("SST-2", "smollm2-135m PEFT prompt tuning, 20 tokens", "sst2/peft-20"),
     ("SST-2", "smollm2-135m prompt tuning, 100 tokens", "sst2/pt-100"),
+    ("SST-2", "smollm2-135m prompt tuning, 100 tokens, 600 steps", "sst2/pt-100-600"),  # --only sst2-long (full)
     ("SST-2", "minilm-l6 prompt tuning, linear head", "minilm/pt-linear"),
     ("SST-2", "minilm-l6 full fine-tuning", "minilm/full-ft"),
     ("AG News", "smollm2-135m zero-shot", "agnews/zero-shot"),
     ("AG News", "smollm2-135m prompt tuning, 20 tokens", "agnews/pt-20"),
+    ("AG News", "smollm2-135m prompt tuning, 20 tokens, 500 steps", "agnews/pt-20-500"),  # --only agnews-long
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]
