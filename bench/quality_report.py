@@ -287,6 +287,7 @@ HEADLINE = [
     ("AG News", "smollm2-135m zero-shot", "agnews/zero-shot"),
     ("AG News", "smollm2-135m prompt tuning, 20 tokens", "agnews/pt-20"),
     ("AG News", "smollm2-135m prompt tuning, 20 tokens, 500 steps", "agnews/pt-20-500"),  # --only agnews-long
+    ("AG News", "smollm2-135m prompt tuning, 100 tokens", "agnews/pt-100"),  # --only agnews-100
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]
