@@ -9,14 +9,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from softprompt.api import Predictor, info
-    from softprompt.checkpoint import load_prompt, save_prompt
-    from softprompt.config import DataConfig, ModelConfig, PromptConfig, RunConfig, TrainConfig
-    from softprompt.models import load_backbone
-    from softprompt.prompt import SoftPrompt, init_prompt
-    from softprompt.prompted import PromptedModel
-    from softprompt.train import train
+if TYPE_CHECKING:  # the names for type checkers (`as X`: an explicit re-export); at run time __getattr__ loads them
+    from softprompt.api import Predictor as Predictor
+    from softprompt.api import info as info
+    from softprompt.checkpoint import load_prompt as load_prompt
+    from softprompt.checkpoint import save_prompt as save_prompt
+    from softprompt.config import DataConfig as DataConfig
+    from softprompt.config import ModelConfig as ModelConfig
+    from softprompt.config import PromptConfig as PromptConfig
+    from softprompt.config import RunConfig as RunConfig
+    from softprompt.config import TrainConfig as TrainConfig
+    from softprompt.models import load_backbone as load_backbone
+    from softprompt.prompt import SoftPrompt as SoftPrompt
+    from softprompt.prompt import init_prompt as init_prompt
+    from softprompt.prompted import PromptedModel as PromptedModel
+    from softprompt.train import train as train
 
 __version__ = "0.1.0"
 _EXPORTS = {
@@ -35,22 +42,7 @@ _EXPORTS = {
     "save_prompt": "checkpoint",
     "train": "train",
 }
-__all__ = [  # = _EXPORTS's keys, spelled out for linters and `from softprompt import *`
-    "DataConfig",
-    "ModelConfig",
-    "PromptConfig",
-    "Predictor",
-    "PromptedModel",
-    "RunConfig",
-    "SoftPrompt",
-    "TrainConfig",
-    "info",
-    "init_prompt",
-    "load_backbone",
-    "load_prompt",
-    "save_prompt",
-    "train",
-]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

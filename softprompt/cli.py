@@ -16,8 +16,6 @@ from typing import Any
 from softprompt.config import SECTIONS, ConfigError, RunConfig, apply_options, load_yaml
 from softprompt.parsers import build_parser
 
-_parser = build_parser  # softprompt.distributed parses a launched process's train flags with it
-
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the YAML file, then flags given on the command line."""
@@ -41,7 +39,7 @@ def _fill_single(pred, text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except KeyboardInterrupt:

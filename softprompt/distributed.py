@@ -216,9 +216,9 @@ def run_train(args: argparse.Namespace, log=None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m softprompt.distributed [train flags]`: what each launched process runs (and usable directly:
     `accelerate launch -m softprompt.distributed --train ...`)."""
-    from softprompt.cli import _parser
+    from softprompt.parsers import build_parser
 
-    args = _parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    args = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run_train(args)
     except KeyboardInterrupt:

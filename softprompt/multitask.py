@@ -63,7 +63,6 @@ from softprompt.config import DataConfig, RunConfig, apply_options, load_yaml, t
 from softprompt.data import DataError, Encoded
 from softprompt.evaluate import evaluate_examples
 from softprompt.models import Backbone, load_backbone
-from softprompt.parsers import add_multitask_parser as add_parsers  # noqa: F401 (tests build the parser here)
 from softprompt.prompt import init_prompt
 from softprompt.prompted import Batch, Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from softprompt.checkpoint import PromptCheckpoint, load_prompt
-from softprompt.parsers import add_similarity_parser as add_parsers  # noqa: F401 (tests build the parser here)
 
 
 def prompt_matrix(ck: PromptCheckpoint) -> torch.Tensor:

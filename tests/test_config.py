@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers_train import ROOT
 
-from softprompt.cli import _parser, build_config, main
+from softprompt.cli import build_config, main
 from softprompt.config import (
     SECTIONS,
     ConfigError,
@@ -23,6 +23,7 @@ from softprompt.config import (
     load_yaml,
 )
 from softprompt.data import Verbalizer, load_samples, seen_labels
+from softprompt.parsers import build_parser
 
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 ALL_FIELDS = [(sec, f) for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
@@ -30,7 +31,7 @@ ALL_FIELDS = [(sec, f) for sec, cls in SECTIONS.items() for f in dataclasses.fie
 
 def parse_train(*argv: str) -> RunConfig:
     """What `softprompt train ARGV` would run with (defaults, then --config, then flags; validated)."""
-    return build_config(_parser().parse_args(["train", *argv]))
+    return build_config(build_parser().parse_args(["train", *argv]))
 
 
 # ---- shipped example configs ----------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ def test_dotted_flag_is_the_short_flag() -> None:
 
 @pytest.mark.parametrize("sec,f", ALL_FIELDS, ids=[f"{s}.{f.name}" for s, f in ALL_FIELDS])
 def test_every_field_has_both_flag_forms(sec: str, f: dataclasses.Field) -> None:
-    p = _parser()
+    p = build_parser()
     short, dotted = f"--{f.name.replace('_', '-')}", f"--{sec}.{f.name}"
     if f.type in ("bool", bool):
         assert getattr(p.parse_args(["train", short]), f.name) is True

@@ -24,13 +24,13 @@ from softprompt.models import Backbone, load_backbone
 from softprompt.multitask import (
     MultiPrompt,
     MultiTaskError,
-    add_parsers,
     build,
     parse_multi_config,
     run,
     sample_rows,
     train_multi,
 )
+from softprompt.parsers import add_multitask_parser
 
 SENT = [
     ("a great film", "pos"),
@@ -254,7 +254,7 @@ def test_cli_train_multi(root: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     path.write_text(yaml.safe_dump(cfg))
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    add_parsers(sub)
+    add_multitask_parser(sub)
     args = p.parse_args(["train-multi", "--config", str(path), "--out", str(tmp_path / "o"), "--shared-tokens", "1"])
     assert run(args) == 0
     out = json.loads(capsys.readouterr().out)

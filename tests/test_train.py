@@ -359,9 +359,9 @@ def test_plot_writes_png_beside_prompt(
 
 def test_flags_used_by_these_tests_are_real() -> None:
     """Guard against a typo in FAST silently falling back to a default (argparse would exit 2 on unknown flags)."""
-    from softprompt.cli import _parser
+    from softprompt.parsers import build_parser
 
-    args = _parser().parse_args(["train", *FAST])
+    args = build_parser().parse_args(["train", *FAST])
     assert (args.num_tokens, args.batch_size, args.warmup_steps, args.progress) == ("4", "4", "0", False)
 
 

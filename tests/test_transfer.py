@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from softprompt.checkpoint import CheckpointError, load_prompt, save_prompt
-from softprompt.transfer import add_parsers, flat_cosine, mean_cosine, prompt_matrix, run, similarity
+from softprompt.parsers import add_similarity_parser
+from softprompt.transfer import flat_cosine, mean_cosine, prompt_matrix, run, similarity
 
 
 def write(tmp_path: Path, name: str, rows: list[list[float]], **meta) -> str:
@@ -23,7 +24,7 @@ def write(tmp_path: Path, name: str, rows: list[list[float]], **meta) -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    add_parsers(sub)
+    add_similarity_parser(sub)
     return p.parse_args(argv)
 
 
