@@ -121,6 +121,56 @@ def freeze(model: torch.nn.Module, dropout: bool = False) -> None:
     model.train(dropout)
 
 
+GROUPED_SDPA = "softprompt_sdpa"  # transformers' sdpa, plus grouped K/V heads read in place on CPU (below)
+
+
+def grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (N, H, Tq, dh)
+    key: torch.Tensor,  # (N, Hkv, Tk, dh), Hkv = H / groups
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' `sdpa` attention, except for masked grouped-query attention on CPU.
+
+    With a mask (every prompt-K/V forward has one: prompt columns + causal rows), transformers copies each K/V
+    head `groups` times (`repeat_kv`) before SDPA, and autograd keeps the copies; torch's CPU kernel reads the
+    shared heads itself (`enable_gqa`), the same sums without the copies: 30-40% less attention time (forward +
+    backward) at SmolLM2's 9 query / 3 K/V heads. Everywhere else (CUDA, where a masked GQA call falls back to the
+    math kernel; one query token; no mask; position bias) it is transformers' function unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = groups == 1 or attention_mask is None or query.device.type != "cpu" or query.shape[2] == 1
+    if plain or any(kwargs.get(k) for k in ("position_bias", "softcap", "output_attentions")):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )  # (N, H, Tq, dh)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_grouped_sdpa(model: PreTrainedModel) -> None:
+    """Switch a grouped-query `sdpa` model to `grouped_sdpa` (same masks, same values); others are left alone."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    cfg = model.config.get_text_config()
+    heads, kv_heads = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    if model.config._attn_implementation != "sdpa" or not heads or not kv_heads or kv_heads == heads:
+        return
+    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
+    AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+    model.set_attn_implementation(GROUPED_SDPA)
+
+
 def embedding_fingerprint(model: PreTrainedModel) -> str:
     """sha256 of the input-embedding matrix (shape + bytes), so a prompt can check its backbone.
 
@@ -403,6 +453,7 @@ def load_backbone(spec: ModelConfig | str, *, family: Family | None = None, prog
     if not placed_by_loader(cfg.quantize):
         model.to(device)  # type: ignore[arg-type]
     freeze(model, dropout=cfg.dropout)
+    use_grouped_sdpa(model)
     embed_dim, arch = int(_embedding_weight(model).shape[1]), type(model).__name__
     # A local path is recorded absolute (checkpoints store it as base_model: they must load from any directory).
     local = cfg.model not in ALIASES and Path(cfg.model).expanduser().exists()

@@ -279,3 +279,35 @@ def test_sdpa_falls_back_to_eager() -> None:
             return "model"
 
     assert models._from_pretrained(Fake, "src", torch.float32, "sdpa") == "model" and seen == ["sdpa", "eager"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_grouped_sdpa_matches_transformers_sdpa(kind: str, tiny_root: Path) -> None:
+    """Grouped-query models switch to `grouped_sdpa`; logits and input gradients equal transformers' `sdpa` (which
+    repeats the K/V heads) on left-padded rows behind a cached prefix (the masked path); others stay on `sdpa`."""
+    bb = load(tiny_model_dir(kind, tiny_root))
+    grouped = kind != "gpt2"  # tiny Llama/Qwen2 have 4 query and 2 K/V heads; GPT-2 has no K/V groups
+    assert bb.model.config._attn_implementation == (models.GROUPED_SDPA if grouped else "sdpa")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    mask[2, :1] = 0
+
+    def run(impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+        bb.model.set_attn_implementation(impl)
+        emb = bb.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        past = bb.model(inputs_embeds=emb[:1, :4], use_cache=True).past_key_values  # prefix of 4, batch 1
+        for layer in past.layers:
+            layer.keys, layer.values = layer.keys.expand(3, -1, -1, -1), layer.values.expand(3, -1, -1, -1)
+        attn = torch.cat([torch.ones(3, 4, dtype=torch.long), mask], 1)
+        pos = (4 + mask.cumsum(-1) - 1).clamp(min=0)
+        out = bb.model(inputs_embeds=emb, attention_mask=attn, position_ids=pos, cache=past).logits
+        out[mask.bool()].square().sum().backward()
+        assert emb.grad is not None
+        return out[mask.bool()].detach(), emb.grad
+
+    ours = run(bb.model.config._attn_implementation)
+    ref = run("sdpa")
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-4, atol=1e-6)
