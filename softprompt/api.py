@@ -90,7 +90,7 @@ class Predictor:
                 raise CheckpointError(f"{missing[0]}: an ensemble member without the linear head the others have")
             # each member scores its rows with its own head (one head: the plain single-prompt case)
             pm.head = heads[0] if len(heads) == 1 else PerPromptHeads([h for h in heads if h is not None])
-        elif spec.head == "linear" and pm.family == "encoder":  # a fresh random head would give random labels
+        elif spec.head == "linear":  # a fresh head would give random (or zero-shot) labels, not the trained ones
             raise CheckpointError(f"{paths[0]}: a --head linear prompt without its head.linear.* tensors")
         else:
             pm.head = task.make_head()

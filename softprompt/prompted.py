@@ -118,7 +118,7 @@ class Batch:
 
 
 class LinearHead(nn.Module):
-    """Trainable linear classifier over the pooled encoder output."""
+    """Trainable linear classifier over the pooled output (PromptedModel.pooled)."""
 
     def __init__(self, dim: int, num_labels: int) -> None:
         super().__init__()
@@ -396,7 +396,13 @@ class PromptedModel(nn.Module):
         return h, attn, pool
 
     def pooled(self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch) -> torch.Tensor:
-        """Mean of the encoder output over real tokens (CLS/SEP included, prompt slots excluded): (N, d)."""
+        """What a classification head reads, (N, d): an encoder's output averaged over real tokens (CLS/SEP
+        included, prompt slots excluded); a decoder's last hidden state at the last input token (the position
+        whose logits verbalizer scoring reads)."""
+        if self.family == "causal":
+            n, T = batch.ids.shape
+            last = torch.full((n, 1), T - 1, dtype=torch.long, device=batch.ids.device)  # rows are left-padded
+            return self.causal_hidden(prefix, self._rows(prefix, rows, n), batch.ids, batch.mask, last)[:, 0]
         h, _, pool = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
         w = pool.to(h.dtype)[..., None]
         return (h * w).sum(1) / w.sum(1).clamp(min=1)
@@ -412,8 +418,9 @@ class PromptedModel(nn.Module):
     def label_scores(
         self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, label_ids: list[list[int]]
     ) -> torch.Tensor:
-        """(B, L) class scores: mean log-likelihood of each verbalizer (lm head) or the encoder head's logits."""
-        if self.family == "encoder":
+        """(B, L) class scores: mean log-likelihood of each verbalizer (lm head) or the head's logits (an encoder's
+        head, or a decoder's --head linear)."""
+        if self.family == "encoder" or self.head is not None:
             if self.head is None:
                 raise ValueError("an encoder backbone needs a head (--head linear or similarity)")
             pooled = self.pooled(prefix, rows, batch)

@@ -107,6 +107,9 @@ class BoundTask:
             if pm.family != "encoder" or spec.head == "lm":
                 if pm.family == "encoder":
                     raise DataError("--head: an encoder backbone needs --head linear or --head similarity")
+                allowed = ("lm", "linear") if pm.family == "causal" else ("lm",)
+                if spec.head not in allowed:
+                    raise DataError(f"--head {spec.head}: a {pm.family} model takes --head {' or '.join(allowed)}")
                 self.label_ids = pm.verbalizer_ids(spec.verbalizer.words, spec.template)
                 for w, ids in zip(spec.verbalizer.words, self.label_ids):
                     if not ids:
@@ -160,14 +163,24 @@ class BoundTask:
         return self.pm.encode_target(label_text(text, self.spec.template, "causal"))
 
     def make_head(self, *, seed: int = 0) -> torch.nn.Module | None:
-        """The encoder head: linear (trainable) or similarity (frozen label-description encodings)."""
-        if self.pm.family != "encoder" or self.spec.task != "classify":
+        """The classification head: an encoder's linear (trainable) or similarity (frozen label-description
+        encodings) head, or a decoder's --head linear, which starts as its verbalizer: row l is the output
+        embedding of label word l's first token, bias 0, so step 0 gives verbalizer scoring's class
+        probabilities (for one-token words, exactly) and training moves on from there."""
+        if self.spec.task != "classify" or (self.pm.family != "encoder" and self.spec.head != "linear"):
             return None
         assert self.spec.verbalizer is not None
         d, L = self.pm.backbone.embed_dim, len(self.spec.verbalizer.labels)
         if self.spec.head == "linear":
             torch.manual_seed(seed)
-            return LinearHead(d, L).to(self.pm.backbone.device)
+            head = LinearHead(d, L).to(self.pm.backbone.device)
+            if self.pm.family == "causal":
+                out = self.pm.model.get_output_embeddings().weight  # (V, d)
+                first = torch.tensor([ids[0] for ids in self.label_ids], device=out.device)
+                with torch.no_grad():
+                    head.linear.weight.copy_(out[first].float())
+                    head.linear.bias.zero_()
+            return head
         # similarity: encode each label description once, without a prompt
         none = self.pm.build_prefix([None])
         ids = [self.pm.encode_input(w) for w in self.spec.verbalizer.words]

@@ -216,6 +216,26 @@ def test_encoder_linear_head_is_saved_and_used_by_eval(
     assert (m["accuracy"], m["macro_f1"]) == pytest.approx((trained["accuracy"], trained["macro_f1"]))
 
 
+def test_decoder_linear_head_is_saved_and_used_by_eval(
+    tiny_dir: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A decoder trained with --head linear: the head is saved, eval and predict score with it (the same numbers
+    as training's evaluation), and it has moved from its start (the verbalizer's output embeddings)."""
+    data = write_jsonl(tmp_path / "train.jsonl", cls_records())
+    prompt = tmp_path / "l.safetensors"
+    argv = ["train", "--model", str(tiny_dir("llama")), "--train", str(data), "--eval", str(data), "--out", str(prompt)]
+    rc, out, err = run(capsys, [*argv, *FAST, "--head", "linear", "--labels", LABELS, "--max-steps", "3"])
+    assert rc == 0, err
+    trained = json.loads(out)
+    ck = load_prompt(prompt)
+    assert set(ck.extra) == {"head.linear.weight", "head.linear.bias"} and ck.meta["head"] == "linear"
+    assert float(ck.extra["head.linear.bias"].abs().max()) > 0  # trained (it starts at 0)
+    rc, out, err = run(capsys, ["eval", "--prompt", str(prompt), "--data", str(data)])
+    assert rc == 0, err
+    m = json.loads(out)
+    assert (m["accuracy"], m["macro_f1"]) == pytest.approx((trained["accuracy"], trained["macro_f1"]))
+
+
 # ---- errors: exit 2, one line, names the culprit, no output file -----------------------------------------------
 
 
@@ -251,6 +271,7 @@ TRAIN_ERRORS = {
         ["long.jsonl:2:", "more than --max-length 4", "--no-truncate"],
     ),
     "template-without-field": ("good.jsonl", ["--template", "no placeholder"], ["--template", "no {field}"]),
+    "similarity-head-on-a-decoder": ("good.jsonl", ["--head", "similarity"], ["--head similarity", "lm or linear"]),
     "num-tokens-0": ("good.jsonl", ["--num-tokens", "0"], ["--num-tokens must be >= 1"]),
     "negative-lr": ("good.jsonl", ["--lr=-1"], ["--lr must be > 0"]),
     "unknown-optimizer": ("good.jsonl", ["--optimizer", "sgd"], ["--optimizer", "'sgd'"]),

@@ -508,3 +508,45 @@ def test_smollm2_fast_equals_naive() -> None:
     assert rel(grads["fast"], grads["naive"]) <= 1e-4
     assert gens["fast"] == gens["naive"]
     assert all(len(g) == NEW_TOKENS for g in gens["fast"])
+
+
+# ----- 9. a decoder's --head linear --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", CAUSAL)
+def test_decoder_linear_head_scores_match_reference(kind: str, sharp_backbone: BackboneFn) -> None:
+    """label_scores with a head on a decoder = the head on the hand-built forward's last hidden state (left-padded
+    batch, fast and naive paths); a head whose rows are the verbalizer's output embeddings (make_head's start)
+    gives verbalizer scoring's class probabilities; gradients reach the prompt and the head, not the model."""
+    from softprompt.data import DataConfig
+    from softprompt.task import BoundTask, TaskSpec
+
+    bb = sharp_backbone(kind)
+    prompt = make_prompt(6, bb.embed_dim, seed=21)
+    cls = [bb.tokenizer.cls_token_id]
+    torch.manual_seed(1)
+    head = LinearHead(bb.embed_dim, 3)
+    with torch.no_grad():
+        last = [bb.model.base_model(inputs_embeds=embeds(bb, cls, prompt, plain_ids(bb, t)))[0][0, -1] for t in TEXTS]
+        want = head(torch.stack(last))
+        for naive in (False, True):
+            pm = PromptedModel(bb, naive=naive)
+            pm.head = head
+            got = pm.label_scores(pm.build_prefix([prompt]), None, batch_of(pm, TEXTS), [])
+            torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+    pm = PromptedModel(bb)
+    spec = TaskSpec.from_config(DataConfig(labels="x=a,y=b", head="linear"))  # one token each in every tiny vocab
+    task = BoundTask(spec, pm, num_tokens=6)
+    start = task.make_head()
+    assert isinstance(start, LinearHead)
+    batch = batch_of(pm, TEXTS, [0, 1, 0, 1])
+    with torch.no_grad():
+        verbalizer = pm.label_scores(pm.build_prefix([prompt]), None, batch, task.label_ids).softmax(-1)
+        pm.head = start
+        headed = pm.label_scores(pm.build_prefix([prompt]), None, batch, task.label_ids).softmax(-1)
+    assert all(len(ids) == 1 for ids in task.label_ids)
+    torch.testing.assert_close(headed, verbalizer, rtol=0, atol=1e-5)
+    p = prompt.clone().requires_grad_(True)
+    pm.loss(pm.build_prefix([p]), batch, task.label_ids).backward()
+    assert all(q.grad is None for q in bb.model.parameters())
+    assert p.grad is not None and float(p.grad.abs().max()) > 0
+    assert all(q.grad is not None and float(q.grad.abs().max()) > 0 for q in start.parameters())

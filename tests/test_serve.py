@@ -724,6 +724,33 @@ def test_encoder_mixed_heads_equal_predict(root: Path, tmp_path: Path) -> None:
     assert gen.status_code == 400
 
 
+def test_decoder_head_tasks_mix_with_verbalizer_tasks(llama: tuple[Path, Any], prompts: Path, tmp_path: Path) -> None:
+    """A decoder prompt trained with --head linear is served by its head, in the same batch as verbalizer tasks,
+    each row equal to Predictor alone; one without its head tensors is refused."""
+    model_dir, bb = llama
+    for name in ("sentiment", "topic"):
+        (tmp_path / f"{name}.safetensors").write_bytes((prompts / f"{name}.safetensors").read_bytes())
+    make_prompt(tmp_path / "headed.safetensors", bb, model_dir, tokens=5, seed=7, head="linear", linear_head=True,
+                labels=["x", "y", "z"], template="Text: {text}\nClass:")  # fmt: skip
+    make_prompt(tmp_path / "headless.safetensors", bb, model_dir, tokens=5, seed=8, head="linear")
+    reg = Registry(bb, tmp_path)
+    assert reg.names() == ["headed", "sentiment", "topic"] and "head.linear" in reg.refused["headless"]
+    cases = [("headed", "a great movie"), ("sentiment", "a great movie"), ("headed", "parliament voted today"),
+             ("topic", "the match ended")]  # fmt: skip
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        async with served(reg, max_wait_ms=300) as (c, s):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": t, "inputs": [x]}) for t, x in cases))
+            return [r.json()["results"][0] for r in rs], list(s.history)
+
+    results, history = run(go())
+    assert history[0].tasks == 3 and history[0].rows == 4
+    for (t, x), res in zip(cases, results, strict=True):
+        pred = Predictor.load(str(tmp_path / f"{t}.safetensors"), backbone=bb)
+        assert_same(res, pred.predict([fill(reg, t, x)])[0])
+    assert results[0]["probabilities"].keys() == {"x", "y", "z"}
+
+
 def test_encoder_decoder_classify_and_generate(root: Path, tmp_path: Path) -> None:
     d = lively_model_dir("t5", root)
     bb = load(d)

@@ -74,27 +74,41 @@ def select(batch: Batch, idx: torch.Tensor) -> Batch:
 
 @torch.no_grad()
 def mixed_label_scores(
-    pm: PromptedModel, prefix: Prefix, rows: torch.Tensor, batch: Batch, label_ids: Sequence[list[list[int]]]
+    pm: PromptedModel,
+    prefix: Prefix,
+    rows: torch.Tensor,
+    batch: Batch,
+    label_ids: Sequence[list[list[int]]],
+    heads: Sequence[nn.Module | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Verbalizer scores of a decoder-only mixed batch: row i is scored against its own task's `label_ids[i]`.
+    """Class scores of a decoder-only mixed batch: row i is scored against its own task's `label_ids[i]`, or by
+    its own task's linear head `heads[i]` (a --head linear prompt) on the last input position's hidden state.
 
-    Rows whose verbalizer words are all single tokens share one forward pass (one scored position each; every row
-    gathers its own label tokens from the full-vocabulary log-probs). Rows with multi-token words are expanded to one
-    row per (input, word) as PromptedModel.label_scores does, all tasks together in a second pass. The score of a
-    word is its mean token log-likelihood, exactly label_scores' definition.
+    Rows with a head or whose verbalizer words are all single tokens share one forward pass (one scored position
+    each; every verbalizer row gathers its own label tokens from the full-vocabulary log-probs). Rows with
+    multi-token words are expanded to one row per (input, word) as PromptedModel.label_scores does, all tasks
+    together in a second pass. The score of a word is its mean token log-likelihood, exactly label_scores'
+    definition; a head's score is its logits, exactly label_scores' with that head.
     """
     n, T = batch.ids.shape
     dev = batch.ids.device
+    heads = heads if heads is not None else [None] * n
     out: list[torch.Tensor | None] = [None] * n
-    single = [i for i in range(n) if all(len(w) == 1 for w in label_ids[i])]
+    single = [i for i in range(n) if heads[i] is not None or all(len(w) == 1 for w in label_ids[i])]
     multi = [i for i in range(n) if i not in set(single)]
     if single:
         idx = torch.tensor(single, device=dev)
         pos = torch.full((len(single), 1), T - 1, dtype=torch.long, device=dev)
-        h = pm.causal_hidden(prefix, rows[idx], batch.ids[idx], batch.mask[idx], pos)
-        logp = pm.lm_logits(h).log_softmax(-1)[:, 0]  # (S, V)
+        h = pm.causal_hidden(prefix, rows[idx], batch.ids[idx], batch.mask[idx], pos)  # (S, 1, d)
+        verb = [j for j, i in enumerate(single) if heads[i] is None]
+        logp = pm.lm_logits(h[verb]).log_softmax(-1)[:, 0] if verb else None  # (S', V): only verbalizer rows
         for j, i in enumerate(single):
-            out[i] = logp[j, torch.tensor([w[0] for w in label_ids[i]], device=dev)]
+            head = heads[i]
+            if head is not None:
+                out[i] = head(h[j, 0][None]).float()[0]
+            else:
+                assert logp is not None
+                out[i] = logp[verb.index(j), torch.tensor([w[0] for w in label_ids[i]], device=dev)]
     if multi:
         m = max(len(w) for i in multi for w in label_ids[i])
         ids, mask, prow, tgt, owner = [], [], [], [], []

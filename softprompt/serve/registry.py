@@ -210,7 +210,9 @@ class Registry:
         if self.max_input_tokens:
             max_in = min(max_in, self.max_input_tokens)
         head: nn.Module | None = None
-        if pm.family == "encoder" and spec.task == "classify":
+        if spec.task == "classify" and (pm.family == "encoder" or spec.head == "linear"):
+            if spec.head == "linear" and "head.linear.weight" not in ckpt.extra:
+                raise CheckpointError(f"{path}: a --head linear prompt without its head.linear.* tensors")
             if "head.linear.weight" in ckpt.extra:
                 w = ckpt.extra["head.linear.weight"]
                 assert spec.verbalizer is not None

@@ -427,7 +427,8 @@ class Scheduler:
             batch, prow = batch.to(dev), prow.to(dev)
             entries = [e for e, _ in chunk]
             if pm.family == "causal":
-                scores = mixed_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries])
+                heads = [e.head for e in entries]  # None except --head linear tasks
+                scores = mixed_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries], heads)
             elif pm.family == "seq2seq":
                 scores = seq2seq_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries])
             else:
