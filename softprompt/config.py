@@ -75,7 +75,8 @@ class DataConfig:
     no_truncate: bool = False
     """Error on an over-long input instead of truncating it."""
     head: str = "lm"
-    """Scoring head: lm (verbalizer log-likelihood; causal and seq2seq), linear or similarity (encoders)."""
+    """Scoring head: lm (verbalizer log-likelihood; causal and seq2seq), linear (encoders, and causal: on the last
+    input position, started from the verbalizer) or similarity (encoders)."""
 
 
 @dataclass
