@@ -283,8 +283,8 @@ def render(study: Study, notes: list[str]) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    groups = "sst2, minilm, agnews, sst2-100, sst2-uniform, sst2-long, agnews-long, agnews-100, agnews-head, pairs"
-    groups += ", ablation, lr"
+    groups = "sst2, minilm, agnews, sst2-100, sst2-uniform, sst2-long, agnews-long, agnews-100, agnews-head"
+    groups += ", agnews-head-100, pairs, ablation, lr"
     ap.add_argument("--only", default="", help=f"comma list of: {groups}")
     args = ap.parse_args()
     if not SHARED.exists():

@@ -156,11 +156,15 @@ def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
         out.append(f"{line} — {'met' if ok else 'MISSED'} ({mode} budget).")
     else:
         out.append("- SST-2 prompt tuning ≥ 89% and ≥ PEFT: not measured in this run.")
-    keys = [k for k in ["agnews/pt-20", *(k for _, k in _longer(results, "agnews/pt-20", "")), "agnews/pt-100"]
-            if k in results]  # fmt: skip
+    keys = [k for k in ["agnews/pt-20", *(k for _, k in _longer(results, "agnews/pt-20", "")), "agnews/pt-100",
+                        "agnews/pt-20-linear", "agnews/pt-100-linear"] if k in results]  # fmt: skip
     if keys:
         ok = any(results[k]["accuracy"] >= 0.88 for k in keys)
-        got = "; ".join(f"{k.split('-')[1]} tokens, {results[k]['steps']} steps {_pct(results, k)}" for k in keys)
+        got = "; ".join(
+            f"{k.split('-')[1]} tokens{' + linear head' if k.endswith('-linear') else ''}, "
+            f"{results[k]['steps']} steps {_pct(results, k)}"
+            for k in keys
+        )
         out.append(f"- AG News prompt tuning ≥ 88%: {got} — {'met' if ok else 'MISSED'} ({mode} budget).")
     else:
         out.append("- AG News prompt tuning ≥ 88%: not measured in this run.")
@@ -224,8 +228,10 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("prompt tuning, 20 tokens", "agnews/pt-20"),
                 *_longer(results, "agnews/pt-20", "prompt tuning, 20 tokens"),
                 ("prompt tuning, 100 tokens", "agnews/pt-100"),
+                ("prompt tuning + linear head (--head linear), 20 tokens", "agnews/pt-20-linear"),
+                ("prompt tuning + linear head (--head linear), 100 tokens", "agnews/pt-100-linear"),
             ],
-            f"{cmd} --only agnews,agnews-long,agnews-100",
+            f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100",
         ),
         "",
         "## RTE and BoolQ, smollm2-135m",
@@ -288,6 +294,8 @@ HEADLINE = [
     ("AG News", "smollm2-135m prompt tuning, 20 tokens", "agnews/pt-20"),
     ("AG News", "smollm2-135m prompt tuning, 20 tokens, 500 steps", "agnews/pt-20-500"),  # --only agnews-long
     ("AG News", "smollm2-135m prompt tuning, 100 tokens", "agnews/pt-100"),  # --only agnews-100
+    ("AG News", "smollm2-135m prompt tuning + linear head, 20 tokens", "agnews/pt-20-linear"),  # --only agnews-head
+    ("AG News", "smollm2-135m prompt tuning + linear head, 100 tokens", "agnews/pt-100-linear"),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]

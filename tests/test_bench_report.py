@@ -65,6 +65,16 @@ def test_sst2_target_needs_89_and_peft_at_the_same_budget() -> None:
     assert lines[1] == "- AG News prompt tuning ≥ 88%: not measured in this run."
 
 
+def test_agnews_target_names_the_linear_head_runs() -> None:
+    lines = quality_report._target_lines(
+        {"agnews/pt-20": run(0.84, steps=200), "agnews/pt-20-linear": run(0.883, steps=200)}, "full"
+    )
+    assert lines[1] == (
+        "- AG News prompt tuning ≥ 88%: 20 tokens, 200 steps 84.0%; 20 tokens + linear head, 200 steps 88.3% — met"
+        " (full budget)."
+    )
+
+
 def test_study_cache_merges_concurrent_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quality, "ROOT", tmp_path)
     a, b = quality.Study("t", quality.QUICK), quality.Study("t", quality.QUICK)  # two streams, both started empty
