@@ -223,6 +223,7 @@ class Study:
         lr: float = 0.01,
         seed: int = 0,
         head: str = "lm",
+        head_lr: float = 0.0,
         steps: int | None = None,
         evals: int = 4,
         eval_max: int = 0,
@@ -239,7 +240,7 @@ class Study:
         cfg.data.train, cfg.data.eval, cfg.data.template, cfg.data.labels = tr, ev, t.template, t.labels
         cfg.data.head = head
         cfg.prompt.num_tokens, cfg.prompt.init, cfg.prompt.method = num_tokens, init, method
-        cfg.train.optimizer, cfg.train.lr, cfg.train.seed = optimizer, lr, seed
+        cfg.train.optimizer, cfg.train.lr, cfg.train.seed, cfg.train.head_lr = optimizer, lr, seed, head_lr
         cfg.train.max_steps = steps or self.budget.steps
         cfg.train.batch_size = self.budget.batch
         cfg.train.group_by_length = group_by_length
@@ -247,7 +248,8 @@ class Study:
         cfg.train.eval_max = eval_max
         cfg.train.progress = False
         name = f"{key}-{model}-{head}-{method}-p{num_tokens}-{init}-{optimizer}-lr{lr}-s{seed}".replace("/", "_")
-        name += ("" if group_by_length else "-uniform") + suffix  # suffix: runs that differ only in steps
+        name += ("" if group_by_length else "-uniform") + (f"-headlr{head_lr}" if head_lr else "")
+        name += suffix  # suffix: runs that differ only in steps
         cfg.train.out = str(self.dir / "prompts" / f"{name}.safetensors")
         res = train(cfg, backbone=self.backbone(model), log=lambda s: None)
         best = max((h for h in res.history if "eval_accuracy" in h), key=lambda h: h["eval_accuracy"])
@@ -284,7 +286,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     groups = "sst2, minilm, agnews, sst2-100, sst2-uniform, sst2-long, agnews-long, agnews-100, agnews-head"
-    groups += ", agnews-head-100, pairs, ablation, lr"
+    groups += ", agnews-head-100, agnews-head-lr, pairs, ablation, lr"
     ap.add_argument("--only", default="", help=f"comma list of: {groups}")
     args = ap.parse_args()
     if not SHARED.exists():

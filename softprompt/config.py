@@ -87,6 +87,8 @@ class TrainConfig:
     """Peak learning rate."""
     weight_decay: float = 0.0
     """Weight decay (AdamW) applied to the prompt."""
+    head_lr: float = 0.0
+    """Peak learning rate of a trained head (--head linear); 0: the same as --lr."""
     schedule: str = "linear"
     """Learning-rate schedule after warm-up: constant, linear or cosine."""
     warmup_steps: int = 10
@@ -162,6 +164,7 @@ class RunConfig:
             (t.save_every >= 1, "--save-every must be >= 1"),
             (d.max_target_length >= 1, "--max-target-length must be >= 1"),
             (t.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0 <= t.head_lr <= 10, "--head-lr must be between 0 (= --lr) and 10"),
             (d.max_length >= 1, "--max-length must be >= 1"),
             (t.optimizer in ("adamw", "adafactor"), f"--optimizer must be adamw or adafactor, got {t.optimizer!r}"),
             (

@@ -50,14 +50,22 @@ class TrainResult:
     wall_s: float = 0.0
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], cfg: RunConfig, head: list[torch.nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
+    """The optimiser over the prompt `params` and a trained head's parameters; the head gets its own parameter
+    group only when --head-lr sets a different rate (one group otherwise, as states written before it have)."""
     t = cfg.train
+    head = head or []
+    groups: list[dict[str, Any]] = [{"params": params + head}]
+    if head and t.head_lr > 0 and t.head_lr != t.lr:
+        groups = [{"params": params}, {"params": head, "lr": t.head_lr}]
     if t.optimizer == "adafactor":
         # Lester et al.: Adafactor with a fixed lr (no relative step), no warm-up inside the optimiser
         return Adafactor(
-            params, lr=t.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=t.weight_decay
+            groups, lr=t.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=t.weight_decay
         )
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def batch_schedule(
@@ -120,7 +128,7 @@ _RUN_FIELDS = {
     "data": ("train", "template", "labels", "head", "task"),
     "prompt": ("num_tokens", "init", "init_scale", "position", "method"),
     "train": (
-        "optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "grad_accum",
+        "optimizer", "lr", "head_lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "grad_accum",
         "group_by_length", "max_steps", "epochs", "max_grad_norm", "seed", "precision",
     ),
 }  # fmt: skip
@@ -256,11 +264,10 @@ def train(
         from softprompt.deep import make_deep_prompt
 
         deep = make_deep_prompt(pm, init, reparam=cfg.prompt.deep_reparam)
-    params = (deep.trainable() if deep is not None else [prompt.embedding]) + [
-        p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad
-    ]
+    head_params = [p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad]
+    params = (deep.trainable() if deep is not None else [prompt.embedding]) + head_params
     steps = total_steps(cfg, len(train_set))
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(params[: len(params) - len(head_params)], cfg, head_params)
     sched = get_scheduler(
         t.schedule if t.schedule != "constant" else "constant_with_warmup",
         opt,

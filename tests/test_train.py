@@ -492,3 +492,27 @@ def test_resume_with_other_flags_is_refused_and_state_kept(
     argv_rel = [rel if a == str(data) else a for a in argv]
     rc, _, err = run(capsys, [*argv_rel, "--resume", str(state)])
     assert rc == 0 and "resumed from" in err, err
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_head_lr_gets_its_own_group_and_schedule(optimizer: str) -> None:
+    """--head-lr: the head's parameters train at their own peak rate (scaled by the same schedule); unset (0) or
+    equal to --lr, prompt and head share one group, as states written before --head-lr have."""
+    from transformers import get_scheduler
+
+    from softprompt.train import make_optimizer
+
+    prompt, head = torch.nn.Parameter(torch.zeros(3, 4)), [torch.nn.Parameter(torch.zeros(2, 4))]
+    cfg = RunConfig()
+    cfg.train.optimizer, cfg.train.lr = optimizer, 0.01
+    assert len(make_optimizer([prompt], cfg, head).param_groups) == 1
+    cfg.train.head_lr = 0.01
+    assert len(make_optimizer([prompt], cfg, head).param_groups) == 1
+    cfg.train.head_lr = 0.002
+    opt = make_optimizer([prompt], cfg, head)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.002]
+    assert opt.param_groups[0]["params"] == [prompt] and opt.param_groups[1]["params"] == head
+    sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=4)
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0075, 0.0015])
