@@ -286,7 +286,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     groups = "sst2, minilm, agnews, sst2-100, sst2-uniform, sst2-long, agnews-long, agnews-100, agnews-head"
-    groups += ", agnews-head-100, agnews-head-lr, pairs, ablation, lr"
+    groups += ", agnews-head-100, agnews-head-lr, agnews-head-lr-1e-3, pairs, ablation, lr"
     ap.add_argument("--only", default="", help=f"comma list of: {groups}")
     args = ap.parse_args()
     if not SHARED.exists():

@@ -157,13 +157,14 @@ def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
     else:
         out.append("- SST-2 prompt tuning ≥ 89% and ≥ PEFT: not measured in this run.")
     keys = [k for k in ["agnews/pt-20", *(k for _, k in _longer(results, "agnews/pt-20", "")), "agnews/pt-100",
-                        "agnews/pt-20-linear", "agnews/pt-100-linear", "agnews/pt-20-linear-hlr"]
+                        "agnews/pt-20-linear", "agnews/pt-100-linear", "agnews/pt-20-linear-hlr",
+                        "agnews/pt-20-linear-hlr-1e-3"]
             if k in results]  # fmt: skip
     if keys:
         ok = any(results[k]["accuracy"] >= 0.88 for k in keys)
         got = "; ".join(
             f"{k.split('-')[1]} tokens{' + linear head' if '-linear' in k else ''}"
-            f"{' (head lr 0.001)' if k.endswith('-hlr') else ''}, "
+            f"{' (head lr 0.0001)' if k.endswith('-hlr') else ' (head lr 0.001)' if k.endswith('-1e-3') else ''}, "
             f"{results[k]['steps']} steps {_pct(results, k)}"
             for k in keys
         )
@@ -232,7 +233,8 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("prompt tuning, 100 tokens", "agnews/pt-100"),
                 ("prompt tuning + linear head (--head linear), 20 tokens", "agnews/pt-20-linear"),
                 ("prompt tuning + linear head (--head linear), 100 tokens", "agnews/pt-100-linear"),
-                ("prompt tuning + linear head, 20 tokens, --head-lr 0.001", "agnews/pt-20-linear-hlr"),
+                ("prompt tuning + linear head, 20 tokens, --head-lr 0.0001", "agnews/pt-20-linear-hlr"),
+                ("prompt tuning + linear head, 20 tokens, --head-lr 0.001", "agnews/pt-20-linear-hlr-1e-3"),
             ],
             f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100",
         ),
@@ -299,7 +301,8 @@ HEADLINE = [
     ("AG News", "smollm2-135m prompt tuning, 100 tokens", "agnews/pt-100"),  # --only agnews-100
     ("AG News", "smollm2-135m prompt tuning + linear head, 20 tokens", "agnews/pt-20-linear"),  # --only agnews-head
     ("AG News", "smollm2-135m prompt tuning + linear head, 100 tokens", "agnews/pt-100-linear"),
-    ("AG News", "smollm2-135m prompt tuning + linear head (head lr 0.001)", "agnews/pt-20-linear-hlr"),
+    ("AG News", "smollm2-135m prompt tuning + linear head (head lr 0.0001)", "agnews/pt-20-linear-hlr"),
+    ("AG News", "smollm2-135m prompt tuning + linear head (head lr 0.001)", "agnews/pt-20-linear-hlr-1e-3"),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]
