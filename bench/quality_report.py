@@ -300,9 +300,6 @@ HEADLINE = [
     ("AG News", "smollm2-135m prompt tuning, 20 tokens, 500 steps", "agnews/pt-20-500"),  # --only agnews-long
     ("AG News", "smollm2-135m prompt tuning, 100 tokens", "agnews/pt-100"),  # --only agnews-100
     ("AG News", "smollm2-135m prompt tuning + linear head, 20 tokens", "agnews/pt-20-linear"),  # --only agnews-head
-    ("AG News", "smollm2-135m prompt tuning + linear head, 100 tokens", "agnews/pt-100-linear"),
-    ("AG News", "smollm2-135m prompt tuning + linear head (head lr 0.0001)", "agnews/pt-20-linear-hlr"),
-    ("AG News", "smollm2-135m prompt tuning + linear head (head lr 0.001)", "agnews/pt-20-linear-hlr-1e-3"),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]

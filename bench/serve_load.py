@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=300.0)
     ap.add_argument("--kv-cache-mb", type=float, default=1024.0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     ap.add_argument("--soak-clients", type=int, default=64, help="clients of the full run's 60 s soak")
     ap.add_argument("--soak-s", type=float, default=60.0)
     ap.add_argument("--json-out", help="also write the final JSON object here")
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     t_all = time.monotonic()
 
-    bb = load_backbone(ModelConfig(model=args.model, device="cpu"), progress=False)
+    bb = load_backbone(ModelConfig(model=args.model, device=args.device), progress=False)
     texts = [s for s, _ in sst2_sentences()[0] if 3 <= len(s.split()) <= 12][:2000]
     C = args.clients
     results: list[dict[str, Any]] = []
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                        "rounds": rounds, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                        "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                        "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-                       "device": "cpu", "wall_s": round(time.monotonic() - t_all, 1)}  # fmt: skip
+                       "device": str(bb.device), "wall_s": round(time.monotonic() - t_all, 1)}  # fmt: skip
     final["scenarios"] = results
     line = json.dumps(final)
     if args.json_out:
