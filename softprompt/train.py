@@ -264,10 +264,11 @@ def train(
         from softprompt.deep import make_deep_prompt
 
         deep = make_deep_prompt(pm, init, reparam=cfg.prompt.deep_reparam)
+    prompt_params = deep.trainable() if deep is not None else [prompt.embedding]
     head_params = [p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad]
-    params = (deep.trainable() if deep is not None else [prompt.embedding]) + head_params
+    params = prompt_params + head_params
     steps = total_steps(cfg, len(train_set))
-    opt = make_optimizer(params[: len(params) - len(head_params)], cfg, head_params)
+    opt = make_optimizer(prompt_params, cfg, head_params)
     sched = get_scheduler(
         t.schedule if t.schedule != "constant" else "constant_with_warmup",
         opt,

@@ -99,16 +99,15 @@ def mixed_label_scores(
     if single:
         idx = torch.tensor(single, device=dev)
         pos = torch.full((len(single), 1), T - 1, dtype=torch.long, device=dev)
-        h = pm.causal_hidden(prefix, rows[idx], batch.ids[idx], batch.mask[idx], pos)  # (S, 1, d)
+        h = pm.causal_hidden(prefix, rows[idx], batch.ids[idx], batch.mask[idx], pos)[:, 0]  # (S, d)
         verb = [j for j, i in enumerate(single) if heads[i] is None]
-        logp = pm.lm_logits(h[verb]).log_softmax(-1)[:, 0] if verb else None  # (S', V): only verbalizer rows
-        for j, i in enumerate(single):
-            head = heads[i]
-            if head is not None:
-                out[i] = head(h[j, 0][None]).float()[0]
-            else:
-                assert logp is not None
-                out[i] = logp[verb.index(j), torch.tensor([w[0] for w in label_ids[i]], device=dev)]
+        if verb:  # the vocabulary projection only for verbalizer rows
+            logp = pm.lm_logits(h[verb]).log_softmax(-1)  # (S', V)
+            for k, j in enumerate(verb):
+                out[single[j]] = logp[k, torch.tensor([w[0] for w in label_ids[single[j]]], device=dev)]
+        headed = [j for j, i in enumerate(single) if heads[i] is not None]
+        for j, s in zip(headed, _scores_by_head(h[headed], [heads[single[j]] for j in headed]), strict=True):
+            out[single[j]] = s
     if multi:
         m = max(len(w) for i in multi for w in label_ids[i])
         ids, mask, prow, tgt, owner = [], [], [], [], []
@@ -161,14 +160,20 @@ def mixed_head_scores(
 ) -> list[torch.Tensor]:
     """Encoder mixed batch: one encoder pass for every row (each behind its own prompt), then each row's task head
     on its pooled vector (rows sharing a head are scored together)."""
-    pooled = pm.pooled(prefix, rows, batch)  # (N, d)
+    return _scores_by_head(pm.pooled(prefix, rows, batch), heads)
+
+
+def _scores_by_head(pooled: torch.Tensor, heads: Sequence[nn.Module | None]) -> list[torch.Tensor]:
+    """Row i's scores from `heads[i]` on `pooled[i]` (N, d); rows sharing a head are scored together."""
     out: list[torch.Tensor | None] = [None] * len(heads)
     groups: dict[int, list[int]] = {}
     for i, h in enumerate(heads):
         groups.setdefault(id(h), []).append(i)
     for members in groups.values():
         idx = torch.tensor(members, device=pooled.device)
-        scores = heads[members[0]](pooled[idx]).float()
+        head = heads[members[0]]
+        assert head is not None
+        scores = head(pooled[idx]).float()
         for j, i in enumerate(members):
             out[i] = scores[j]
     return [s for s in out if s is not None]
