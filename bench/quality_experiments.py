@@ -65,12 +65,22 @@ def run_all(study, only: set[str], render) -> list[str]:
     if want("sst2-long"):
         n = 2 * study.budget.steps
         step(f"sst2/pt-100-{n}", study.prompt_tune, "sst2", num_tokens=100, steps=n, suffix=f"-{n}steps")
+    if want("sst2-long-20"):  # 20 tokens at twice the budget, softprompt and PEFT on the very same batches
+        n = 2 * study.budget.steps
+        step(f"sst2/pt-20-{n}", study.prompt_tune, "sst2", num_tokens=20, steps=n, suffix=f"-{n}steps")
+    if want("sst2-long-20-peft"):  # its own group: on 2 cores it runs beside the softprompt run
+        n = 2 * study.budget.steps
+        step(f"sst2/peft-20-{n}", peft_prompt_tune, study, "sst2", num_tokens=20, steps=n, same_batches=True)
     if want("agnews-100"):  # 100 tokens at the 200-step budget (on SST-2: +0.6 points over 20 tokens)
         n = study.budget.agnews_steps or None
         step("agnews/pt-100", study.prompt_tune, "agnews", num_tokens=100, steps=n, evals=2)
     if want("agnews-head"):  # a trained linear head on the last hidden state instead of the verbalizer's fixed rows
         n = study.budget.agnews_steps or None
         step("agnews/pt-20-linear", study.prompt_tune, "agnews", num_tokens=20, head="linear", steps=n, evals=2)
+    if want("agnews-head-9k"):  # the head with every training row (9,000) and 2.5x the steps (8,000 rows seen)
+        n = 5 * (study.budget.agnews_steps or study.budget.steps) // 2
+        kw = dict(head="linear", steps=n, evals=2, suffix=f"-{n}steps")
+        step(f"agnews/pt-20-linear-9k-{n}", study.prompt_tune, "agnews9k", **kw)
     if want("agnews-head-lr"):
         # the head at 1e-4: its inputs have norm ~45 (SmolLM2's last hidden state), so an Adam step of 0.01 on every
         # weight moves a logit by ~5 (81.8% at step 100 with --lr 0.01 for both); 1e-4 moves it by ~0.05
@@ -156,13 +166,27 @@ def _batches(n: int, batch: int, steps: int, seed: int):
         order = order[batch:]
 
 
-def peft_prompt_tune(study, key: str, *, num_tokens: int = 20, lr: float = 0.01, seed: int = 0) -> dict[str, Any]:
+def peft_prompt_tune(
+    study,
+    key: str,
+    *,
+    num_tokens: int = 20,
+    lr: float = 0.01,
+    seed: int = 0,
+    steps: int | None = None,
+    same_batches: bool = False,
+    weight_decay: float = 0.01,
+) -> dict[str, Any]:
     """PEFT's prompt tuning with softprompt's recipe: same data, init values (labels rule), AdamW lr, linear
-    schedule with warm-up, steps and batch; loss = CE over the verbalizer tokens' logits at the last position."""
+    schedule with warm-up, steps and batch; loss = CE over the verbalizer tokens' logits at the last position.
+    same_batches: the very batches softprompt's trainer draws for this seed (its length-grouped schedule), and
+    softprompt's weight decay (0) -- everything equal but the implementation; else uniformly random batches and
+    AdamW's default decay (the first reference run, kept as measured)."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
     from transformers import get_scheduler
 
     from softprompt.prompt import init_prompt
+    from softprompt.train import batch_schedule
 
     bb = study.backbone("smollm2-135m")
     pm, task, train, evald = _task(study, key, "smollm2-135m", "lm", position="start")
@@ -181,8 +205,8 @@ def peft_prompt_tune(study, key: str, *, num_tokens: int = 20, lr: float = 0.01,
     emb = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         emb.copy_(init)
-    opt = torch.optim.AdamW([emb], lr=lr)
-    steps = study.budget.steps
+    opt = torch.optim.AdamW([emb], lr=lr, weight_decay=0.0 if same_batches else weight_decay)
+    steps = steps or study.budget.steps
     sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=steps)
     pad = pm.pad_id
 
@@ -197,7 +221,12 @@ def peft_prompt_tune(study, key: str, *, num_tokens: int = 20, lr: float = 0.01,
     curve = []
     every = max(1, steps // 4)
     best = (0.0, 0.0, 0)
-    for s, idx in enumerate(_batches(len(train), study.budget.batch, steps, seed), start=1):
+    if same_batches:
+        lengths = [len(e.input_ids) for e in train]
+        order = (batch_schedule(lengths, study.budget.batch, seed, k, 1)[0] for k in range(steps))
+    else:
+        order = _batches(len(train), study.budget.batch, steps, seed)
+    for s, idx in enumerate(order, start=1):
         loss = F.cross_entropy(logits_last(idx, train), torch.tensor([train[i].label for i in idx]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_([emb], 1.0)

@@ -143,29 +143,38 @@ def _pct(results: dict[str, Any], key: str, digits: int = 1) -> str:
 def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
     """The two accuracy targets, each with every run that bears on it and a verdict that says which budget counts."""
     out = []
-    runs = [(k, lab) for lab, k in [("20 tokens", "sst2/pt-20"), ("100 tokens", "sst2/pt-100")] if k in results]
-    peft = results.get("sst2/peft-20")
-    if runs:
-        same = ", ".join(f"{lab} {_pct(results, k, 2)}" for k, lab in runs)
-        line = f"- SST-2 prompt tuning ≥ 89% and ≥ PEFT with the same budget: softprompt {same}"
-        line += f" vs PEFT 20 tokens {_pct(results, 'sst2/peft-20', 2)}" if peft else " (PEFT not run)"
-        line += f" ({results[runs[0][0]]['steps']} steps)"
-        longer = _longer(results, "sst2/pt-100", "100 tokens")
-        line += "".join(f"; {lab} {_pct(results, k, 2)} (no PEFT run at this budget)" for lab, k in longer)
-        ok = peft is not None and any(results[k]["accuracy"] >= max(0.89, peft["accuracy"]) for k, _ in runs)
+    # softprompt runs of every budget, each against PEFT's run with the same tokens and steps (where there is one)
+    ours = [
+        (k, f"{n} tokens")
+        for n in (20, 100)
+        for k in [f"sst2/pt-{n}"] + [k for _, k in _longer(results, f"sst2/pt-{n}", "")]
+    ]
+    ours = [(k, lab) for k, lab in ours if k in results]
+    if ours:
+        parts, ok = [], False
+        for k, lab in ours:
+            steps = results[k]["steps"]
+            twin = k.replace("/pt-", "/peft-") if k.replace("/pt-", "/peft-") in results else None
+            if twin and results[twin]["steps"] != steps:
+                twin = None
+            vs = f" vs PEFT {_pct(results, twin, 2)}" if twin else " (no PEFT run at this budget)"
+            parts.append(f"{lab}, {steps} steps: {_pct(results, k, 2)}{vs}")
+            ok |= twin is not None and results[k]["accuracy"] >= max(0.89, results[twin]["accuracy"])
+        line = "- SST-2 prompt tuning ≥ 89% and ≥ PEFT with the same budget (tokens, steps): " + "; ".join(parts)
         out.append(f"{line} — {'met' if ok else 'MISSED'} ({mode} budget).")
     else:
         out.append("- SST-2 prompt tuning ≥ 89% and ≥ PEFT: not measured in this run.")
     keys = [k for k in ["agnews/pt-20", *(k for _, k in _longer(results, "agnews/pt-20", "")), "agnews/pt-100",
                         "agnews/pt-20-linear", "agnews/pt-100-linear", "agnews/pt-20-linear-hlr",
-                        "agnews/pt-20-linear-hlr-1e-3"]
+                        "agnews/pt-20-linear-hlr-1e-3",
+                        *(k for _, k in _longer(results, "agnews/pt-20-linear-9k", ""))]
             if k in results]  # fmt: skip
     if keys:
         ok = any(results[k]["accuracy"] >= 0.88 for k in keys)
         got = "; ".join(
             f"{k.split('-')[1]} tokens{' + linear head' if '-linear' in k else ''}"
-            f"{' (head lr 0.0001)' if k.endswith('-hlr') else ' (head lr 0.001)' if k.endswith('-1e-3') else ''}, "
-            f"{results[k]['steps']} steps {_pct(results, k)}"
+            f"{' (head lr 0.0001)' if k.endswith('-hlr') else ' (head lr 0.001)' if k.endswith('-1e-3') else ''}"
+            f"{', 9,000 rows' if '-9k' in k else ''}, {results[k]['steps']} steps {_pct(results, k)}"
             for k in keys
         )
         out.append(f"- AG News prompt tuning ≥ 88%: {got} — {'met' if ok else 'MISSED'} ({mode} budget).")
@@ -203,11 +212,13 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("zero-shot (same template)", "sst2/zero-shot"),
                 ("prompt tuning, 20 tokens", "sst2/pt-20"),
                 ("prompt tuning, 100 tokens", "sst2/pt-100"),
+                *_longer(results, "sst2/pt-20", "prompt tuning, 20 tokens"),
                 *_longer(results, "sst2/pt-100", "prompt tuning, 100 tokens"),
                 ("prompt tuning, 20 tokens, uniform batches (--no-group-by-length)", "sst2/pt-20-uniform"),
-                ("PEFT prompt tuning, 20 tokens", "sst2/peft-20"),
+                ("PEFT prompt tuning, 20 tokens (uniform batches)", "sst2/peft-20"),
+                *_longer(results, "sst2/peft-20", "PEFT prompt tuning, 20 tokens (softprompt's batches)"),
             ],
-            f"{cmd} --only sst2,sst2-100,sst2-long,sst2-uniform",
+            f"{cmd} --only sst2,sst2-100,sst2-long,sst2-uniform,sst2-long-20,sst2-long-20-peft",
         ),
         "",
         "## SST-2, minilm-l6 (encoder): parameter-efficient vs full fine-tuning",
@@ -235,8 +246,10 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("prompt tuning + linear head (--head linear), 100 tokens", "agnews/pt-100-linear"),
                 ("prompt tuning + linear head, 20 tokens, --head-lr 0.0001", "agnews/pt-20-linear-hlr"),
                 ("prompt tuning + linear head, 20 tokens, --head-lr 0.001", "agnews/pt-20-linear-hlr-1e-3"),
+                *_longer(results, "agnews/pt-20-linear-9k", "prompt tuning + linear head, 20 tokens, all 9,000 rows"),
             ],
-            f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100",
+            f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100,agnews-head-lr,"
+            "agnews-head-lr-1e-3,agnews-head-9k",
         ),
         "",
         "## RTE and BoolQ, smollm2-135m",
@@ -293,6 +306,8 @@ HEADLINE = [
     ("SST-2", "smollm2-135m PEFT prompt tuning, 20 tokens", "sst2/peft-20"),
     ("SST-2", "smollm2-135m prompt tuning, 100 tokens", "sst2/pt-100"),
     ("SST-2", "smollm2-135m prompt tuning, 100 tokens, 600 steps", "sst2/pt-100-600"),  # --only sst2-long (full)
+    ("SST-2", "smollm2-135m prompt tuning, 20 tokens, 600 steps", "sst2/pt-20-600"),  # --only sst2-long-20
+    ("SST-2", "smollm2-135m PEFT prompt tuning, 20 tokens, 600 steps", "sst2/peft-20-600"),  # sst2-long-20-peft
     ("SST-2", "minilm-l6 prompt tuning, linear head", "minilm/pt-linear"),
     ("SST-2", "minilm-l6 full fine-tuning", "minilm/full-ft"),
     ("AG News", "smollm2-135m zero-shot", "agnews/zero-shot"),
@@ -300,6 +315,7 @@ HEADLINE = [
     ("AG News", "smollm2-135m prompt tuning, 20 tokens, 500 steps", "agnews/pt-20-500"),  # --only agnews-long
     ("AG News", "smollm2-135m prompt tuning, 100 tokens", "agnews/pt-100"),  # --only agnews-100
     ("AG News", "smollm2-135m prompt tuning + linear head, 20 tokens", "agnews/pt-20-linear"),  # --only agnews-head
+    ("AG News", "smollm2-135m prompt tuning + linear head, 9,000 rows, 500 steps", "agnews/pt-20-linear-9k-500"),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]

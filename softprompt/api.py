@@ -33,7 +33,7 @@ from softprompt.evaluate import (
     generation_metrics,
 )
 from softprompt.models import Backbone, load_backbone
-from softprompt.prompted import LinearHead, PerPromptHeads, Prefix, PromptedModel
+from softprompt.prompted import PerPromptHeads, Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
 
 
@@ -83,15 +83,13 @@ class Predictor:
             check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
         pm = PromptedModel(backbone, position=spec.position)
         task = BoundTask(spec, pm, num_tokens=max(c.num_tokens for c in ckpts))
-        heads = [_linear_head(c, backbone.device) for c in ckpts]
+        heads = [task.saved_head(c) for c in ckpts]  # a --head linear member without its head: an error
         if heads[0] is not None:
             missing = [c.path for c, h in zip(ckpts, heads, strict=True) if h is None]
             if missing:
                 raise CheckpointError(f"{missing[0]}: an ensemble member without the linear head the others have")
             # each member scores its rows with its own head (one head: the plain single-prompt case)
             pm.head = heads[0] if len(heads) == 1 else PerPromptHeads([h for h in heads if h is not None])
-        elif spec.head == "linear":  # a fresh head would give random (or zero-shot) labels, not the trained ones
-            raise CheckpointError(f"{paths[0]}: a --head linear prompt without its head.linear.* tensors")
         else:
             pm.head = task.make_head()
         with torch.no_grad():
@@ -157,19 +155,6 @@ class Predictor:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         enc, _ = self.task.encode_texts(texts)
         return enc, texts
-
-
-def _linear_head(ckpt: PromptCheckpoint, device: torch.device) -> LinearHead | None:
-    """The trained linear head stored with a prompt, if any."""
-    # head.weight/head.bias: how train.py named the linear head before it wrote head.linear.*
-    legacy = {"head.weight": "head.linear.weight", "head.bias": "head.linear.bias"}
-    head = {legacy.get(k, k)[5:]: v for k, v in ckpt.extra.items() if k.startswith("head.")}
-    if "linear.weight" not in head:
-        return None
-    w = head["linear.weight"]
-    out = LinearHead(w.shape[1], w.shape[0]).to(device)
-    out.load_state_dict(head)
-    return out
 
 
 def zero_shot(backbone: Backbone, data: DataConfig, path: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from softprompt.checkpoint import CheckpointError, PromptCheckpoint
 from softprompt.config import DataConfig
 from softprompt.data import DataError, Encoded, Verbalizer, encode_samples, load_samples, seen_labels
 from softprompt.prompted import LinearHead, PromptedModel, SimilarityHead, label_text
@@ -161,6 +162,29 @@ class BoundTask:
 
     def _causal_target(self, text: str) -> list[int]:
         return self.pm.encode_target(label_text(text, self.spec.template, "causal"))
+
+    def saved_head(self, ckpt: PromptCheckpoint, *, path: str = "") -> LinearHead | None:
+        """The linear head trained with `ckpt` (head.linear.*, or head.* as train.py once named it), checked
+        against this backbone's width and the label count; None when the file has none; an error when the prompt
+        was trained with --head linear (a fresh head would give untrained labels). `path` names the file."""
+        path = path or ckpt.path
+        legacy = {"head.weight": "head.linear.weight", "head.bias": "head.linear.bias"}
+        state = {legacy.get(k, k)[5:]: v for k, v in ckpt.extra.items() if k.startswith("head.")}
+        w = state.get("linear.weight")
+        if w is None:
+            if self.spec.head == "linear" and self.spec.task == "classify":
+                raise CheckpointError(f"{path}: a --head linear prompt without its head.linear.* tensors")
+            return None
+        assert self.spec.verbalizer is not None
+        d, L = self.pm.backbone.embed_dim, len(self.spec.verbalizer.labels)
+        if w.ndim != 2 or tuple(w.shape) != (L, d):
+            raise CheckpointError(f"{path}: head.linear.weight has shape {tuple(w.shape)}, expected ({L}, {d})")
+        head = LinearHead(d, L).to(self.pm.backbone.device)
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: bad head tensors ({str(e).splitlines()[0]})") from None
+        return head
 
     def make_head(self, *, seed: int = 0) -> torch.nn.Module | None:
         """The classification head: an encoder's linear (trainable) or similarity (frozen label-description

@@ -3,6 +3,7 @@ bench/quality.py's cache merges runs written by concurrent `--only` streams."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
     assert "old" not in readme and readme.startswith("intro\n") and readme.endswith("<!-- results:end -->\ntail\n")
     assert "| SST-2 | smollm2-135m PEFT prompt tuning, 20 tokens | 88.7 |" in readme
     assert "AG News | smollm2-135m zero-shot" not in readme  # not run: omitted
-    assert "≥ PEFT with the same budget: softprompt 20 tokens 90.10% vs PEFT 20 tokens 88.70% (300 steps) — met" in page
+    assert "≥ PEFT with the same budget (tokens, steps): 20 tokens, 300 steps: 90.10% vs PEFT 88.70% — met" in page
     assert "AG News prompt tuning ≥ 88%: 20 tokens, 300 steps 86.1%; 20 tokens, 500 steps 88.5% — met" in page
     assert "| prompt tuning, 20 tokens, 500 steps | 88.5 |" in page
     assert "90.5% (gap 4.5 points, 0.06% of the parameters) — MISSED" in page
@@ -52,27 +53,59 @@ def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
 
 
 def test_sst2_target_needs_89_and_peft_at_the_same_budget() -> None:
-    lines = quality_report._target_lines(
-        {
-            "sst2/pt-20": run(0.883),
-            "sst2/pt-100": run(0.8911),  # >= 89% but below PEFT
-            "sst2/pt-100-600": run(0.895, steps=600),  # no PEFT run at 600 steps: does not count
-            "sst2/peft-20": run(0.8912),
-        },
-        "full",
+    results = {
+        "sst2/pt-20": run(0.883),  # below PEFT
+        "sst2/pt-100": run(0.8911),  # >= 89% but PEFT ran 20 tokens, not 100: no comparison
+        "sst2/pt-100-600": run(0.895, steps=600),  # no PEFT run at 600 steps: does not count
+        "sst2/peft-20": run(0.8912),
+    }
+    lines = quality_report._target_lines(results, "full")
+    assert lines[0] == (
+        "- SST-2 prompt tuning ≥ 89% and ≥ PEFT with the same budget (tokens, steps): 20 tokens, 300 steps: 88.30% vs"
+        " PEFT 89.12%; 100 tokens, 300 steps: 89.11% (no PEFT run at this budget); 100 tokens, 600 steps: 89.50% (no"
+        " PEFT run at this budget) — MISSED (full budget)."
     )
-    assert lines[0].endswith("100 tokens, 600 steps 89.50% (no PEFT run at this budget) — MISSED (full budget).")
     assert lines[1] == "- AG News prompt tuning ≥ 88%: not measured in this run."
+    # a 600-step pair: softprompt's run at or above PEFT's on the same budget meets it; below it does not
+    results |= {"sst2/pt-20-600": run(0.8945, steps=600), "sst2/peft-20-600": run(0.8945, steps=600)}
+    line = quality_report._target_lines(results, "full")[0]
+    assert "; 20 tokens, 600 steps: 89.45% vs PEFT 89.45%; 100 tokens" in line and line.endswith("— met (full budget).")
+    results["sst2/peft-20-600"] = run(0.8957, steps=600)
+    assert quality_report._target_lines(results, "full")[0].endswith("— MISSED (full budget).")
+    results["sst2/peft-20-600"] = run(0.85, steps=300)  # a PEFT run of another budget is no twin
+    assert "20 tokens, 600 steps: 89.45% (no PEFT run" in quality_report._target_lines(results, "full")[0]
 
 
 def test_agnews_target_names_the_linear_head_runs() -> None:
-    lines = quality_report._target_lines(
-        {"agnews/pt-20": run(0.84, steps=200), "agnews/pt-20-linear": run(0.883, steps=200)}, "full"
-    )
+    results = {"agnews/pt-20": run(0.84, steps=200), "agnews/pt-20-linear": run(0.883, steps=200)}
+    lines = quality_report._target_lines(results, "full")
     assert lines[1] == (
         "- AG News prompt tuning ≥ 88%: 20 tokens, 200 steps 84.0%; 20 tokens + linear head, 200 steps 88.3% — met"
         " (full budget)."
     )
+    results = {"agnews/pt-20-linear": run(0.862, steps=200), "agnews/pt-20-linear-9k-500": run(0.87, steps=500)}
+    assert quality_report._target_lines(results, "full")[1] == (
+        "- AG News prompt tuning ≥ 88%: 20 tokens + linear head, 200 steps 86.2%; 20 tokens + linear head, 9,000 rows,"
+        " 500 steps 87.0% — MISSED (full budget)."
+    )
+
+
+def test_held_out_articles_are_not_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """agnews9k: every row that is not held out, less repeats of a held-out article (train10k has a few)."""
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    monkeypatch.setattr(quality, "SHARED", tmp_path / "data")
+    texts = [f"article {i % 40}" for i in range(50)]  # articles 0-9 appear twice
+    (tmp_path / "data" / "agnews").mkdir(parents=True)
+    (tmp_path / "data" / "agnews" / "train10k.tsv").write_text("".join(f"{t}\tWorld\n" for t in texts))  # no header
+    study = quality.Study("full", quality.FULL)
+    monkeypatch.setitem(quality.TASKS, "agnews9k", quality.TASKS["agnews9k"].__class__(
+        **{**quality.TASKS["agnews9k"].__dict__, "holdout": 10}))  # fmt: skip
+    tr, ev = study.files("agnews9k")
+    train = [json.loads(x)["text"] for x in Path(tr).read_text().splitlines()]
+    held = [json.loads(x)["text"] for x in Path(ev).read_text().splitlines()]
+    assert len(held) == 10 and not set(train) & set(held)
+    assert sorted(train) == sorted(t for t in texts if t not in held)  # every other row kept, repeats included
+    assert len(train) < 40  # the draw held out at least one repeated article, whose other copy is gone
 
 
 def test_study_cache_merges_concurrent_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

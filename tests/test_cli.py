@@ -234,6 +234,21 @@ def test_decoder_linear_head_is_saved_and_used_by_eval(
     assert rc == 0, err
     m = json.loads(out)
     assert (m["accuracy"], m["macro_f1"]) == pytest.approx((trained["accuracy"], trained["macro_f1"]))
+    meta = {k: v for k, v in ck.meta.items() if k != "format"}
+    # the head's older names (head.weight/head.bias) load as the same head: the same numbers
+    legacy = tmp_path / "legacy.safetensors"
+    save_prompt(legacy, ck.prompt, meta, {k.replace("linear.", ""): v for k, v in ck.extra.items()})
+    rc, out, err = run(capsys, ["eval", "--prompt", str(legacy), "--data", str(data)])
+    assert rc == 0, err
+    assert json.loads(out)["accuracy"] == pytest.approx(trained["accuracy"])
+    # a head of the wrong shape, or none at all: one line naming the file, exit 2 (eval and the server share this check)
+    w = ck.extra["head.linear.weight"]
+    bad = {"head.linear.weight": torch.cat([w, w[:1]]), "head.linear.bias": torch.zeros(w.shape[0] + 1)}
+    for name, extra, why in [("shape", bad, f"has shape ({w.shape[0] + 1}, {w.shape[1]}), expected"),
+                             ("nohead", {}, "a --head linear prompt without its head.linear.* tensors")]:  # fmt: skip
+        save_prompt(tmp_path / f"{name}.safetensors", ck.prompt, meta, extra)
+        rc, out, err = run(capsys, ["eval", "--prompt", str(tmp_path / f"{name}.safetensors"), "--data", str(data)])
+        assert rc == 2 and out == "" and f"{name}.safetensors: " in err and why in err and err.count("\n") == 1, err
 
 
 # ---- errors: exit 2, one line, names the culprit, no output file -----------------------------------------------

@@ -33,7 +33,7 @@ from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compa
 from softprompt.data import DataError, Template, _record
 from softprompt.models import Backbone
 from softprompt.prompt import tensor_digest
-from softprompt.prompted import LinearHead, Prefix, PromptedModel
+from softprompt.prompted import Prefix, PromptedModel
 from softprompt.serve.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
 from softprompt.task import BoundTask, TaskSpec
 
@@ -211,21 +211,11 @@ class Registry:
             max_in = min(max_in, self.max_input_tokens)
         head: nn.Module | None = None
         if spec.task == "classify" and (pm.family == "encoder" or spec.head == "linear"):
-            if spec.head == "linear" and "head.linear.weight" not in ckpt.extra:
-                raise CheckpointError(f"{path}: a --head linear prompt without its head.linear.* tensors")
-            if "head.linear.weight" in ckpt.extra:
-                w = ckpt.extra["head.linear.weight"]
-                assert spec.verbalizer is not None
-                if w.ndim != 2 or w.shape[1] != bb.embed_dim or w.shape[0] != len(spec.verbalizer.labels):
-                    raise CheckpointError(f"{path}: head.linear.weight has shape {tuple(w.shape)}")
-                head = LinearHead(int(w.shape[1]), int(w.shape[0])).to(bb.device)
-                try:
-                    head.load_state_dict({k[5:]: v for k, v in ckpt.extra.items() if k.startswith("head.")})
-                except RuntimeError as e:
-                    raise CheckpointError(f"{path}: bad head tensors ({str(e).splitlines()[0]})") from None
-            else:
-                with torch.no_grad(), self.tok_lock:
-                    head = BoundTask(spec, pm, num_tokens=ckpt.num_tokens).make_head()
+            with torch.no_grad(), self.tok_lock:
+                task = BoundTask(spec, pm, num_tokens=ckpt.num_tokens)
+                head = task.saved_head(ckpt, path=str(path))  # linear; an encoder's similarity head is built
+                if head is None:
+                    head = task.make_head()
             if head is not None:
                 head.eval()
         ckpt.prompt = ckpt.prompt.to(bb.device)
