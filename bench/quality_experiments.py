@@ -242,6 +242,7 @@ def peft_prompt_tune(
         "macro_f1": best[1],
         "best_step": best[2],
         "trainable": num_tokens * bb.embed_dim,
+        "share": num_tokens * bb.embed_dim / sum(p.numel() for p in bb.model.parameters()),
         "steps": steps,
         "bytes": 4 * num_tokens * bb.embed_dim,
         "curve": curve,
