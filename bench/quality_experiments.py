@@ -175,7 +175,6 @@ def peft_prompt_tune(
     seed: int = 0,
     steps: int | None = None,
     same_batches: bool = False,
-    weight_decay: float = 0.01,
 ) -> dict[str, Any]:
     """PEFT's prompt tuning with softprompt's recipe: same data, init values (labels rule), AdamW lr, linear
     schedule with warm-up, steps and batch; loss = CE over the verbalizer tokens' logits at the last position.
@@ -205,7 +204,7 @@ def peft_prompt_tune(
     emb = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         emb.copy_(init)
-    opt = torch.optim.AdamW([emb], lr=lr, weight_decay=0.0 if same_batches else weight_decay)
+    opt = torch.optim.AdamW([emb], lr=lr, weight_decay=0.0 if same_batches else 0.01)  # 0.01: AdamW's default
     steps = steps or study.budget.steps
     sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=steps)
     pad = pm.pad_id

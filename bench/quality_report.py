@@ -154,12 +154,11 @@ def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
         parts, ok = [], False
         for k, lab in ours:
             steps = results[k]["steps"]
-            twin = k.replace("/pt-", "/peft-") if k.replace("/pt-", "/peft-") in results else None
-            if twin and results[twin]["steps"] != steps:
-                twin = None
-            vs = f" vs PEFT {_pct(results, twin, 2)}" if twin else " (no PEFT run at this budget)"
+            twin = k.replace("/pt-", "/peft-")
+            peft = results[twin] if twin in results and results[twin]["steps"] == steps else None
+            vs = f" vs PEFT {_pct(results, twin, 2)}" if peft else " (no PEFT run at this budget)"
             parts.append(f"{lab}, {steps} steps: {_pct(results, k, 2)}{vs}")
-            ok |= twin is not None and results[k]["accuracy"] >= max(0.89, results[twin]["accuracy"])
+            ok |= peft is not None and results[k]["accuracy"] >= max(0.89, peft["accuracy"])
         line = "- SST-2 prompt tuning ≥ 89% and ≥ PEFT with the same budget (tokens, steps): " + "; ".join(parts)
         out.append(f"{line} — {'met' if ok else 'MISSED'} ({mode} budget).")
     else:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
+from softprompt.checkpoint import PromptCheckpoint, check_compatible, load_prompt
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Encoded
 from softprompt.deep import checkpoint_prefix
@@ -83,11 +83,9 @@ class Predictor:
             check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
         pm = PromptedModel(backbone, position=spec.position)
         task = BoundTask(spec, pm, num_tokens=max(c.num_tokens for c in ckpts))
-        heads = [task.saved_head(c) for c in ckpts]  # a --head linear member without its head: an error
+        # members share one spec: with --head linear every member has its head (saved_head raises otherwise)
+        heads = [task.saved_head(c) for c in ckpts]
         if heads[0] is not None:
-            missing = [c.path for c, h in zip(ckpts, heads, strict=True) if h is None]
-            if missing:
-                raise CheckpointError(f"{missing[0]}: an ensemble member without the linear head the others have")
             # each member scores its rows with its own head (one head: the plain single-prompt case)
             pm.head = heads[0] if len(heads) == 1 else PerPromptHeads([h for h in heads if h is not None])
         else:

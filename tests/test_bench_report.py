@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,7 @@ def test_held_out_articles_are_not_trained_on(tmp_path: Path, monkeypatch: pytes
     (tmp_path / "data" / "agnews").mkdir(parents=True)
     (tmp_path / "data" / "agnews" / "train10k.tsv").write_text("".join(f"{t}\tWorld\n" for t in texts))  # no header
     study = quality.Study("full", quality.FULL)
-    monkeypatch.setitem(quality.TASKS, "agnews9k", quality.TASKS["agnews9k"].__class__(
-        **{**quality.TASKS["agnews9k"].__dict__, "holdout": 10}))  # fmt: skip
+    monkeypatch.setitem(quality.TASKS, "agnews9k", replace(quality.TASKS["agnews9k"], holdout=10))
     tr, ev = study.files("agnews9k")
     train = [json.loads(x)["text"] for x in Path(tr).read_text().splitlines()]
     held = [json.loads(x)["text"] for x in Path(ev).read_text().splitlines()]
