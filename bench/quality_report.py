@@ -166,17 +166,22 @@ def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
     keys = [k for k in ["agnews/pt-20", *(k for _, k in _longer(results, "agnews/pt-20", "")), "agnews/pt-100",
                         "agnews/pt-20-linear", "agnews/pt-100-linear", "agnews/pt-20-linear-hlr",
                         "agnews/pt-20-linear-hlr-1e-3",
-                        *(k for _, k in _longer(results, "agnews/pt-20-linear-9k", ""))]
+                        *(k for _, k in _longer(results, "agnews/pt-20-linear-9k", "")),
+                        *(k for _, k in _longer(results, "agnews/deep-20-9k", "")),
+                        *(k for _, k in _longer(results, "agnews/deep-20-linear-9k", ""))]
             if k in results]  # fmt: skip
     if keys:
-        ok = any(results[k]["accuracy"] >= 0.88 for k in keys)
         got = "; ".join(
-            f"{k.split('-')[1]} tokens{' + linear head' if '-linear' in k else ''}"
+            f"{'deep prompt, ' if '/deep-' in k else ''}{k.split('-')[1]} tokens"
+            f"{' + linear head' if '-linear' in k else ''}"
             f"{' (head lr 0.0001)' if k.endswith('-hlr') else ' (head lr 0.001)' if k.endswith('-1e-3') else ''}"
             f"{', 9,000 rows' if '-9k' in k else ''}, {results[k]['steps']} steps {_pct(results, k)}"
             for k in keys
         )
-        out.append(f"- AG News prompt tuning ≥ 88%: {got} — {'met' if ok else 'MISSED'} ({mode} budget).")
+        plain = any(results[k]["accuracy"] >= 0.88 for k in keys if "/pt-" in k)
+        deep = any(results[k]["accuracy"] >= 0.88 for k in keys if "/deep-" in k)
+        verdict = "met" if plain else "met by a deep prompt; MISSED by input-layer prompts" if deep else "MISSED"
+        out.append(f"- AG News prompt tuning ≥ 88%: {got} — {verdict} ({mode} budget).")
     else:
         out.append("- AG News prompt tuning ≥ 88%: not measured in this run.")
     return out
@@ -246,9 +251,11 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 ("prompt tuning + linear head, 20 tokens, --head-lr 0.0001", "agnews/pt-20-linear-hlr"),
                 ("prompt tuning + linear head, 20 tokens, --head-lr 0.001", "agnews/pt-20-linear-hlr-1e-3"),
                 *_longer(results, "agnews/pt-20-linear-9k", "prompt tuning + linear head, 20 tokens, all 9,000 rows"),
+                *_longer(results, "agnews/deep-20-9k", "deep prompt (P-tuning v2), 20 tokens, all 9,000 rows"),
+                *_longer(results, "agnews/deep-20-linear-9k", "deep prompt + linear head, 20 tokens, all 9,000 rows"),
             ],
             f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100,agnews-head-lr,"
-            "agnews-head-lr-1e-3,agnews-head-9k",
+            "agnews-head-lr-1e-3,agnews-head-9k,agnews-deep-9k,agnews-deep-head-9k",
         ),
         "",
         "## RTE and BoolQ, smollm2-135m",
@@ -315,6 +322,8 @@ HEADLINE = [
     ("AG News", "smollm2-135m prompt tuning, 100 tokens", "agnews/pt-100"),  # --only agnews-100
     ("AG News", "smollm2-135m prompt tuning + linear head, 20 tokens", "agnews/pt-20-linear"),  # --only agnews-head
     ("AG News", "smollm2-135m prompt tuning + linear head, 9,000 rows, 500 steps", "agnews/pt-20-linear-9k-500"),
+    ("AG News", "smollm2-135m deep prompt, 9,000 rows, 400 steps", "agnews/deep-20-9k-400"),  # --only agnews-deep-9k
+    ("AG News", "smollm2-135m deep prompt + linear head, 9,000 rows, 400 steps", "agnews/deep-20-linear-9k-400"),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]

@@ -67,9 +67,9 @@ class Predictor:
         if combine not in ("mean", "vote"):
             raise ValueError(f"--combine must be mean or vote, got {combine!r}")
         ckpts = [load_prompt(p) for p in paths]
-        spec = TaskSpec.from_meta(ckpts[0].meta)
-        for c in ckpts[1:]:
-            other = TaskSpec.from_meta(c.meta)
+        specs = [TaskSpec.from_meta(c.meta) for c in ckpts]
+        spec = specs[0]
+        for c, other in zip(ckpts[1:], specs[1:]):  # one task; each member may score with its own head
             if (other.task, other.template, other.verbalizer) != (spec.task, spec.template, spec.verbalizer):
                 raise ValueError(
                     f"{c.path}: an ensemble needs prompts of one task (template/labels differ from {paths[0]})"
@@ -83,13 +83,19 @@ class Predictor:
             check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
         pm = PromptedModel(backbone, position=spec.position)
         task = BoundTask(spec, pm, num_tokens=max(c.num_tokens for c in ckpts))
-        # members share one spec: with --head linear every member has its head (saved_head raises otherwise)
-        heads = [task.saved_head(c) for c in ckpts]
-        if heads[0] is not None:
-            # each member scores its rows with its own head (one head: the plain single-prompt case)
-            pm.head = heads[0] if len(heads) == 1 else PerPromptHeads([h for h in heads if h is not None])
-        else:
+        # a --head linear member must carry its head (saved_head raises otherwise)
+        heads = [task.saved_head(c, required=s.head == "linear") for c, s in zip(ckpts, specs, strict=True)]
+        if all(h is None for h in heads):  # every member scores alike: its verbalizer or the similarity head
             pm.head = task.make_head()
+        elif len(heads) == 1:
+            pm.head = heads[0]
+        else:  # each member scores its rows with its own head; a member without one keeps its scoring, as a head
+            pm.head = PerPromptHeads(
+                [
+                    h if h is not None else task.scoring_head(s.head, path=c.path)
+                    for h, s, c in zip(heads, specs, ckpts, strict=True)
+                ]
+            )
         with torch.no_grad():
             prefix = checkpoint_prefix(pm, ckpts).detach()  # once per prompt (plain or deep: softprompt.deep)
         return cls(pm, task, prefix, ckpts, combine, batch_size)

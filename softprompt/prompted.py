@@ -23,7 +23,7 @@ positions, never the whole vocabulary at every position.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +149,22 @@ class PerPromptHeads(nn.Module):
             sel = rows == k
             out[sel] = self.heads[k](pooled[sel]).to(out.dtype)
         return out
+
+
+class VerbalizerHead(nn.Module):
+    """A decoder's one-token verbalizer as a head over `pooled` (the last input position's final hidden state): the
+    LM logits of the label tokens. Their softmax is verbalizer scoring's class probabilities (the log-softmax over
+    the vocabulary shifts every label by one constant), so a verbalizer prompt can join --head linear prompts in
+    one PerPromptHeads ensemble."""
+
+    def __init__(self, lm_logits: Callable[[torch.Tensor], torch.Tensor], token_ids: list[int]) -> None:
+        super().__init__()
+        self._lm_logits = lm_logits  # the frozen backbone's output layer: not a submodule, no weights of its own
+        self.register_buffer("ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        self.num_labels = len(token_ids)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self._lm_logits(pooled)[:, self.ids]  # type: ignore[index]
 
 
 class SimilarityHead(nn.Module):

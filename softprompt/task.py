@@ -14,7 +14,7 @@ import torch
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint
 from softprompt.config import DataConfig
 from softprompt.data import DataError, Encoded, Verbalizer, encode_samples, load_samples, seen_labels
-from softprompt.prompted import LinearHead, PromptedModel, SimilarityHead, label_text
+from softprompt.prompted import LinearHead, PromptedModel, SimilarityHead, VerbalizerHead, label_text
 
 
 @dataclass
@@ -163,16 +163,17 @@ class BoundTask:
     def _causal_target(self, text: str) -> list[int]:
         return self.pm.encode_target(label_text(text, self.spec.template, "causal"))
 
-    def saved_head(self, ckpt: PromptCheckpoint, *, path: str = "") -> LinearHead | None:
+    def saved_head(self, ckpt: PromptCheckpoint, *, path: str = "", required: bool | None = None) -> LinearHead | None:
         """The linear head trained with `ckpt` (head.linear.*, or head.* as train.py once named it), checked
         against this backbone's width and the label count; None when the file has none; an error when the prompt
-        was trained with --head linear (a fresh head would give untrained labels). `path` names the file."""
+        was trained with --head linear (`required`; default: this task's --head), since a fresh head would give
+        untrained labels. `path` names the file."""
         path = path or ckpt.path
         legacy = {"head.weight": "head.linear.weight", "head.bias": "head.linear.bias"}
         state = {legacy.get(k, k)[5:]: v for k, v in ckpt.extra.items() if k.startswith("head.")}
         w = state.get("linear.weight")
         if w is None:
-            if self.spec.head == "linear" and self.spec.task == "classify":
+            if (self.spec.head == "linear" if required is None else required) and self.spec.task == "classify":
                 raise CheckpointError(f"{path}: a --head linear prompt without its head.linear.* tensors")
             return None
         assert self.spec.verbalizer is not None
@@ -205,7 +206,27 @@ class BoundTask:
                     head.linear.weight.copy_(out[first].float())
                     head.linear.bias.zero_()
             return head
-        # similarity: encode each label description once, without a prompt
+        return self._similarity_head()
+
+    def scoring_head(self, head: str, *, path: str = "") -> torch.nn.Module:
+        """How a prompt without trained head tensors scores, as a head over `pm.pooled`, so that it can join
+        --head linear prompts in one ensemble (PerPromptHeads): a decoder's verbalizer (one-token label words;
+        the same class probabilities as verbalizer scoring) or an encoder's similarity head. `path` names it."""
+        if self.pm.family == "encoder" and head == "similarity":
+            return self._similarity_head()
+        if self.pm.family == "causal" and head == "lm" and self.label_ids:
+            if any(len(ids) != 1 for ids in self.label_ids):
+                raise CheckpointError(
+                    f"{path}: a verbalizer prompt joins --head linear prompts in an ensemble only with one-token"
+                    " label words"
+                )
+            return VerbalizerHead(self.pm.lm_logits, [ids[0] for ids in self.label_ids]).to(self.pm.backbone.device)
+        raise CheckpointError(f"{path}: a --head {head} prompt cannot join --head linear prompts in an ensemble")
+
+    def _similarity_head(self) -> SimilarityHead:
+        """Each label description encoded once, without a prompt."""
+        assert self.spec.verbalizer is not None
+        L = len(self.spec.verbalizer.labels)
         none = self.pm.build_prefix([None])
         ids = [self.pm.encode_input(w) for w in self.spec.verbalizer.words]
         with torch.no_grad():

@@ -89,6 +89,13 @@ def test_agnews_target_names_the_linear_head_runs() -> None:
         "- AG News prompt tuning ≥ 88%: 20 tokens + linear head, 200 steps 86.2%; 20 tokens + linear head, 9,000 rows,"
         " 500 steps 87.0% — MISSED (full budget)."
     )
+    results["agnews/deep-20-linear-9k-400"] = run(0.885, steps=400)  # a deep prompt is named as one, not as a plain
+    assert quality_report._target_lines(results, "full")[1].endswith(
+        "; deep prompt, 20 tokens + linear head, 9,000 rows, 400 steps 88.5% — met by a deep prompt; MISSED by"
+        " input-layer prompts (full budget)."
+    )
+    results["agnews/deep-20-linear-9k-400"] = run(0.875, steps=400)
+    assert quality_report._target_lines(results, "full")[1].endswith("87.5% — MISSED (full budget).")
 
 
 def test_held_out_articles_are_not_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,7 @@ import torch
 from tiny import tiny_model_dir  # pytest puts tests/ on sys.path
 
 from softprompt.api import Predictor
-from softprompt.checkpoint import save_prompt
+from softprompt.checkpoint import CheckpointError, save_prompt
 from softprompt.cli import main
 from softprompt.models import Backbone, load_backbone
 from softprompt.task import TaskSpec
@@ -117,6 +117,43 @@ def test_encoder_members_keep_their_own_linear_heads(root: Path) -> None:
     assert not torch.allclose(single[0], single[1], atol=1e-2)  # the heads differ: so do the members
     ens = Predictor.load(paths, backbone=bb)
     torch.testing.assert_close(ens.probs(ens.task.encode_texts(TEXTS)[0]), single.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def with_linear_head(bb: Backbone, path: str, num_labels: int, seed: int) -> None:
+    """Rewrite a prompt file as `train --head linear` writes it: head.linear.* tensors and head: linear."""
+    from softprompt.checkpoint import load_prompt
+
+    ck = load_prompt(path)
+    g = torch.Generator().manual_seed(seed)
+    heads = {
+        "head.linear.weight": torch.randn(num_labels, bb.embed_dim, generator=g),
+        "head.linear.bias": torch.randn(num_labels, generator=g),
+    }
+    save_prompt(path, ck.prompt, {**ck.meta, "head": "linear"}, heads)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoder_ensemble_mixes_verbalizer_and_linear_head_members(kind: str, root: Path) -> None:
+    """A verbalizer prompt and --head linear prompts of one task in one ensemble: each member scores as it does
+    alone (the verbalizer one through the LM's logits of its label tokens, the others through their heads)."""
+    bb = backbone(kind, root)
+    (root / "mix").mkdir(exist_ok=True)
+    labels = "0=bad,1=good,2=fine"  # one-token words
+    paths = write_prompts(bb, root / "mix", [3, 4, 2], labels, seed=7)
+    with_linear_head(bb, paths[1], 3, seed=1)
+    with_linear_head(bb, paths[2], 3, seed=2)
+    single = single_probs(bb, paths)  # member 0 alone: verbalizer scoring (label_scores' lm path)
+    for order in (paths, paths[::-1]):  # the verbalizer member first or last
+        ens = Predictor.load(order, backbone=bb)
+        got = ens.probs(ens.task.encode_texts(TEXTS)[0])
+        torch.testing.assert_close(got, single.mean(0), atol=1e-5, rtol=1e-5)
+    # multi-token label words: a verbalizer member cannot be written as a head; one clear error naming the file
+    multi = write_prompts(bb, root / "mix", [3, 4], LABELS3, seed=8)
+    with_linear_head(bb, multi[1], 3, seed=3)
+    with pytest.raises(
+        CheckpointError, match=r"-8-0\.safetensors: a verbalizer prompt joins --head linear .* one-token"
+    ):
+        Predictor.load(multi, backbone=bb)
 
 
 def test_vote_tie_break_by_mean_probability(root: Path) -> None:
