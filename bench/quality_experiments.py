@@ -84,15 +84,14 @@ def run_all(study, only: set[str], render) -> list[str]:
     # deep prompts (learned keys/values at every layer, P-tuning v2) on all 9,000 rows: every plain-prompt route
     # (more steps, 100 tokens, a head, 9,000 rows, ensembles) ended at 86-87%, the linear accuracy of the frozen
     # model's own last-position features; a deep prompt changes the features at every layer
-    for grp, head in (("agnews-deep-head-9k", "linear"), ("agnews-deep-9k", "lm")):
+    # (seed 1: another prompt init fill, head init and data order)
+    deep = (("agnews-deep-head-9k", "linear", 0), ("agnews-deep-9k", "lm", 0), ("agnews-deep-head-9k-s1", "linear", 1))
+    for grp, head, seed in deep:
         if want(grp):
             n = 2 * (study.budget.agnews_steps or study.budget.steps)
-            kw = dict(head=head, method="deep", steps=n, evals=2, suffix=f"-{n}steps")
-            step(f"agnews/deep-20{'-linear' if head == 'linear' else ''}-9k-{n}", study.prompt_tune, "agnews9k", **kw)
-    if want("agnews-deep-head-9k-s1"):  # the same run, seed 1 (prompt init fill, head init and data order)
-        n = 2 * (study.budget.agnews_steps or study.budget.steps)
-        kw = dict(head="linear", method="deep", steps=n, evals=2, seed=1, suffix=f"-{n}steps")
-        step(f"agnews/deep-20-linear-9k-{n}-s1", study.prompt_tune, "agnews9k", **kw)
+            kw = dict(head=head, method="deep", steps=n, evals=2, seed=seed, suffix=f"-{n}steps")
+            run_id = f"agnews/deep-20{'-linear' if head == 'linear' else ''}-9k-{n}{f'-s{seed}' if seed else ''}"
+            step(run_id, study.prompt_tune, "agnews9k", **kw)
     if want("agnews-head-lr"):
         # the head at 1e-4: its inputs have norm ~45 (SmolLM2's last hidden state), so an Adam step of 0.01 on every
         # weight moves a logit by ~5 (81.8% at step 100 with --lr 0.01 for both); 1e-4 moves it by ~0.05

@@ -39,10 +39,11 @@ def _runs(results: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 
 def _longer(results: dict[str, Any], prefix: str, label: str) -> list[tuple[str, str]]:
-    """Rows for the runs of `--only sst2-long/agnews-long`: keys `<prefix>-<steps>` (steps depend on the budget)."""
-    keys = sorted((k for k in results if k.startswith(prefix + "-") and k[len(prefix) + 1 :].isdigit()),
-                  key=lambda k: int(k.rsplit("-", 1)[1]))  # fmt: skip
-    return [(f"{label}, {k.rsplit('-', 1)[1]} steps", k) for k in keys]
+    """Rows for the runs of `--only sst2-long/agnews-long` and the like: keys `<prefix>-<steps>` (steps depend on the
+    budget), and `<prefix>-<steps>-s<seed>` for the same run with another seed; by steps, then seed."""
+    pat = re.compile(re.escape(prefix) + r"-(\d+)(?:-s(\d+))?$")
+    found = sorted((int(m[1]), int(m[2] or 0), k) for k in results if (m := pat.match(k)))
+    return [(f"{label}, {steps} steps" + (f", seed {seed}" if seed else ""), k) for steps, seed, k in found]
 
 
 def _provenance(results: dict[str, Any], rows: list[tuple[str, str]], cmd: str) -> str:
@@ -172,8 +173,7 @@ def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
                         "agnews/pt-20-linear-hlr-1e-3",
                         *(k for _, k in _longer(results, "agnews/pt-20-linear-9k", "")),
                         *(k for _, k in _longer(results, "agnews/deep-20-9k", "")),
-                        *(k for _, k in _longer(results, "agnews/deep-20-linear-9k", "")),
-                        *sorted(k for k in results if k.startswith("agnews/deep-") and _SEED.search(k))]
+                        *(k for _, k in _longer(results, "agnews/deep-20-linear-9k", ""))]
             if k in results]  # fmt: skip
     if keys:
         got = "; ".join(
@@ -267,11 +267,6 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 *_longer(results, "agnews/pt-20-linear-9k", "prompt tuning + linear head, 20 tokens, all 9,000 rows"),
                 *_longer(results, "agnews/deep-20-9k", "deep prompt (P-tuning v2), 20 tokens, all 9,000 rows"),
                 *_longer(results, "agnews/deep-20-linear-9k", "deep prompt + linear head, 20 tokens, all 9,000 rows"),
-                *(
-                    (f"deep prompt + linear head, 20 tokens, all 9,000 rows, {k.split('-')[-2]} steps, seed {k[-1]}", k)
-                    for k in sorted(results)
-                    if k.startswith("agnews/deep-20-linear-9k-") and _SEED.search(k)
-                ),
             ],
             f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100,agnews-head-lr,"
             "agnews-head-lr-1e-3,agnews-head-9k,agnews-deep-9k,agnews-deep-head-9k,agnews-deep-head-9k-s1",
