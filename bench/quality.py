@@ -298,6 +298,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     groups = "sst2, minilm, agnews, sst2-100, sst2-uniform, sst2-long, sst2-long-20, sst2-long-20-peft, agnews-long"
     groups += ", agnews-100, agnews-head, agnews-deep-head-9k, agnews-deep-9k, agnews-deep-head-9k-s1"
+    groups += ", agnews-deep-head-9k-800, agnews-deep-head-9k-800-s1"
     groups += ", agnews-head-9k, agnews-head-100, agnews-head-lr, agnews-head-lr-1e-3, pairs, ablation, lr"
     ap.add_argument("--only", default="", help=f"comma list of: {groups}")
     args = ap.parse_args()

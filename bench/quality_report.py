@@ -269,7 +269,8 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
                 *_longer(results, "agnews/deep-20-linear-9k", "deep prompt + linear head, 20 tokens, all 9,000 rows"),
             ],
             f"{cmd} --only agnews,agnews-long,agnews-100,agnews-head,agnews-head-100,agnews-head-lr,"
-            "agnews-head-lr-1e-3,agnews-head-9k,agnews-deep-9k,agnews-deep-head-9k,agnews-deep-head-9k-s1",
+            "agnews-head-lr-1e-3,agnews-head-9k,agnews-deep-9k,agnews-deep-head-9k,agnews-deep-head-9k-s1,"
+            "agnews-deep-head-9k-800,agnews-deep-head-9k-800-s1",
         ),
         "",
         "## RTE and BoolQ, smollm2-135m",
@@ -339,6 +340,8 @@ HEADLINE = [
     ("AG News", "smollm2-135m deep prompt, 9,000 rows, 400 steps", "agnews/deep-20-9k-400"),  # --only agnews-deep-9k
     ("AG News", "smollm2-135m deep prompt + linear head, 9,000 rows, 400 steps", "agnews/deep-20-linear-9k-400"),
     ("AG News", "smollm2-135m deep prompt + linear head, same, seed 1", "agnews/deep-20-linear-9k-400-s1"),
+    ("AG News", "smollm2-135m deep prompt + linear head, 9,000 rows, 800 steps", "agnews/deep-20-linear-9k-800"),
+    ("AG News", "smollm2-135m deep prompt + linear head, 800 steps, seed 1", "agnews/deep-20-linear-9k-800-s1"),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]

@@ -125,8 +125,9 @@ class Predictor:
             for t, p in zip(texts, probs)
         ]
 
-    def evaluate(self, path: str, *, max_new_tokens: int = 32) -> dict[str, Any]:
-        examples, _, _ = self.task.encode_file(path)
+    def evaluate(self, path: str, *, max_new_tokens: int = 32, columns: str | None = None) -> dict[str, Any]:
+        """Metrics on a labelled file; `columns` names the cells of a headerless CSV/TSV."""
+        examples, _, _ = self.task.encode_file(path, columns=columns)
         if self.task.spec.task == "classify":
             probs = self.probs(examples)
             m = classification_metrics(
@@ -165,7 +166,7 @@ def zero_shot(backbone: Backbone, data: DataConfig, path: str) -> dict[str, Any]
     """Metrics of the backbone with no prompt at all (same template and verbalizer) on a labelled file."""
     pm = PromptedModel(backbone)
     task = BoundTask(TaskSpec.from_config(data), pm, num_tokens=0)
-    examples, _, _ = task.encode_file(path)
+    examples, _, _ = task.encode_file(path, columns=data.columns)
     labels = task.spec.verbalizer.labels if task.spec.verbalizer else None
     return evaluate_examples(
         pm, pm.build_prefix([None]), examples, task=data.task, label_ids=task.label_ids, labels=labels

@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     if args.cmd == "eval":
-        m = pred.evaluate(args.data, max_new_tokens=args.max_new_tokens)
+        m = pred.evaluate(args.data, max_new_tokens=args.max_new_tokens, columns=args.columns)
         print(dumps(m))
         return 0
     if args.cmd == "predict":

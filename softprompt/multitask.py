@@ -284,10 +284,12 @@ def build(
         try:
             spec = TaskSpec.from_config(te.data, position=cfg.prompt.position)
             bt = BoundTask(spec, pm, num_tokens=total)
-            tr, n_cut, _ = bt.encode_file(te.data.train or "", truncate=not te.data.no_truncate)
+            tr, n_cut, _ = bt.encode_file(
+                te.data.train or "", truncate=not te.data.no_truncate, columns=te.data.columns
+            )
             ev: list[Encoded] = []
             if te.data.eval:
-                ev = bt.encode_file(te.data.eval, truncate=not te.data.no_truncate)[0]
+                ev = bt.encode_file(te.data.eval, truncate=not te.data.no_truncate, columns=te.data.columns)[0]
                 if t.eval_max:
                     ev = ev[: t.eval_max]
         except (DataError, ValueError) as e:

@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = prompt_cmd("eval", "evaluate a prompt on a labelled file; prints one JSON object")
     e.add_argument("--data", required=True, help="labelled file (jsonl/csv/tsv)")
+    e.add_argument("--columns", help="comma-separated column names of a headerless CSV/TSV (e.g. text,label)")
     e.add_argument("--max-new-tokens", type=int, default=32)
     pr = prompt_cmd("predict", "labels and probabilities per input, JSONL out")
     pr.add_argument("--data", required=True, help="file, or - for JSONL on stdin")

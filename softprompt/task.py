@@ -139,10 +139,11 @@ class BoundTask:
         return n
 
     def encode_file(
-        self, path: str, *, require_targets: bool = True, truncate: bool = True
+        self, path: str, *, require_targets: bool = True, truncate: bool = True, columns: str | None = None
     ) -> tuple[list[Encoded], int, list[str]]:
-        """Encoded examples of a file (labels mapped through this task's verbalizer), number truncated, texts."""
-        cfg = self.spec.data_config()
+        """Encoded examples of a file (labels mapped through this task's verbalizer), number truncated, texts.
+        `columns` (--columns) names the cells of a headerless CSV/TSV: a property of the file, not of the task."""
+        cfg = self.spec.data_config(columns=columns)
         samples = load_samples(path, cfg, self.spec.verbalizer, require_targets=require_targets)
         enc, n_cut = encode_samples(
             samples,

@@ -230,10 +230,10 @@ def train(
     spec = TaskSpec.from_config(cfg.data, position=cfg.prompt.position)
     pm = PromptedModel(bb, position=cfg.prompt.position, naive=t.naive)
     task = BoundTask(spec, pm, num_tokens=cfg.prompt.num_tokens)
-    train_set, n_cut, _ = task.encode_file(cfg.data.train, truncate=not cfg.data.no_truncate)
+    train_set, n_cut, _ = task.encode_file(cfg.data.train, truncate=not cfg.data.no_truncate, columns=cfg.data.columns)
     eval_set: list[Encoded] = []
     if cfg.data.eval:
-        eval_set, _, _ = task.encode_file(cfg.data.eval, truncate=not cfg.data.no_truncate)
+        eval_set, _, _ = task.encode_file(cfg.data.eval, truncate=not cfg.data.no_truncate, columns=cfg.data.columns)
         if t.eval_max:
             eval_set = eval_set[: t.eval_max]
     if n_cut:
