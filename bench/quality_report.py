@@ -91,12 +91,21 @@ def _plots(results: dict[str, Any], img: Path) -> list[str]:
     made = []
     curves = {k: v["curve"] for k, v in results.items() if v.get("curve") and not k.startswith(("ablation", "lr/"))}
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k, c in curves.items():
-            ax.plot([s for s, _ in c], [100 * a for _, a in c], "o-", label=k, ms=3)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("dev accuracy %")
-        ax.legend(fontsize=7)
+        # one panel per benchmark (a single panel of 25+ runs buries its curves under the legend)
+        names = {"minilm": "SST-2, minilm-l6", "sst2": "SST-2, smollm2-135m", "agnews": "AG News, smollm2-135m"}
+        names |= {"rte": "RTE / BoolQ, smollm2-135m", "boolq": "RTE / BoolQ, smollm2-135m"}
+        panels: dict[str, list[str]] = {}
+        for k in curves:
+            panels.setdefault(names.get(k.split("/")[0], "other"), []).append(k)
+        fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.2 * len(panels)), squeeze=False)
+        for ax, (title, keys) in zip(axes[:, 0], sorted(panels.items())):
+            ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(keys))])
+            for k in keys:
+                ax.plot([s for s, _ in curves[k]], [100 * a for _, a in curves[k]], "o-", label=k, ms=3)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("held-out accuracy %")
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(img / "curves.png", dpi=100)
         plt.close(fig)
