@@ -114,9 +114,9 @@ class Predictor:
         p = class_probs(self.pm, self.prefix, rep, self.task.label_ids, batch_size=self.batch_size, rows=rows)
         return combine_probs(p.view(len(examples), K, -1), self.combine)
 
-    def predict(self, inputs: list[str] | str) -> list[dict[str, Any]]:
+    def predict(self, inputs: list[str] | str, *, columns: str | None = None) -> list[dict[str, Any]]:
         """Label and probabilities per input: texts (template already filled) or a data file path."""
-        examples, texts = self._examples(inputs)
+        examples, texts = self._examples(inputs, columns)
         if self.task.spec.task != "classify":
             return [{"input": t, "output": g} for t, g in zip(texts, self._generate(examples))]
         probs = self.probs(examples)
@@ -153,9 +153,9 @@ class Predictor:
         return [self.pm.decode(g) for g in ids]
 
     # ---- inputs -----------------------------------------------------------------------------------------
-    def _examples(self, inputs: list[str] | str) -> tuple[list[Encoded], list[str]]:
+    def _examples(self, inputs: list[str] | str, columns: str | None = None) -> tuple[list[Encoded], list[str]]:
         if isinstance(inputs, str) and (inputs == "-" or os.path.exists(inputs)):
-            enc, _, texts = self.task.encode_file(inputs, require_targets=False)
+            enc, _, texts = self.task.encode_file(inputs, require_targets=False, columns=columns)
             return enc, texts
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         enc, _ = self.task.encode_texts(texts)

@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         print(dumps(m))
         return 0
     if args.cmd == "predict":
-        rows = pred.predict(args.data)
+        rows = pred.predict(args.data, columns=args.columns)
         text = "".join(dumps(r) + "\n" for r in rows)
         if args.output:
             from pathlib import Path

@@ -268,6 +268,12 @@ def test_headerless_tsv_trains_and_evaluates_with_columns(
     assert rc == 0, err
     m = json.loads(out)
     assert m["n"] == 24 and m["accuracy"] == pytest.approx(trained.summary["accuracy"])
+    pr = ["predict", "--prompt", str(tmp_path / "t.safetensors"), "--data", str(tsv), "--columns", "text,label"]
+    rc, out, err = run(capsys, pr)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    hits = sum(r["label"] == c["label"] for r, c in zip(rows, cls_records()))
+    assert len(rows) == 24 and hits / 24 == pytest.approx(trained.summary["accuracy"])
     rc, out, err = run(capsys, ev)  # without --columns the first row is read as a header: one line naming the file
     assert rc == 2 and out == "" and "train.tsv:2: missing field 'text'" in err and "--columns" in err, err
 
