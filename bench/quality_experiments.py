@@ -89,8 +89,9 @@ def run_all(study, only: set[str], render) -> list[str]:
         ("agnews-deep-head-9k", "linear", 0, 2),
         ("agnews-deep-9k", "lm", 0, 2),
         ("agnews-deep-head-9k-s1", "linear", 1, 2),
+        ("agnews-deep-head-9k-800", "linear", 0, 4),
+        ("agnews-deep-head-9k-800-s1", "linear", 1, 4),
     )
-    deep += (("agnews-deep-head-9k-800", "linear", 0, 4), ("agnews-deep-head-9k-800-s1", "linear", 1, 4))
     for grp, head, seed, mult in deep:
         if want(grp):
             n = mult * (study.budget.agnews_steps or study.budget.steps)

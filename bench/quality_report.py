@@ -348,9 +348,17 @@ HEADLINE = [
     ("AG News", "smollm2-135m prompt tuning + linear head, 9,000 rows, 500 steps", "agnews/pt-20-linear-9k-500"),
     ("AG News", "smollm2-135m deep prompt, 9,000 rows, 400 steps", "agnews/deep-20-9k-400"),  # --only agnews-deep-9k
     ("AG News", "smollm2-135m deep prompt + linear head, 9,000 rows, 400 steps", "agnews/deep-20-linear-9k-400"),
-    ("AG News", "smollm2-135m deep prompt + linear head, same, seed 1", "agnews/deep-20-linear-9k-400-s1"),
+    (
+        "AG News",
+        "smollm2-135m deep prompt + linear head, 9,000 rows, 400 steps, seed 1",
+        "agnews/deep-20-linear-9k-400-s1",
+    ),
     ("AG News", "smollm2-135m deep prompt + linear head, 9,000 rows, 800 steps", "agnews/deep-20-linear-9k-800"),
-    ("AG News", "smollm2-135m deep prompt + linear head, 800 steps, seed 1", "agnews/deep-20-linear-9k-800-s1"),
+    (
+        "AG News",
+        "smollm2-135m deep prompt + linear head, 9,000 rows, 800 steps, seed 1",
+        "agnews/deep-20-linear-9k-800-s1",
+    ),
     ("RTE", "smollm2-135m zero-shot / prompt tuning", "rte/zero-shot|rte/pt-20/s0"),
     ("BoolQ (32 ex.)", "smollm2-135m zero-shot / prompt tuning", "boolq/zero-shot|boolq/pt-20/s0"),
 ]

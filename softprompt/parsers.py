@@ -155,12 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = prompt_cmd("eval", "evaluate a prompt on a labelled file; prints one JSON object")
     e.add_argument("--data", required=True, help="labelled file (jsonl/csv/tsv)")
-    e.add_argument("--columns", help="comma-separated column names of a headerless CSV/TSV (e.g. text,label)")
     e.add_argument("--max-new-tokens", type=int, default=32)
     pr = prompt_cmd("predict", "labels and probabilities per input, JSONL out")
     pr.add_argument("--data", required=True, help="file, or - for JSONL on stdin")
     pr.add_argument("--output", help="write JSONL here (atomically) instead of stdout")
-    pr.add_argument("--columns", help="comma-separated column names of a headerless CSV/TSV (e.g. text,label)")
+    for s in (e, pr):  # the file-reading option of `train --columns`, for the files these two read
+        s.add_argument("--columns", help="comma-separated column names of a headerless CSV/TSV (e.g. text,label)")
     g = prompt_cmd("generate", "generate text with a prompt")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="one input text (the filled template, or the value of its single field)")
