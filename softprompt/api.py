@@ -60,6 +60,7 @@ class Predictor:
         batch_size: int = 32,
         device: str = "auto",
         dtype: str = "float32",
+        skip_equivalence_check: bool = False,
     ) -> Predictor:
         paths = [prompts] if isinstance(prompts, str) else list(prompts)
         if not paths:
@@ -78,7 +79,8 @@ class Predictor:
             name = model or ckpts[0].meta.get("base_model")
             if not name:
                 raise ValueError(f"{paths[0]}: no base_model in its metadata; pass --model")
-            backbone = load_backbone(ModelConfig(model=name, device=device, dtype=dtype), progress=False)
+            mcfg = ModelConfig(model=name, device=device, dtype=dtype, skip_equivalence_check=skip_equivalence_check)
+            backbone = load_backbone(mcfg, progress=False)
         for c in ckpts:
             check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
         pm = PromptedModel(backbone, position=spec.position)

@@ -90,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         args.prompt,
         model=args.model,
         allow_other_model=args.allow_other_model,
+        skip_equivalence_check=args.skip_equivalence_check,
         combine=args.combine,
         batch_size=args.batch_size,
         device=args.device,

@@ -32,6 +32,8 @@ class ModelConfig:
     """Attention kernel passed to transformers: sdpa or eager."""
     quantize: str = "none"
     """Frozen-weight quantization: none, int8 or int4 (optimum-quanto; CPU/GPU), bnb8 or bnb4 (bitsandbytes; CUDA)."""
+    skip_equivalence_check: bool = False
+    """Skip the load-time check that softprompt's forward path equals the model's own (softprompt.equivalence)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +80,12 @@ class Backbone:
     fingerprint: str  # embedding_fingerprint(model): ties a saved prompt to these embeddings
     embed_dim: int
     device: torch.device
+    hidden_dim: int = 0  # width of the last hidden state (what heads read); 0 = embed_dim (set by load_backbone)
+    skip_equivalence_check: bool = False  # --skip-equivalence-check: PromptedModel does not run the guard
+    verified: dict[str, float] = field(default_factory=dict)  # guard results per forward path, cached per backbone
+
+    def __post_init__(self) -> None:
+        self.hidden_dim = self.hidden_dim or self.embed_dim
 
 
 def cache_dir() -> Path:
@@ -461,7 +467,11 @@ def load_backbone(spec: ModelConfig | str, *, family: Family | None = None, prog
     # A local path is recorded absolute (checkpoints store it as base_model: they must load from any directory).
     local = cfg.model not in ALIASES and Path(cfg.model).expanduser().exists()
     model_id = os.path.abspath(os.path.expanduser(cfg.model)) if local else cfg.model
-    return Backbone(model, tokenizer, fam, model_id, arch, embedding_fingerprint(model), embed_dim, device)
+    hidden = int(getattr(model.config.get_text_config(), "hidden_size", 0) or embed_dim)
+    return Backbone(
+        model, tokenizer, fam, model_id, arch, embedding_fingerprint(model), embed_dim, device, hidden,
+        skip_equivalence_check=cfg.skip_equivalence_check,
+    )  # fmt: skip
 
 
 def list_models() -> list[dict[str, Any]]:

@@ -129,6 +129,9 @@ def add_similarity_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object per source instead of a table")
 
 
+SKIP_CHECK_HELP = "skip the load-time check that softprompt's forward equals the model's own (exit 2 on a mismatch)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole `softprompt` command tree."""
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning on frozen Transformers models.")
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--prompt", action="append", required=True, help="prompt .safetensors (repeat for an ensemble)")
         s.add_argument("--model", help="backbone (default: the base model recorded in the prompt)")
         s.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
+        s.add_argument("--skip-equivalence-check", action="store_true", help=SKIP_CHECK_HELP)
         s.add_argument("--combine", default="mean", choices=["mean", "vote"], help="ensemble combination")
         s.add_argument("--batch-size", type=int, default=32)
         s.add_argument("--device", default="auto")
@@ -205,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--no-kv-cache", action="store_true", help="run the prompt with every request (the PEFT way)")
     sv.add_argument("--allow-other-model", action="store_true", help="skip the base-model fingerprint check")
+    sv.add_argument("--skip-equivalence-check", action="store_true", help=SKIP_CHECK_HELP)
     sv.add_argument("--device", default="auto", help="(default: auto)")
     sv.add_argument("--dtype", default="float32", help="(default: float32)")
     sv.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -47,6 +47,7 @@ class ServeConfig:
     device: str = "auto"
     dtype: str = "float32"
     allow_other_model: bool = False
+    skip_equivalence_check: bool = False
     log_level: str = "info"
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
 
@@ -92,7 +93,8 @@ def build(cfg: ServeConfig, backbone: Backbone | None = None) -> tuple[FastAPI, 
     cfg.validate()
     if backbone is None:
         model = cfg.model or default_model(cfg.prompts)
-        backbone = load_backbone(ModelConfig(model=model, device=cfg.device, dtype=cfg.dtype), progress=False)
+        mcfg = ModelConfig(model, cfg.dtype, cfg.device, skip_equivalence_check=cfg.skip_equivalence_check)
+        backbone = load_backbone(mcfg, progress=False)
     registry = Registry(
         backbone,
         cfg.prompts,
