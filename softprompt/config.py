@@ -119,6 +119,8 @@ class TrainConfig:
     """Random seed (init, data order); two runs with the same seed are identical."""
     out: str = "prompt.safetensors"
     """Where the trained prompt is written (atomically)."""
+    overwrite: bool = False
+    """Replace an existing file at --out (or its log/plot) that is not a softprompt prompt; inputs never are."""
     resume: str | None = None
     """Training-state directory to resume from (also where state is written; default OUT.state/)."""
     save_every: int = 50
