@@ -35,7 +35,7 @@ import torch
 
 from softprompt.config import ConfigError, RunConfig, to_dict
 from softprompt.data import Encoded
-from softprompt.train import Replicas, TrainResult, train
+from softprompt.train import Replicas, TrainResult, run_files, train
 
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK", "RANK")
 FAULT_ENV = "SOFTPROMPT_FAULT_AFTER_STEP"  # tests: the process of rank SOFTPROMPT_FAULT_RANK dies after this step
@@ -124,6 +124,7 @@ def train_distributed(cfg: RunConfig, *, log=print, accelerator: Any = None) -> 
             f"note: --batch-size {cfg.train.batch_size} is the global batch; it does not split evenly over "
             f"{rep.world} processes (shards differ by one row; the result is unchanged)"
         )
+    run_files(cfg).check()  # before the model loads (train() checks again, cheaply)
     with acc.main_process_first():  # the main process converts/caches the model first (e.g. the GGUF cache)
         bb = load_backbone(cfg.model, progress=cfg.train.progress and rep.is_main)
     try:
@@ -195,6 +196,8 @@ def run_train(args: argparse.Namespace, log=None) -> int:
 
     log = log or (lambda s: print(s, file=sys.stderr))
     cfg = build_config(args)
+    if cfg.data.train and args.config:  # the --config file is an input too (train() checks the others again)
+        run_files(cfg, reads=[("--config", args.config)]).check()
     if getattr(args, "distributed", False) and not under_launcher():
         return relaunch(cfg, getattr(args, "nproc_per_node", None), getattr(args, "accelerate_config", None))
     res = train_auto(cfg, log=log)

@@ -56,7 +56,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import get_scheduler
 
 from softprompt.checkpoint import save_prompt
 from softprompt.config import DataConfig, RunConfig, apply_options, load_yaml, to_dict
@@ -65,7 +64,9 @@ from softprompt.evaluate import evaluate_examples
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompt import init_prompt
 from softprompt.prompted import Batch, Prefix, PromptedModel
+from softprompt.runfiles import RunFiles, input_paths, keeping_mode, run_identity
 from softprompt.task import BoundTask, TaskSpec
+from softprompt.trainer import Evaluation, fit, scalars, tensorboard_enabled
 
 TASK_KEYS = {f for f in DataConfig.__dataclass_fields__} | {"name", "rate", "init"}
 DEFAULT_OUT = "multitask"
@@ -312,39 +313,95 @@ def build(
     return mt, MultiPrompt(shared, parts).to(bb.device), trains, evals
 
 
-def train_multi(mc: MultiConfig, *, backbone: Backbone | None = None, log=print) -> MultiResult:
-    """Train shared + per-task prompts on mixed-task batches; export OUT/<task>.safetensors for every task."""
-    from softprompt.train import _progress, _scalars, load_state, make_optimizer, save_state
-
-    t0 = time.time()
-    mc.validate()
-    cfg, t = mc.run, mc.run.train
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    bb = backbone or load_backbone(cfg.model, progress=t.progress)
-    mt, mp, trains, evals = build(mc, bb, log=log)
-    pm = mt.pm
-    params: list[torch.nn.Parameter] = ([mp.shared] if mc.shared_tokens else []) + [
-        p for p in mp.tasks if p.shape[0] > 0
-    ]
-    for h in mt.heads:
-        if h is not None:
-            params += [p for p in h.parameters() if p.requires_grad]
-    n_examples = sum(len(x) for x in trains)
-    steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * n_examples / (t.batch_size * t.grad_accum)))
-    opt = make_optimizer(params, cfg)
-    sched = get_scheduler(
-        t.schedule if t.schedule != "constant" else "constant_with_warmup",
-        opt,
-        num_warmup_steps=t.warmup_steps,
-        num_training_steps=steps,
+def multi_files(mc: MultiConfig, reads: list[tuple[str, str]] | None = None) -> RunFiles:
+    """What a train-multi run writes (OUT/<task>.safetensors, OUT/train.log.jsonl, OUT/state/ or --resume,
+    OUT/train.png, OUT/train.tb) and reads (every task's data and --init file:, and `reads`: the --config file)."""
+    t, out = mc.run.train, mc.out_dir
+    inputs = input_paths("--", train=None, eval=None, init=mc.run.prompt.init) + (reads or [])
+    for te in mc.tasks:
+        inputs += input_paths(f"task {te.name} ", train=te.data.train, eval=te.data.eval, init=te.init)
+    return RunFiles(
+        where=str(out),
+        prompts=[(f"task {te.name}'s prompt", out / f"{te.name}.safetensors") for te in mc.tasks],
+        log=out / "train.log.jsonl",
+        state=Path(t.resume) if t.resume else out / "state",
+        resume=bool(t.resume),
+        inputs=inputs,
+        plot=out / "train.png" if t.plot else None,
+        tensorboard=out / "train.tb" if tensorboard_enabled() else None,
+        overwrite=t.overwrite,
     )
-    out_dir = mc.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    exports = {name: str(out_dir / f"{name}.safetensors") for name in mt.names}
 
-    def export(metrics: dict[str, dict[str, Any]]) -> None:
+
+def _check_out_dir(mc: MultiConfig) -> None:
+    if mc.out_dir.exists() and not mc.out_dir.is_dir():
+        raise MultiTaskError(f"--out {mc.out_dir} is a file; train-multi writes a directory (one prompt per task)")
+
+
+@dataclass
+class MultiObjective:
+    """K tasks on mixed batches: the shared rows, each task's rows, and each task's head (encoders)."""
+
+    mc: MultiConfig
+    bb: Backbone
+    mt: MultiTask
+    mp: MultiPrompt
+    trains: list[list[Encoded]]
+    evals: list[list[Encoded]]
+    exports: dict[str, str]  # task -> its prompt file
+
+    def __post_init__(self) -> None:
+        mp = self.mp
+        # state order: param.0 = shared (when S > 0), then the task rows (T > 0), then the heads' tensors
+        self.params = ([mp.shared] if self.mc.shared_tokens else []) + [p for p in mp.tasks if p.shape[0] > 0]
+        self.head_params = [p for h in self.mt.heads if h is not None for p in h.parameters() if p.requires_grad]
+
+    @property
+    def n_train(self) -> int:
+        return sum(len(x) for x in self.trains)
+
+    @property
+    def has_eval(self) -> bool:
+        return any(self.evals)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bb.device
+
+    def batches(self, step: int) -> list[list[tuple[int, Encoded]]]:
+        t = self.mc.run.train
+        sizes, rates = [len(x) for x in self.trains], [te.rate for te in self.mc.tasks]
+        return [
+            [(k, self.trains[k][i]) for k, i in sample_rows(sizes, rates, t.batch_size, t.seed, step, micro)]
+            for micro in range(t.grad_accum)
+        ]
+
+    def loss(self, rows: list[tuple[int, Encoded]]) -> torch.Tensor:
+        mt, pm = self.mt, self.mt.pm
+        ex = [e for _, e in rows]
+        batch = pm.collate(
+            [e.input_ids for e in ex],
+            labels=[int(e.label) for e in ex] if mt.kind == "classify" else None,  # type: ignore[arg-type]
+            targets=[e.target_ids or [] for e in ex] if mt.kind == "generate" else None,
+        )
+        task_of = torch.tensor([k for k, _ in rows], device=self.bb.device)  # (N,) row -> its task's prompt
+        prefix = pm.build_prefix(self.mp.prompts())  # the K task prompts, each run once
+        return mt.loss(prefix, task_of, batch.to(self.bb.device))
+
+    def evaluate(self) -> Evaluation:
+        metric = self.mc.run.train.metric
+        per_task = evaluate_tasks(self.mt, self.mp, self.evals, metric=metric)
+        log: dict[str, Any] = {}
+        for name, m in per_task.items():
+            log.update({f"eval_{name}_{k}": v for k, v in scalars(m).items()})
+        scored = [float(m.get(metric, m.get("loss", 0.0))) for m in per_task.values()]
+        log[f"eval_mean_{metric}"] = score = sum(scored) / len(scored)
+        return Evaluation(score, log, per_task)
+
+    def save(self, metrics: Evaluation | dict[str, Any]) -> None:
+        mc, cfg, bb, mt = self.mc, self.mc.run, self.bb, self.mt
         for k, (name, bt) in enumerate(zip(mt.names, mt.tasks)):
+            m = metrics.metrics.get(name, {}) if isinstance(metrics, Evaluation) else metrics
             tcfg = copy.deepcopy(cfg)
             tcfg.data = mc.tasks[k].data
             tcfg.prompt.num_tokens = mc.shared_tokens + cfg.prompt.num_tokens
@@ -356,7 +413,7 @@ def train_multi(mc: MultiConfig, *, backbone: Backbone | None = None, log=print)
                 "init": mc.tasks[k].init or cfg.prompt.init,
                 "train_config": to_dict(tcfg),
                 **bt.spec.to_meta(),
-                "metrics": _scalars(metrics.get(name, {})),
+                "metrics": scalars(m),
                 "multitask": {
                     "task": name,
                     "tasks": mt.names,
@@ -369,75 +426,39 @@ def train_multi(mc: MultiConfig, *, backbone: Backbone | None = None, log=print)
             extra = {}
             if head is not None and hasattr(head, "linear"):
                 extra = {f"head.{n}": v for n, v in head.state_dict().items()}  # head.linear.*, as train.py
-            save_prompt(exports[name], mp.prompt(k), meta, extra)
+            with keeping_mode(self.exports[name]):  # an overwritten prompt keeps its permission mode
+                save_prompt(self.exports[name], self.mp.prompt(k), meta, extra)
 
-    state_dir = Path(t.resume) if t.resume else out_dir / "state"
-    start, history, best, best_step = 0, [], None, -1
-    if t.resume and (state_dir / "state.safetensors").exists():
-        st = load_state(state_dir, params, opt, sched)
-        start, history, best, best_step = st["step"], st.get("history", []), st.get("best"), st.get("best_step", -1)
-        log(f"resumed from {state_dir} at step {start}")
-    log_path = out_dir / "train.log.jsonl"
-    if start == 0 and log_path.exists():
-        log_path.unlink()
-    sizes, rates = [len(x) for x in trains], [te.rate for te in mc.tasks]
-    larger_is_better = t.metric != "loss"
-    bar = _progress(steps, start, t.progress)
-    last: dict[str, dict[str, Any]] = {}
-    for step in range(start, steps):
-        loss_sum = 0.0
-        for micro in range(t.grad_accum):
-            pairs = sample_rows(sizes, rates, t.batch_size, t.seed, step, micro)
-            ex = [trains[k][i] for k, i in pairs]
-            batch = pm.collate(
-                [e.input_ids for e in ex],
-                labels=[int(e.label) for e in ex] if mt.kind == "classify" else None,  # type: ignore[arg-type]
-                targets=[e.target_ids or [] for e in ex] if mt.kind == "generate" else None,
-            )
-            rows = torch.tensor([k for k, _ in pairs], device=bb.device)
-            prefix = pm.build_prefix(mp.prompts())  # the K task prompts, each run once
-            loss = mt.loss(prefix, rows, batch.to(bb.device)) / t.grad_accum
-            loss.backward()
-            loss_sum += float(loss.detach())
-        if not math.isfinite(loss_sum):
-            raise MultiTaskError(f"non-finite loss ({loss_sum}) at step {step + 1}: lower --lr")
-        if t.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        rec: dict[str, Any] = {
-            "step": step + 1,
-            "loss": loss_sum,
-            "lr": sched.get_last_lr()[0],
-            "time_s": round(time.time() - t0, 2),
-        }
-        done = step + 1 == steps
-        if any(evals) and ((t.eval_every and (step + 1) % t.eval_every == 0) or done):
-            last = evaluate_tasks(mt, mp, evals, metric=t.metric)
-            for name, m in last.items():
-                rec.update({f"eval_{name}_{k}": v for k, v in _scalars(m).items()})
-            scored = [float(m.get(t.metric, m.get("loss", 0.0))) for m in last.values()]
-            score = sum(scored) / len(scored)
-            rec[f"eval_mean_{t.metric}"] = score
-            if best is None or (score > best if larger_is_better else score < best):
-                best, best_step = score, step + 1
-                export(last)
-        history.append(rec)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        bar.update(1)
-        bar.set_postfix({"loss": f"{loss_sum:.4f}"})
-        if (step + 1) % t.save_every == 0 or done:
-            save_state(
-                state_dir, params, opt, sched, step + 1, {"history": history, "best": best, "best_step": best_step}
-            )
-    bar.close()
-    if not any(evals):
-        export({})
-    return MultiResult(
-        str(out_dir), exports, len(history) and history[-1]["step"], last, best_step, history, time.time() - t0
-    )
+    def identity(self) -> dict[str, Any]:
+        """run_identity's prompt and train flags, S, and every task's name, rate, init and data flags."""
+        cfg = self.mc.run
+        out = run_identity(cfg, self.bb.fingerprint, sections=("prompt", "train"))
+        out["--shared_tokens"] = self.mc.shared_tokens
+        out["--tasks"] = [te.name for te in self.mc.tasks]
+        for te in self.mc.tasks:
+            one = run_identity(RunConfig(data=te.data), "", sections=("data",))
+            out.update({f"--tasks.{te.name}.{k[len('--data.') :]}": v for k, v in one.items() if k != "fingerprint"})
+            out[f"--tasks.{te.name}.rate"], out[f"--tasks.{te.name}.init"] = te.rate, te.init
+        return json.loads(json.dumps(out, default=str))  # as it reads back from the state file
+
+
+def train_multi(mc: MultiConfig, *, backbone: Backbone | None = None, log=print) -> MultiResult:
+    """Train shared + per-task prompts on mixed-task batches; export OUT/<task>.safetensors for every task."""
+    t0 = time.time()
+    mc.validate()
+    cfg, t = mc.run, mc.run.train
+    _check_out_dir(mc)
+    files = multi_files(mc)
+    files.check()  # before the model loads: a run that would destroy a file stops before any work
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    bb = backbone or load_backbone(cfg.model, progress=t.progress)
+    mt, mp, trains, evals = build(mc, bb, log=log)
+    exports = {name: str(p) for name, (_, p) in zip(mt.names, files.prompts)}
+    obj = MultiObjective(mc, bb, mt, mp, trains, evals, exports)
+    res = fit(obj, cfg, files, log=log, t0=t0)
+    last = res.last.metrics if res.last is not None else {}
+    return MultiResult(str(mc.out_dir), exports, res.steps, last, res.best_step, res.history, time.time() - t0)
 
 
 @torch.no_grad()
@@ -486,7 +507,10 @@ def run(args: argparse.Namespace) -> int | None:
             "progress",
         )
     }
+    over["overwrite"] = getattr(args, "overwrite", None)  # a train-multi flag once parsers.py declares it
     mc = parse_multi_config(load_yaml(args.config), args.config, over)
+    _check_out_dir(mc)
+    multi_files(mc, reads=[("--config", args.config)]).check()  # train_multi checks the rest again
     res = train_multi(mc, log=lambda s: print(s, file=sys.stderr))
     print(
         json.dumps(

@@ -43,6 +43,8 @@ from softprompt.train import TrainingError, train
 # `softprompt.train` as an attribute is the train() function (re-exported by softprompt/__init__.py), which
 # shadows the submodule for `import softprompt.train as m`; the module itself is in sys.modules.
 train_mod = sys.modules["softprompt.train"]
+trainer_mod = sys.modules["softprompt.trainer"]  # the loop (fit) that both train and train-multi run
+runfiles_mod = sys.modules["softprompt.runfiles"]  # the training state's reads and writes
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +144,7 @@ def test_kill_and_resume_in_process(
     out = tmp_path / "p.safetensors"
     state_dir = Path(str(out) + ".state")
     argv = train_argv(tiny_dir("llama"), data, out, *RESUME_STEPS, "--optimizer", optimizer, "--eval", str(data))
-    save_state, atomic_write = train_mod.save_state, train_mod.atomic_write
+    save_state, atomic_write = trainer_mod.save_state, runfiles_mod.atomic_write  # where fit() and save_state look
 
     def killing_save_state(path, params, opt, sched, step, extra):
         if kill_at == "after_log" and step == 3:
@@ -161,8 +163,8 @@ def test_kill_and_resume_in_process(
         atomic_write(path, write)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_mod, "save_state", killing_save_state)
-        mp.setattr(train_mod, "atomic_write", killing_atomic_write)
+        mp.setattr(trainer_mod, "save_state", killing_save_state)
+        mp.setattr(runfiles_mod, "atomic_write", killing_atomic_write)
         with pytest.raises(Killed):
             run(capsys, argv)
     assert len(log_records(out)) == 3  # the "killed" run got through step 3
