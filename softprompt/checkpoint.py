@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 FORMAT = "softprompt"
@@ -42,7 +43,14 @@ MAX_HEADER = 100 * 1024 * 1024
 
 
 class CheckpointError(ValueError):
-    """A prompt file that cannot be used; the message names the file."""
+    """A prompt file that cannot be used; the message names the file. `framing`: raised before the file was known
+    to be a softprompt prompt (unreadable, not a regular file, not safetensors, no softprompt metadata); such
+    messages may quote the file's size or header, so the server does not pass them on for files it did not receive
+    (admin {"path": ...})."""
+
+    def __init__(self, message: str, *, framing: bool = False) -> None:
+        super().__init__(message)
+        self.framing = framing
 
 
 @dataclass
@@ -123,60 +131,179 @@ def save_prompt(
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=encoded))
 
 
-def _check_header(path: str) -> None:
-    """Validate the safetensors framing ourselves so a non-safetensors file gives a clear error."""
+MAX_FILE = 2**30  # a prompt file is kilobytes to megabytes; nothing larger is read into memory
+TENSOR_NAMES = ("prompt", "head.linear.weight", "head.linear.bias", "head.weight", "head.bias", "deep.keys",
+                "deep.values")  # fmt: skip
+# metadata fields with a closed set of values (absent: the reader's default)
+ALLOWED_META = {
+    "method": ("prompt", "deep"),
+    "family": ("causal", "seq2seq", "encoder"),
+    "task": ("classify", "generate"),
+    "head": ("lm", "linear", "similarity"),
+    "position": ("auto", "start"),
+}
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of `path`, which must be a regular file: stat first, so a FIFO, device or socket is never opened
+    (opening a FIFO blocks), then open without blocking and check the opened file again (it may have been swapped)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)"
-                )
-            header = json.loads(f.read(n))
+        st = os.stat(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory, expected a .safetensors prompt file") from None
+        raise CheckpointError(f"{path}: file not found", framing=True) from None
+    except OSError as e:  # a symlink loop (ELOOP), a name too long, a permission error...
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})", framing=True) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path}: is a directory, expected a .safetensors prompt file", framing=True)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never read)", framing=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})", framing=True) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file", framing=True)
+        if st.st_size > MAX_FILE:
+            raise CheckpointError(f"{path}: larger than {MAX_FILE} bytes, not a prompt file", framing=True)
+        chunks, left = [], st.st_size + 1
+        while left > 0:  # +1: a file that grew while being read is caught by the framing check below
+            b = os.read(fd, min(left, 1 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        return b"".join(chunks)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or type(e).__name__})", framing=True) from None
+    finally:
+        os.close(fd)
+
+
+def _check_header(path: str, data: bytes) -> dict[str, Any]:
+    """Validate the safetensors framing ourselves so a non-safetensors file gives a clear error; the header."""
+    size = len(data)
+    if size < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (too short)", framing=True)
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(
+            f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)", framing=True
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+        raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)", framing=True) from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (bad header)")
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)", framing=True)
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):  # e.g. {"prompt": 5}: JSON, but not a tensor table
-        raise CheckpointError(f"{path}: not a safetensors file (bad header)") from None
+        raise CheckpointError(f"{path}: not a safetensors file (bad header)", framing=True) from None
     if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
+        raise CheckpointError(f"{path}: truncated ({size} bytes, header says {8 + n + end})", framing=True)
+    return header
 
 
 def load_prompt(path: str | Path) -> PromptCheckpoint:
-    """Read a prompt file; CheckpointError (naming the file) when it is missing, corrupt or not ours."""
+    """Read and validate a prompt file; CheckpointError (naming the file) when it is missing, not a regular file,
+    corrupt, not ours, or holds tensors or metadata no reader can use. The one loader of prompt files: the CLI,
+    the Python API and the server all get these checks."""
     path = str(path)
-    _check_header(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            raw = f.metadata() or {}
-            keys = list(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})") from None
-    if raw.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a softprompt prompt file (no 'format: softprompt' in its metadata)")
+    data = read_regular(path)
+    header = _check_header(path, data)
+    raw = header.get("__metadata__") or {}
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a softprompt prompt file (no 'format: softprompt' in its metadata)", framing=True
+        )
     if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format_version {raw.get('format_version')!r}")
+        raise CheckpointError(f"{path}: unsupported format_version {raw.get('format_version')!r}", framing=True)
+    if not all(isinstance(v, str) for v in raw.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors file (metadata values must be strings)", framing=True)
+    try:
+        tensors = safetensors_load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: corrupt safetensors file ({str(e).splitlines()[0]})", framing=True) from None
     if "prompt" not in tensors:
         raise CheckpointError(f"{path}: no 'prompt' tensor")
+    meta = _decode_meta(raw)
+    _check_tensors(path, tensors)
     prompt = tensors.pop("prompt")
+    ckpt = PromptCheckpoint(prompt=prompt, meta=meta, extra=tensors, path=path)
+    _check_meta(path, ckpt)
+    return ckpt
+
+
+def _check_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor floating point and finite; the prompt (tokens, dim) with >= 1 row (a deep prompt: 0 rows and
+    its per-layer keys/values); heads (labels, dim) and (labels,)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}, "
+                                  "expected a floating-point tensor")  # fmt: skip
+        if not torch.isfinite(t).all():
+            what = "'prompt'" if name == "prompt" else repr(name)
+            raise CheckpointError(f"{path}: {what} holds NaN or inf values")
+    prompt = tensors["prompt"]
     if prompt.ndim != 2:
         raise CheckpointError(f"{path}: 'prompt' must be 2-D (tokens, dim), got shape {tuple(prompt.shape)}")
-    if not torch.isfinite(prompt).all():
-        raise CheckpointError(f"{path}: 'prompt' holds NaN or inf values")
+    if prompt.shape[1] < 1:
+        raise CheckpointError(f"{path}: 'prompt' has dim 0")
     _check_deep(path, tensors)
-    return PromptCheckpoint(prompt=prompt, meta=_decode_meta(raw), extra=tensors, path=path)
+    if prompt.shape[0] < 1 and "deep.keys" not in tensors:
+        raise CheckpointError(f"{path}: 'prompt' has 0 rows (a prompt needs at least one token)")
+    for prefix in ("head.linear.", "head."):  # a head reads hidden states: its width is the model's hidden size,
+        w, b = tensors.get(prefix + "weight"), tensors.get(prefix + "bias")  # not always the prompt's (ALBERT), so
+        if w is None and b is None:  # BoundTask.saved_head checks it against the loaded backbone
+            continue
+        if w is None or w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+            shape = None if w is None else tuple(w.shape)
+            raise CheckpointError(f"{path}: '{prefix}weight' must be (labels, hidden size), got {shape}")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise CheckpointError(f"{path}: '{prefix}bias' must be ({w.shape[0]},), got {tuple(b.shape)}")
+
+
+def _check_meta(path: str, ckpt: PromptCheckpoint) -> None:
+    """Metadata fields against their allowed values and the tensors they describe."""
+    meta = ckpt.meta
+    for key, allowed in ALLOWED_META.items():
+        v = meta.get(key)
+        if v is not None and v not in allowed:
+            raise CheckpointError(f"{path}: unknown {key} {v!r} in its metadata (expected {' or '.join(allowed)})")
+    for key, actual in (("embed_dim", ckpt.embed_dim), ("num_tokens", ckpt.num_tokens)):
+        v = meta.get(key)
+        if v is not None and (type(v) is not int or v != actual):
+            raise CheckpointError(f"{path}: metadata {key} {v!r} does not match its tensors ({actual})")
+    if "method" in meta and (meta["method"] == "deep") != ckpt.is_deep:
+        raise CheckpointError(f"{path}: metadata method {meta.get('method', 'prompt')!r} does not match its tensors")
+    for key in ("template", "base_model", "fingerprint", "label_field", "target_field"):
+        if key in meta and not isinstance(meta[key], str):
+            raise CheckpointError(f"{path}: metadata {key} must be a string")
+    if "max_length" in meta:
+        try:
+            ok = int(meta["max_length"]) >= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: metadata max_length {meta['max_length']!r} is not a positive integer")
+    fields = meta.get("fields")
+    if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
+        raise CheckpointError(f"{path}: metadata fields must be a list of names")
+    labels = meta.get("labels")
+    n_labels = None
+    if labels is not None:
+        ls, ws = (labels.get("labels"), labels.get("words")) if isinstance(labels, dict) else (None, None)
+        if not (isinstance(ls, list) and isinstance(ws, list) and ls and len(ls) == len(ws)
+                and all(isinstance(x, str) and x for x in ls + ws) and len(set(ls)) == len(ls)):  # fmt: skip
+            raise CheckpointError(f"{path}: metadata labels must be {{\"labels\": [...], \"words\": [...]}}, "
+                                  "non-empty, one distinct word list per label")  # fmt: skip
+        n_labels = len(ls)
+    for name in ("head.linear.weight", "head.weight"):
+        w = ckpt.extra.get(name)
+        if w is not None and n_labels is not None and w.shape[0] != n_labels:
+            raise CheckpointError(f"{path}: {name!r} has {w.shape[0]} rows for {n_labels} labels")
 
 
 def _deep_tokens(tensors: dict[str, torch.Tensor]) -> int:

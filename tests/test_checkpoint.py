@@ -314,3 +314,75 @@ def test_check_compatible_without_fingerprint(tmp_path: Path) -> None:
     check_compatible(ck, 8, "sha256:ffffffffffffffff")  # nothing to compare against: accepted
     with pytest.raises(CheckpointError, match="dim"):
         check_compatible(ck, 9, "sha256:ffffffffffffffff", allow_other_model=True)
+
+
+# ----- every tensor and metadata field validated by the one loader ----------------------------------------------
+def _write_raw(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """A file with our format marker but tensors/metadata as given (save_prompt would normalise them)."""
+    save_file(tensors, str(path), metadata=checkpoint._encode_meta(meta))
+    return path
+
+
+LABELS_META = {"task": "classify", "labels": {"labels": ["a", "b"], "words": ["x", "y"]}}
+INF_HEAD = rand(2, 8)
+INF_HEAD[1, 1] = float("inf")
+BAD_FILES: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any], str]] = {
+    "inf head": ({"prompt": rand(3, 8), "head.linear.weight": INF_HEAD, "head.linear.bias": torch.zeros(2)},
+                 {**LABELS_META, "head": "linear"}, "head.linear.weight.*NaN or inf"),
+    "nan bias": ({"prompt": rand(3, 8), "head.linear.weight": rand(2, 8), "head.linear.bias": torch.tensor([0.0, float("nan")])},
+                 {**LABELS_META, "head": "linear"}, "head.linear.bias.*NaN or inf"),
+    "int64 prompt": ({"prompt": torch.ones(3, 8, dtype=torch.int64)}, LABELS_META, "dtype int64"),
+    "zero rows": ({"prompt": torch.zeros(0, 8)}, LABELS_META, "0 rows"),
+    "3-D prompt": ({"prompt": rand(2, 3, 8)}, LABELS_META, "2-D"),
+    "head 1-D": ({"prompt": rand(3, 8), "head.linear.weight": rand(8)}, LABELS_META, r"must be \(labels, hidden"),
+    "head rows": ({"prompt": rand(3, 8), "head.linear.weight": rand(3, 8)}, LABELS_META, "3 rows for 2 labels"),
+    "bias shape": ({"prompt": rand(3, 8), "head.linear.weight": rand(2, 8), "head.linear.bias": rand(3)},
+                   LABELS_META, "bias.*must be"),
+    "position": ({"prompt": rand(3, 8)}, {**LABELS_META, "position": "middle"}, "unknown position 'middle'"),
+    "method": ({"prompt": rand(3, 8)}, {**LABELS_META, "method": "lora"}, "unknown method"),
+    "family": ({"prompt": rand(3, 8)}, {**LABELS_META, "family": "rnn"}, "unknown family"),
+    "task": ({"prompt": rand(3, 8)}, {**LABELS_META, "task": "translate"}, "unknown task"),
+    "head name": ({"prompt": rand(3, 8)}, {**LABELS_META, "head": "mlp"}, "unknown head"),
+    "embed_dim": ({"prompt": rand(3, 8)}, {**LABELS_META, "embed_dim": 16}, "embed_dim 16 does not match"),
+    "num_tokens": ({"prompt": rand(3, 8)}, {**LABELS_META, "num_tokens": 5}, "num_tokens 5 does not match"),
+    "labels": ({"prompt": rand(3, 8)}, {"task": "classify", "labels": {"labels": ["a"], "words": []}}, "labels"),
+    "max_length": ({"prompt": rand(3, 8)}, {**LABELS_META, "max_length": "-3"}, "max_length"),
+    "deep method": ({"prompt": rand(3, 8)}, {**LABELS_META, "method": "deep"}, "method 'deep' does not match"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_invalid_tensors_and_metadata_are_refused(tmp_path: Path, case: str) -> None:
+    tensors, meta, pattern = BAD_FILES[case]
+    path = _write_raw(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match=f"{path}.*{pattern}"):
+        load_prompt(path)
+
+
+def test_valid_head_and_deep_prompts_still_load(tmp_path: Path) -> None:
+    ok = _write_raw(tmp_path / "head.safetensors",
+                    {"prompt": rand(3, 8), "head.linear.weight": rand(2, 8), "head.linear.bias": rand(2)},
+                    {**LABELS_META, "head": "linear", "embed_dim": 8, "num_tokens": 3, "method": "prompt"})  # fmt: skip
+    assert load_prompt(ok).extra["head.linear.weight"].shape == (2, 8)
+    deep = _write_raw(tmp_path / "deep.safetensors",
+                      {"prompt": torch.zeros(0, 8), "deep.keys": rand(2, 2, 4, 4), "deep.values": rand(2, 2, 4, 4)},
+                      {**LABELS_META, "method": "deep", "num_tokens": 4})  # fmt: skip
+    assert load_prompt(deep).num_tokens == 4
+
+
+def test_non_regular_files_are_never_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    with pytest.raises(CheckpointError, match="not a regular file") as e:
+        load_prompt(fifo)
+    assert e.value.framing
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    with pytest.raises(CheckpointError, match="symbolic links"):
+        load_prompt(loop)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_prompt("/dev/null")
+    link = tmp_path / "link.safetensors"  # a symlink to a good file is fine
+    save_prompt(tmp_path / "real.safetensors", rand(2, 8), {})
+    link.symlink_to(tmp_path / "real.safetensors")
+    assert load_prompt(link).num_tokens == 2
