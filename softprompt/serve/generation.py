@@ -14,6 +14,7 @@ request at a time through PromptedModel.generate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,9 @@ from transformers import DynamicCache
 
 from softprompt.prompted import Batch, Prefix, PromptedModel
 
+MAX_TEMPERATURE = 10.0
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
 
 @dataclass(frozen=True)
 class GenParams:
@@ -32,6 +36,17 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every value finite and in range (the HTTP layer checks them first; this guards every other caller)."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -63,7 +78,10 @@ class GenRow:
         p = self.params
         if p.greedy:
             return int(logits.argmax())
-        probs = (logits.float().cpu() / p.temperature).softmax(-1)
+        x = logits.float().cpu()
+        probs = ((x - x.max()) / p.temperature).softmax(-1)  # the max at 0: no overflow for any temperature > 0
+        if not bool(torch.isfinite(probs).all()):
+            raise FloatingPointError("sampling: the model gave non-finite logits")
         if p.top_p < 1.0:
             sp, si = probs.sort(descending=True)
             keep = (sp.cumsum(0) - sp) < p.top_p  # the smallest set whose mass reaches top_p (first always kept)

@@ -22,10 +22,10 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,10 +40,13 @@ from softprompt.serve.batching import (
 )
 from softprompt.serve.errors import QueueFull, ServeError, Timeout, Unavailable
 from softprompt.serve.generation import DecodeBatch, GenParams, GenRow, seq2seq_generate
+from softprompt.serve.limits import RateLimitedLog
 from softprompt.serve.metrics import Metrics
 from softprompt.serve.registry import Registry, TaskEntry
 
 log = logging.getLogger("softprompt.serve")
+_notes = RateLimitedLog(log)
+T = TypeVar("T")
 MODES = ("mixed", "per-task")
 
 
@@ -104,6 +107,7 @@ class Scheduler:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._cpu: ThreadPoolExecutor | None = None  # tokenisation and other CPU work of the handlers
         self._closing = False
         self._batch_s = 0.5  # running mean of a model pass, for Retry-After
         self._idle_since = 0.0  # time.monotonic() when the model thread last became free
@@ -129,6 +133,7 @@ class Scheduler:
         self._closing = False
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="softprompt-model")
+        self._cpu = ThreadPoolExecutor(1, thread_name_prefix="softprompt-tokenize")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-scheduler")
 
     async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
@@ -154,6 +159,15 @@ class Scheduler:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=False)
+            self._cpu = None
+
+    async def run_cpu(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (tokenisation, validation) in the scheduler's CPU worker thread, off the event loop."""
+        if self._cpu is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
     # ---- submission ------------------------------------------------------------------------------------
     @property
@@ -249,6 +263,8 @@ class Scheduler:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
+            cls: list[Request] = []
+            gens: list[Request] = []
             try:
                 if not self._queue and self._active is None:
                     if self._closing:
@@ -274,8 +290,16 @@ class Scheduler:
                 self._idle_since = time.monotonic()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # never let the worker die; the requests involved have been failed
-                log.exception("scheduler iteration failed")
+            except Exception as e:  # never let the worker die, nor leave a request waiting: fail those involved
+                _notes("iteration", logging.ERROR, "scheduler iteration failed: %s", e, exc_info=e)
+                involved = [*cls, *gens]
+                if self._active is not None:
+                    involved += [r.owner for r in self._active.rows]
+                    self._active = None
+                    self._active_task = None
+                for req in involved:
+                    self._fail(req, e)
+                self._gauges()
                 await asyncio.sleep(0.01)
 
     async def _gather(self) -> None:
@@ -349,10 +373,12 @@ class Scheduler:
             req.future.set_result(res)
 
     def _fail(self, req: Request, exc: BaseException) -> None:
+        if req.future.done() and req.events is None:
+            return
         if not isinstance(exc, ServeError):
-            log.error("request on task %s failed: %s", req.entry.name, exc, exc_info=exc)
-            exc = ServeError(f"internal error while running the model ({type(exc).__name__})")
-        if req.events is not None:
+            _notes("failed", logging.ERROR, "request on task %s failed: %s", req.entry.name, exc, exc_info=exc)
+            exc = ServeError(f"internal error while running the model ({type(exc).__name__}: {str(exc)[:200]})")
+        if req.events is not None and not req.future.done():
             req.events.put_nowait(exc)
         if not req.future.done():
             req.future.set_exception(exc)
@@ -435,6 +461,8 @@ class Scheduler:
                 scores = mixed_head_scores(pm, prefix, prow, batch, [e.head for e in entries])  # type: ignore[misc]
             for e, s in zip(entries, scores, strict=True):
                 p = s.float().softmax(-1).cpu()
+                if not torch.isfinite(p).all():
+                    raise FloatingPointError(f"task {e.name!r}: the model gave non-finite scores")
                 labels = e.labels or []
                 probs = dict(zip(labels, map(float, p), strict=True))
                 out.append({"label": labels[int(p.argmax())], "probabilities": probs})
@@ -476,8 +504,8 @@ class Scheduler:
         if self.pm.family != "causal":
             for req in new:
                 t0 = time.perf_counter()
-                row = self._row(req)
                 try:
+                    row = self._row(req)
                     prefix = self.registry.prefix(req.entry, kv=self.kv_cache)
                     batch, _, _ = collate([Item(0, req.inputs[0])], pad_id=self.pm.pad_id, left=False)
                     seq2seq_generate(self.pm, prefix, batch.to(self.registry.backbone.device), row, self._decode_text)
@@ -500,13 +528,12 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 logits = state.step(self.pm)
-                for i, row in enumerate(state.rows):
-                    self._advance(row, row.choose(logits[i]), events)
-            except Exception as e:
-                log.exception("decoding step failed")
+            except Exception as e:  # the forward pass of the whole batch failed: every row ends with the error
+                _notes("step", logging.ERROR, "decoding step of %d rows failed: %s", state.n, e, exc_info=e)
                 events.extend((r.owner, e) for r in state.rows)
                 state = None
             if state is not None:
+                self._choose_all(state.rows, logits, events)
                 self._record("decode", state.n, len({r.owner.entry.uid for r in state.rows}), t0)
         joined = self._prefill(new, events) if new else None
         state = DecodeBatch.merge([state, joined])
@@ -517,10 +544,30 @@ class Scheduler:
             self._active_task = None
         return events
 
+    def _choose_all(self, rows: list[GenRow], logits: torch.Tensor, events: list[tuple[Request, Any]]) -> None:
+        """Each row's next token; a row whose sampling or decoding fails ends alone with its error (finish
+        "error": it leaves the batch), its batch-mates go on."""
+        for i, row in enumerate(rows):
+            try:
+                self._advance(row, row.choose(logits[i]), events)
+            except Exception as e:
+                row.finish = "error"
+                events.append((row.owner, e))
+
     def _prefill(self, reqs: list[Request], events: list[tuple[Request, Any]]) -> DecodeBatch | None:
         t0 = time.perf_counter()
+        ok: list[Request] = []
+        rows: list[GenRow] = []
+        for r in reqs:  # a row that cannot even be set up (e.g. its sampler) fails alone
+            try:
+                rows.append(self._row(r))
+                ok.append(r)
+            except Exception as e:
+                events.append((r, e))
+        reqs = ok
+        if not reqs:
+            return None
         try:
-            rows = [self._row(r) for r in reqs]
             by_key = {r.entry.prefix_key: r.entry for r in reqs}
             batch, prow, keys = collate(
                 [Item(r.entry.prefix_key, r.inputs[0]) for r in reqs], pad_id=self.pm.pad_id, left=True
@@ -535,6 +582,5 @@ class Scheduler:
             log.warning("prefill of %d requests failed (%s); retrying them one by one", len(reqs), e)
             return DecodeBatch.merge([self._prefill([r], events) for r in reqs])
         self._record("prefill", len(reqs), len(keys), t0)
-        for i, row in enumerate(rows):
-            self._advance(row, row.choose(logits[i]), events)
+        self._choose_all(rows, logits, events)
         return state
