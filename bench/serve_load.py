@@ -50,6 +50,7 @@ from softprompt.config import ModelConfig  # noqa: E402
 from softprompt.models import Backbone, load_backbone  # noqa: E402
 from softprompt.prompt import init_prompt  # noqa: E402
 from softprompt.serve import Registry, Scheduler, create_app  # noqa: E402
+from softprompt.serve.server import ServeConfig, uvicorn_config  # noqa: E402
 
 SETTINGS = {"a": ("mixed", True), "b": ("per-task", True), "c": ("mixed", False)}
 NAMES = {"a": "mixed", "b": "per-task", "c": "no-kv-cache"}
@@ -88,8 +89,8 @@ class ServerThread:
         import uvicorn
 
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=30)  # fmt: skip
+        # the settings `softprompt serve` runs with: its h11 protocol (header/body timeouts, connection cap)
+        config = uvicorn_config(app, ServeConfig(port=self.port, timeout_s=25), log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

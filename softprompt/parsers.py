@@ -202,6 +202,36 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-new-tokens", type=int, default=512, help="largest max_new_tokens allowed (default: 512)")
     sv.add_argument("--max-upload-mb", type=float, default=16.0, help="largest prompt upload (default: 16)")
     sv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=8.0,
+        help="largest request body of the inference endpoints, chunked or not, 413 (default: 8)",
+    )
+    sv.add_argument(
+        "--max-input-chars",
+        type=int,
+        help="longest input in characters, 413 before tokenising (default: the task's token limit x the "
+        "tokenizer's longest token)",
+    )
+    sv.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        help="open connections; beyond, the longest-idle one is closed (408) or the new one refused (503) "
+        "(default: 1000)",
+    )
+    sv.add_argument(
+        "--header-timeout-s", type=float, default=10.0, help="a request's headers must arrive within this, 408 "
+        "(default: 10)"
+    )  # fmt: skip
+    sv.add_argument(
+        "--body-timeout-s", type=float, default=30.0, help="its body must arrive within this after them, 408 "
+        "(default: 30)"
+    )  # fmt: skip
+    sv.add_argument(
+        "--keep-alive-s", type=float, default=5.0, help="idle kept-alive connections are closed after this (default: 5)"
+    )
+    sv.add_argument(
         "--scheduler",
         default="mixed",
         choices=["mixed", "per-task"],

@@ -10,14 +10,16 @@ FastAPI's `detail` list too and name the field in `param` and the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -37,11 +39,14 @@ from softprompt.serve.errors import (
     Unprocessable,
 )
 from softprompt.serve.generation import GenParams
+from softprompt.serve.limits import RateLimitedLog
 from softprompt.serve.metrics import Metrics, server_metrics
-from softprompt.serve.registry import Registry, TaskEntry, validate_name
+from softprompt.serve.registry import Registry, TaskEntry, check_text, validate_name
 from softprompt.serve.scheduler import Scheduler
 
 log = logging.getLogger("softprompt.serve")
+_notes = RateLimitedLog(log)
+T = TypeVar("T")
 
 InputValue = str | dict[str, str | int | float | bool]
 
@@ -78,10 +83,12 @@ class GenerateBody(BaseModel):
     task: str = Field(min_length=1)
     input: InputValue
     max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy (the default).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(0.0, ge=0.0, le=10.0, allow_inf_nan=False, description="0 = greedy (the default).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = Field(None, description="Stop strings (cut from the output).")
-    seed: int | None = Field(None, description="Seed of this request's sampler (sampling only).")
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**64 - 1, description="Seed of this request's sampler (sampling only)."
+    )
     stream: bool = Field(False, description="Send server-sent events: deltas, then the final result, then [DONE].")
 
 
@@ -104,12 +111,14 @@ class CompletionBody(BaseModel):
     model: str = Field(min_length=1)
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=10.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int | None = Field(1, ge=1)
     stream: bool | None = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(
+        None, ge=-(2**63), le=2**64 - 1, description="Seed of this request's sampler (sampling only)."
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -140,9 +149,38 @@ def error_body(status: int, message: str, kind: str, param: str | None) -> dict[
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+def _safe(obj: Any, depth: int = 0) -> Any:
+    """JSON-safe copy of an error body: non-finite floats as strings, lone surrogates escaped, long strings (an
+    echoed 10 MB input) cut."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if isinstance(obj, str):
+        if len(obj) > 500:
+            obj = obj[:500] + f"... ({len(obj)} characters)"
+        return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, dict) and depth < 8:
+        return {str(_safe(k, depth + 1)): _safe(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and depth < 8:
+        return [_safe(v, depth + 1) for v in obj[:100]]
+    if obj is None or isinstance(obj, (bool, int)):
+        return obj
+    return _safe(str(obj), depth + 1)
+
+
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: whatever a client sent (NaN, lone surrogates) never breaks its rendering."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_safe(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(status: int, message: str, kind: str, param: str | None, **kw: Any) -> ErrorResponse:
+    return ErrorResponse(error_body(status, message, kind, param), status, **kw)
+
+
 def _serve_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServeError)
-    return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param), exc.status, headers=exc.headers)
+    return error_response(exc.status, exc.message, exc.kind, exc.param, headers=exc.headers)
 
 
 def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -159,14 +197,19 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         param = param or name
         parts.append(f"{name}: {e.get('msg', 'invalid')}")
     body = error_body(422, "; ".join(parts) or "invalid request", "invalid_request_error", param)
-    body["detail"] = jsonable_encoder(errors)
-    return JSONResponse(body, 422)
+    body["detail"] = jsonable_encoder(_safe(errors))
+    return ErrorResponse(body, 422)
 
 
-# ---- metrics middleware (pure ASGI: streaming responses pass through untouched) ------------------------
+# ---- metrics and limits middleware (pure ASGI: streaming responses pass through untouched) ------------------
 class _Observe:
-    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int) -> None:
-        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+    """Counts every request in the metrics; enforces the body size while reading (chunked bodies included: the
+    bytes received are counted, 413 the moment they pass the limit, the connection closed); answers any error
+    that escaped the handlers as a JSON 500 (one rate-limited log line with the traceback)."""
+
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int, max_admin_bytes: int) -> None:
+        self.app, self.metrics = app, metrics
+        self.max_body, self.max_admin = max_body_bytes, max_admin_bytes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -174,21 +217,60 @@ class _Observe:
             return
         t0 = time.perf_counter()
         status = 500
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            body = error_body(413, f"request body larger than {self.max_body} bytes", "request_too_large", "body")
-            await JSONResponse(body, 413)(scope, receive, send)
-            self._count(scope, 413, t0)
-            return
+        started = over = False
+        limit = self.max_admin if str(scope.get("path", "")).startswith("/v1/admin/") else self.max_body
+        close = {"connection": "close"}
 
         async def send_status(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
+            if over:
+                return  # the client has its 413; what the handler answers to the "disconnect" is dropped
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, started = int(message["status"]), True
             await send(message)
 
+        async def too_large() -> None:
+            nonlocal over
+            msg = f"request body larger than {limit} bytes"
+            await send_status_413(error_response(413, msg, "request_too_large", "body", headers=close))
+            over = True
+
+        async def send_status_413(resp: Response) -> None:
+            nonlocal status, started
+            if not started:
+                status, started = 413, True
+                await resp(scope, _no_body, send)
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await too_large()
+            self._count(scope, 413, t0)
+            return
+        received = 0
+
+        async def receive_limited() -> dict[str, Any]:
+            nonlocal received
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    await too_large()
+                    return {"type": "http.disconnect"}
+            return dict(message)
+
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive_limited, send_status)
+        except Exception as e:
+            if not over and not started:
+                _notes("unhandled", logging.ERROR, "unhandled error on %s: %s", scope.get("path"), e, exc_info=e)
+                resp = error_response(500, f"internal error ({type(e).__name__})", "server_error", None)
+                status = 500
+                await resp(scope, _no_body, send)
+            elif not over:
+                _notes("unhandled", logging.ERROR, "error after the response started on %s: %s", scope.get("path"),
+                       e, exc_info=e)  # fmt: skip
         finally:
             self._count(scope, status, t0)
 
@@ -203,6 +285,45 @@ class _Observe:
         self.metrics.observe("softprompt_request_duration_seconds", time.perf_counter() - t0, labels)
 
 
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class ClientGone(ServeError):
+    status, kind = 499, "client_closed_request"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the request body has been read: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
+    """Await `aw` unless the client disconnects first: then it is cancelled (the scheduler drops its queued request
+    or frees its decoding rows) and ClientGone (499, never seen by the gone client) is raised."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone("client closed the connection before the answer")
+
+
+ENSEMBLE_LABEL = "+ensemble"  # the metrics' task label of every ensemble request (task names start alphanumeric)
+
+
 # ---- the app ---------------------------------------------------------------------------------------------
 def create_app(
     registry: Registry,
@@ -210,6 +331,7 @@ def create_app(
     *,
     admin_token: str | None = None,
     max_upload_bytes: int = 16 * 2**20,
+    max_body_bytes: int = 8 * 2**20,
     max_inputs: int = 256,
     max_new_tokens: int = 512,
     metrics: Metrics | None = None,
@@ -254,7 +376,12 @@ def create_app(
     )
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(_Observe, metrics=metrics, max_body_bytes=max(max_upload_bytes, 8 * 2**20))  # type: ignore[arg-type]
+    app.add_middleware(
+        _Observe,  # type: ignore[arg-type]
+        metrics=metrics,
+        max_body_bytes=max_body_bytes,
+        max_admin_bytes=max(max_upload_bytes, 64 * 1024) + 1024,
+    )
     app.state.registry, app.state.scheduler, app.state.metrics = registry, scheduler, metrics
 
     def lookup(name: str, request: Request, param: str = "task") -> TaskEntry:
@@ -285,9 +412,15 @@ def create_app(
                 param=param,
             )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops) or len(stops) > 16:
-            raise Unprocessable("stop: up to 16 non-empty strings", param="stop")
-        return GenParams(max_new, temperature, top_p, tuple(stops), seed)
+        if any(not s or len(s) > 1000 for s in stops) or len(stops) > 16:
+            raise Unprocessable("stop: up to 16 non-empty strings of at most 1000 characters", param="stop")
+        for s in stops:
+            check_text(s, "stop")
+        try:
+            return GenParams(max_new, temperature, top_p, tuple(stops), seed)
+        except ValueError as e:
+            name = str(e).split(" ")[0]
+            raise Unprocessable(str(e), param=param if name == "max_new_tokens" else name) from None
 
     def require_generate(entry: TaskEntry, param: str) -> None:
         if entry.kind != "generate":
@@ -337,8 +470,8 @@ def create_app(
             raise TooLarge(f"inputs: {len(body.inputs)} inputs, at most {max_inputs} per request", param="inputs")
         if isinstance(body.task, str):
             entry = classify_entry(body.task, request, "task")
-            ids = [registry.encode(entry, x, f"inputs.{i}") for i, x in enumerate(body.inputs)]
-            return {"task": entry.name, "results": await scheduler.classify(entry, ids)}
+            ids = await encode_all(entry, body.inputs, "inputs")
+            return {"task": entry.name, "results": await until_disconnect(request, scheduler.classify(entry, ids))}
         if not 2 <= len(body.task) <= 16 or len(set(body.task)) < len(body.task):
             raise Unprocessable("task: an ensemble lists 2 to 16 distinct tasks", param="task")
         entries = [classify_entry(t, request, f"task.{k}") for k, t in enumerate(body.task)]
@@ -346,12 +479,10 @@ def create_app(
         for k, e in enumerate(entries[1:], start=1):
             if e.labels != labels:
                 raise Unprocessable(f"task.{k}: {e.name!r} has labels {e.labels}, not {labels}", param=f"task.{k}")
-        request.state.task = "+".join(body.task)
-        per_task = await asyncio.gather(  # submitted together: the scheduler puts them in the same batches
-            *(
-                scheduler.classify(e, [registry.encode(e, x, f"inputs.{i}") for i, x in enumerate(body.inputs)])
-                for e in entries
-            )
+        request.state.task = ENSEMBLE_LABEL  # one label for every ensemble: metrics stay bounded by the tasks
+        member_ids = [await encode_all(e, body.inputs, "inputs") for e in entries]
+        per_task = await until_disconnect(  # submitted together: the scheduler puts them in the same batches
+            request, asyncio.gather(*(scheduler.classify(e, ids) for e, ids in zip(entries, member_ids, strict=True)))
         )
         assert labels is not None
         p = torch.tensor(
@@ -363,6 +494,14 @@ def create_app(
             for row in combined
         ]
         return {"task": [e.name for e in entries], "results": results}
+
+    async def encode_all(entry: TaskEntry, values: list[Any], param: str, single: bool = False) -> list[list[int]]:
+        """Token ids of the inputs, tokenised off the event loop (lengths are checked on characters first)."""
+
+        def work() -> list[list[int]]:
+            return [registry.encode(entry, x, param if single else f"{param}.{i}") for i, x in enumerate(values)]
+
+        return await scheduler.run_cpu(work)
 
     def classify_entry(name: str, request: Request, param: str) -> TaskEntry:
         entry = lookup(name, request, param)
@@ -384,12 +523,12 @@ def create_app(
         events: `{"delta": ...}` per piece of text, a final event with the whole output, then `[DONE]`."""
         entry = lookup(body.task, request)
         require_generate(entry, "task")
-        ids = registry.encode(entry, body.input, "input")
+        ids = (await encode_all(entry, [body.input], "input", single=True))[0]
         params = gen_params(
             entry, len(ids), body.max_new_tokens, body.temperature, body.top_p, body.stop, body.seed, "max_new_tokens"
         )
         if not body.stream:
-            res = await scheduler.generate(entry, ids, params)
+            res = await until_disconnect(request, scheduler.generate(entry, ids, params))
             return {
                 "task": entry.name,
                 "output": res["text"],
@@ -434,9 +573,7 @@ def create_app(
         if len(prompts) > max_inputs:
             raise TooLarge(f"prompt: at most {max_inputs} prompts per request", param="prompt")
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        ids = [
-            registry.encode(entry, p, "prompt" if len(prompts) == 1 else f"prompt.{i}") for i, p in enumerate(prompts)
-        ]
+        ids = await encode_all(entry, list(prompts), "prompt", single=len(prompts) == 1)
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
             out = {"id": cid, "object": "text_completion", "created": created, "model": entry.name, "choices": choices}
@@ -450,7 +587,7 @@ def create_app(
         if entry.kind == "classify":  # the completion is the predicted label
             if body.stream:
                 raise Unprocessable("stream: not available for classification tasks", param="stream")
-            results = await scheduler.classify(entry, ids)
+            results = await until_disconnect(request, scheduler.classify(entry, ids))
             choices = [
                 {"text": r["label"], "index": i, "logprobs": None, "finish_reason": "stop"}
                 for i, r in enumerate(results)
@@ -476,7 +613,9 @@ def create_app(
                 )
 
             return await _sse(scheduler, scheduler.submit_stream(entry, ids[0], params[0]), encode)
-        results = await asyncio.gather(*(scheduler.generate(entry, x, p) for x, p in zip(ids, params, strict=True)))
+        results = await until_disconnect(
+            request, asyncio.gather(*(scheduler.generate(entry, x, p) for x, p in zip(ids, params, strict=True)))
+        )
         choices = [
             {"text": r["text"], "index": i, "logprobs": None, "finish_reason": r["finish_reason"]}
             for i, r in enumerate(results)

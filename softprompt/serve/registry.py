@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
+from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt, read_regular
 from softprompt.data import DataError, Template, _record
 from softprompt.models import Backbone
 from softprompt.prompt import tensor_digest
@@ -71,6 +72,7 @@ class TaskEntry:
     prefix_len: int  # BOS/CLS kept in front + prompt tokens
     created: float
     prefix_key: tuple[str, ...] = ("", "")  # (position rule, prompt content digest): identifies the Prefix
+    max_input_chars: int = 1 << 30  # checked before tokenising: the token limit x the tokenizer's longest token
     uid: int = field(default_factory=lambda: next(_uids))
 
     @property
@@ -125,6 +127,7 @@ class Registry:
         *,
         kv_cache_mb: float = 1024,
         max_input_tokens: int | None = None,
+        max_input_chars: int | None = None,
         allow_other_model: bool = False,
         load: bool = True,
     ) -> None:
@@ -132,6 +135,8 @@ class Registry:
         self.dir = Path(directory)
         self.kv_cache_bytes = int(kv_cache_mb * 2**20)
         self.max_input_tokens = max_input_tokens
+        self.max_input_chars = max_input_chars
+        self.chars_per_token = _longest_token(backbone.tokenizer)
         self.allow_other_model = allow_other_model
         self.tok_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
         self._lock = threading.RLock()
@@ -168,7 +173,7 @@ class Registry:
             try:
                 validate_name(name)
                 entry = self._make_entry(name, path)
-            except (Unprocessable, CheckpointError, DataError, ValueError, RuntimeError) as e:
+            except (Unprocessable, CheckpointError, DataError, ValueError, RuntimeError, OSError) as e:
                 reason = getattr(e, "message", None) or str(e).splitlines()[0]
                 self.refused[name] = reason
                 log.warning("refusing prompt %s: %s", path, reason)
@@ -234,6 +239,7 @@ class Registry:
             head=head,
             max_input_tokens=max_in,
             prefix_len=len(pm.prefix_ids) + ckpt.num_tokens,
+            max_input_chars=self.max_input_chars or max_in * self.chars_per_token,
             created=created,
             prefix_key=(
                 spec.position,
@@ -270,12 +276,24 @@ class Registry:
     def encode(self, entry: TaskEntry, value: str | dict[str, Any], param: str) -> list[int]:
         """Token ids of one request input for `entry`: 422 when it does not fit the template or is empty,
         413 when it is longer than the task allows."""
+        values = [value] if isinstance(value, str) else list(value.values())
+        if sum(len(v) if isinstance(v, str) else 32 for v in values) > entry.max_input_chars:
+            raise TooLarge(
+                f"{param}: input longer than the {entry.max_input_chars} characters task {entry.name!r} allows",
+                param=param,
+            )
         try:
             text = entry.fill(value, param)
         except DataError as e:
             raise Unprocessable(
                 str(e).replace("(needed by template)", f"(needed by task {entry.name!r})"), param=param
             ) from None
+        if len(text) > entry.max_input_chars + len(entry.template.text):
+            raise TooLarge(
+                f"{param}: input longer than the {entry.max_input_chars} characters task {entry.name!r} allows",
+                param=param,
+            )
+        check_text(text, param)
         with self.tok_lock:
             ids = entry.pm.encode_input(text)
         if not ids:
@@ -343,7 +361,7 @@ class Registry:
             }
 
     # ---- admin -----------------------------------------------------------------------------------------
-    def add(self, name: str, data: bytes, *, replace: bool) -> tuple[TaskEntry, bool]:
+    def add(self, name: str, data: bytes, *, replace: bool, from_path: str | None = None) -> tuple[TaskEntry, bool]:
         """Register `data` (a prompt file's bytes) as task `name`, persisting it as DIR/name.safetensors.
 
         replace=False refuses an existing name (409). The bytes are validated before anything is replaced; on any
@@ -364,9 +382,14 @@ class Registry:
                     os.fsync(f.fileno())
                 try:
                     entry = self._make_entry(name, final, source=tmp)
-                except (CheckpointError, DataError, ValueError, RuntimeError) as e:
-                    msg = str(e).splitlines()[0].replace(str(tmp), "upload").replace(str(final), "upload")
-                    raise BadRequest(f"invalid prompt for task {name!r}: {msg}", param="body") from None
+                except (CheckpointError, DataError, ValueError, RuntimeError, OSError) as e:
+                    if from_path is not None and (getattr(e, "framing", True) or isinstance(e, OSError)):
+                        raise _not_a_prompt(from_path) from None  # never quote bytes or sizes of a server file
+                    where = "path" if from_path is not None else "upload"
+                    msg = str(e).splitlines()[0].replace(str(tmp), where).replace(str(final), where)
+                    raise BadRequest(
+                        f"invalid prompt for task {name!r}: {msg}", param="path" if from_path else "body"
+                    ) from None
                 os.replace(tmp, final)
                 _fsync_dir(self.dir)
             finally:
@@ -382,12 +405,16 @@ class Registry:
 
     def add_path(self, name: str, source: str, *, replace: bool, max_bytes: int) -> tuple[TaskEntry, bool]:
         """Register a prompt file that is already on the server (copied into DIR; the source is left alone)."""
-        p = Path(source)
-        if not p.is_file():
-            raise BadRequest(f"path {source!r} is not a file on the server", param="path")
-        if p.stat().st_size > max_bytes:
-            raise TooLarge(f"path {source!r} is larger than the {max_bytes} byte upload limit", param="path")
-        return self.add(name, p.read_bytes(), replace=replace)
+        try:
+            st = os.stat(source)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+                raise _not_a_prompt(source)
+            data = read_regular(source)  # never opens a FIFO or device (checked again on the open file)
+        except (CheckpointError, OSError, ValueError):
+            raise _not_a_prompt(source) from None
+        if len(data) > max_bytes:
+            raise _not_a_prompt(source)
+        return self.add(name, data, replace=replace, from_path=source)
 
     def remove(self, name: str) -> TaskEntry:
         validate_name(name)
@@ -403,6 +430,29 @@ class Registry:
             self._drop_cached(entry)
             log.info("removed task %s", name)
             return entry
+
+
+def _not_a_prompt(source: str) -> BadRequest:
+    return BadRequest(f"path {source!r}: not a valid prompt file on the server", param="path")
+
+
+def check_text(text: str, param: str) -> None:
+    """422 unless `text` is valid Unicode (JSON can carry lone surrogates such as \\ud800, which no tokenizer and no
+    UTF-8 encoder takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Unprocessable(f"{param}: not valid Unicode text (it holds a lone surrogate)", param=param) from None
+
+
+def _longest_token(tok: Any) -> int:
+    """Characters of the tokenizer's longest vocabulary entry (a token never covers more, except an unknown-word
+    token): with the token limit it bounds the characters of an input that can fit, checked before tokenising."""
+    try:
+        vocab = tok.get_vocab()
+        return max(8, max((len(t) for t in vocab), default=8))
+    except Exception:  # a tokenizer without get_vocab: a generous bound
+        return 64
 
 
 def _fsync_dir(path: Path) -> None:

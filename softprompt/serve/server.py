@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from softprompt.checkpoint import CheckpointError, load_prompt
 from softprompt.config import ConfigError, ModelConfig
 from softprompt.models import Backbone, load_backbone
 from softprompt.serve.app import create_app
+from softprompt.serve.limits import ConnLimits, install_flood_filters, protocol_class
 from softprompt.serve.metrics import server_metrics
 from softprompt.serve.registry import SUFFIX, Registry
 from softprompt.serve.scheduler import MODES, Scheduler
@@ -42,6 +44,12 @@ class ServeConfig:
     max_new_tokens: int = 512
     max_upload_mb: float = 16.0
     max_inputs: int = 256
+    max_body_mb: float = 8.0  # request bodies of the inference endpoints (413 while reading, chunked or not)
+    max_input_chars: int | None = None  # default: the task's token limit x the tokenizer's longest token
+    max_connections: int = 1000  # open connections; then idle ones are evicted (408) or new ones refused (503)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (408, closed)
+    body_timeout_s: float = 30.0  # and its body within this after them (408, closed)
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
     scheduler: str = "mixed"  # mixed | per-task
     no_kv_cache: bool = False
     device: str = "auto"
@@ -59,6 +67,7 @@ class ServeConfig:
             ("--max-queue", self.max_queue),
             ("--max-new-tokens", self.max_new_tokens),
             ("--max-inputs", self.max_inputs),
+            ("--max-connections", self.max_connections),
         ):
             if v < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {v}")
@@ -66,7 +75,23 @@ class ServeConfig:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
             raise ConfigError(f"--max-input-tokens must be >= 1, got {self.max_input_tokens}")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.kv_cache_mb < 0 or self.max_upload_mb <= 0:
+        if self.max_input_chars is not None and self.max_input_chars < 1:
+            raise ConfigError(f"--max-input-chars must be >= 1, got {self.max_input_chars}")
+        for flag, x in (
+            ("--max-body-mb", self.max_body_mb),
+            ("--header-timeout-s", self.header_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+            ("--keep-alive-s", self.keep_alive_s),
+        ):
+            if not (math.isfinite(x) and x > 0):
+                raise ConfigError(f"{flag} must be > 0, got {x}")
+        values = (self.max_wait_ms, self.timeout_s, self.kv_cache_mb, self.max_upload_mb)
+        if (
+            not all(math.isfinite(v) for v in values)
+            or self.max_wait_ms < 0
+            or self.timeout_s <= 0
+            or (self.kv_cache_mb < 0 or self.max_upload_mb <= 0)
+        ):
             raise ConfigError("--max-wait-ms and --kv-cache-mb must be >= 0, --timeout-s and --max-upload-mb > 0")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
@@ -100,6 +125,7 @@ def build(cfg: ServeConfig, backbone: Backbone | None = None) -> tuple[FastAPI, 
         cfg.prompts,
         kv_cache_mb=cfg.kv_cache_mb,
         max_input_tokens=cfg.max_input_tokens,
+        max_input_chars=cfg.max_input_chars,
         allow_other_model=cfg.allow_other_model,
     )
     metrics = server_metrics()
@@ -119,6 +145,7 @@ def build(cfg: ServeConfig, backbone: Backbone | None = None) -> tuple[FastAPI, 
         scheduler,
         admin_token=token,
         max_upload_bytes=int(cfg.max_upload_mb * 2**20),
+        max_body_bytes=int(cfg.max_body_mb * 2**20),
         max_inputs=cfg.max_inputs,
         max_new_tokens=cfg.max_new_tokens,
         metrics=metrics,
@@ -139,9 +166,9 @@ def _logging(level: str) -> None:
 
 def serve(cfg: ServeConfig, **uvicorn_kwargs: Any) -> int:
     """Run the server until SIGINT/SIGTERM; in-flight requests are finished before the process exits."""
-    import uvicorn
 
     _logging(cfg.log_level)
+    install_flood_filters()
     if cfg.threads:
         import torch
 
@@ -151,16 +178,51 @@ def serve(cfg: ServeConfig, **uvicorn_kwargs: Any) -> int:
         log.info("admin endpoints disabled (no --admin-token / %s)", TOKEN_ENV)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines", cfg.host)
-    config = uvicorn.Config(
+    config = uvicorn_config(app, cfg, max_connections=_fd_budget(cfg.max_connections), **uvicorn_kwargs)
+    _server_class()(config).run()
+    return 0
+
+
+def uvicorn_config(app: FastAPI, cfg: ServeConfig, *, max_connections: int | None = None, **kwargs: Any) -> Any:
+    """uvicorn's settings for `app` under `cfg`: the h11 protocol with the connection limits (header and body
+    timeouts, connection cap; softprompt.serve.limits), keep-alive, a 16 KiB cap on headers, graceful shutdown."""
+    import uvicorn
+
+    limits = ConnLimits(
+        max_connections=max_connections or cfg.max_connections,
+        header_timeout_s=cfg.header_timeout_s,
+        body_timeout_s=cfg.body_timeout_s,
+    )
+    kwargs.setdefault("log_level", cfg.log_level)
+    return uvicorn.Config(
         app,
         host=cfg.host,
         port=cfg.port,
-        log_level=cfg.log_level,
         timeout_graceful_shutdown=int(cfg.timeout_s) + 5,
-        **uvicorn_kwargs,
+        timeout_keep_alive=cfg.keep_alive_s,  # type: ignore[arg-type]  # used as a float (call_later)
+        http=protocol_class(limits),
+        h11_max_incomplete_event_size=16 * 1024,
+        **kwargs,
     )
-    _server_class()(config).run()
-    return 0
+
+
+def _fd_budget(max_connections: int) -> int:
+    """Raise the soft limit on open files to the hard one; the connection cap that leaves room for lingering
+    refusals and the server's own files (a cap above it would end in "Too many open files" at accept)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            want = hard if hard != resource.RLIM_INFINITY else max(soft, 4 * max_connections + 256)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    except (ImportError, ValueError, OSError):
+        return max_connections
+    budget = max(1, (soft - 256) // 2)
+    if budget < max_connections:
+        log.warning("--max-connections %d lowered to %d: the open-file limit is %d", max_connections, budget, soft)
+    return min(max_connections, budget)
 
 
 def _server_class() -> type:
