@@ -14,6 +14,7 @@ Several prompt files make an ensemble: each input runs under every prompt in one
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,15 @@ class Predictor:
         gen_kwargs.setdefault("max_new_tokens", 32)
         if not gen_kwargs.get("do_sample"):
             gen_kwargs["do_sample"] = False
+        check_generation(gen_kwargs)
+        limit = position_limit(self.pm)
+        if limit is not None and examples:
+            need = int(self.prefix.lengths.max()) + max(len(e.input_ids) for e in examples)
+            if need + gen_kwargs["max_new_tokens"] > limit:
+                raise ValueError(
+                    f"--max-new-tokens {gen_kwargs['max_new_tokens']}: prompt and input take {need} of the model's "
+                    f"{limit} positions, so at most {max(limit - need, 0)} new tokens fit"
+                )
         ids = generate_ids(self.pm, self.prefix, examples, batch_size=self.batch_size, **gen_kwargs)
         return [self.pm.decode(g) for g in ids]
 
@@ -162,6 +172,43 @@ class Predictor:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         enc, _ = self.task.encode_texts(texts)
         return enc, texts
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed takes
+
+
+def check_generation(kw: dict[str, Any]) -> None:
+    """ValueError naming the flag unless the generation settings are finite and in range."""
+
+    def bad(flag: str, want: str) -> ValueError:
+        return ValueError(f"--{flag.replace('_', '-')} must be {want}, got {kw[flag]!r}")
+
+    def integer(flag: str, lo: int) -> None:
+        v = kw.get(flag)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise bad(flag, f"an integer >= {lo}")
+
+    integer("max_new_tokens", 1)
+    integer("num_beams", 1)
+    integer("top_k", 0)
+    t, p = kw.get("temperature"), kw.get("top_p")
+    if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise bad("temperature", "a finite number > 0")
+    if p is not None and not (isinstance(p, (int, float)) and math.isfinite(p) and 0 < p <= 1):
+        raise bad("top_p", "in (0, 1]")
+    seed = kw.get("seed")
+    if seed is not None and not (isinstance(seed, int) and SEED_MIN <= seed <= SEED_MAX):
+        raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}]")
+
+
+def position_limit(pm: PromptedModel) -> int | None:
+    """Positions a decoder-only model has (prompt + input + new tokens must fit); None when unbounded or not
+    decoder-only."""
+    if pm.family != "causal":
+        return None
+    cfg = pm.model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(limit) if limit else None
 
 
 def zero_shot(backbone: Backbone, data: DataConfig, path: str) -> dict[str, Any]:

@@ -84,8 +84,13 @@ def _run(args: argparse.Namespace) -> int:
         keys = ServeConfig.__dataclass_fields__
         return serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in keys}))
 
-    from softprompt.api import Predictor, dumps
+    from softprompt.api import Predictor, check_generation, dumps
 
+    if args.cmd == "generate":  # before the model loads: a bad value is refused at once
+        check_generation(
+            {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "top_k": args.top_k,
+             "top_p": args.top_p, "seed": args.seed, **({"temperature": args.temperature} if args.do_sample else {})}
+        )  # fmt: skip
     pred = Predictor.load(
         args.prompt,
         model=args.model,

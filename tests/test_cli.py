@@ -483,3 +483,83 @@ def test_help_and_config_import_without_torch() -> None:
         [sys.executable, "-m", "softprompt", "train", "--help"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "--train.lr" in r.stdout
+
+
+# ---- hardening: refused at once, one error line, never a hang or a traceback ----------------------------------
+def _gen_prompt(tiny_dir: Callable[[str], Path], path: Path) -> Path:
+    from test_serve_support import load, make_prompt
+
+    d = tiny_dir("llama")
+    return make_prompt(path, load(d), d, task="generate", template="Q: {text} A:")
+
+
+@pytest.mark.timeout(60)
+def test_info_on_a_fifo_or_symlink_loop_is_an_error_not_a_hang(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    fifo = tmp_path / "p.safetensors"
+    os.mkfifo(fifo)
+    assert_cli_error(*run(capsys, ["info", str(fifo)]), "not a regular file")
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert_cli_error(*run(capsys, ["info", str(loop)]), "symbolic links")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--max-new-tokens", "100000000"], "positions"),  # past the model's 512 positions
+        (["--max-new-tokens", "0"], "--max-new-tokens must be"),
+        (["--num-beams", "0"], "--num-beams must be"),
+        (["--top-p", "2"], "--top-p must be"),
+        (["--top-p", "nan"], "--top-p must be"),
+        (["--do-sample", "--temperature", "inf"], "--temperature must be"),
+        (["--do-sample", "--temperature", "0"], "--temperature must be"),
+        (["--top-k", "-1"], "--top-k must be"),
+        (["--seed", str(2**70)], "--seed must be"),
+    ],
+)
+def test_generate_refuses_out_of_range_settings(
+    flags: list[str], needle: str, tiny_dir: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = _gen_prompt(tiny_dir, tmp_path / "g.safetensors")
+    argv = ["generate", "--prompt", str(prompt), "--input", "hello", "--device", "cpu", *flags]
+    assert_cli_error(*run(capsys, argv), needle)
+
+
+def test_generate_within_the_position_limit_runs(
+    tiny_dir: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = _gen_prompt(tiny_dir, tmp_path / "g.safetensors")
+    rc, out, err = run(capsys, ["generate", "--prompt", str(prompt), "--input", "hi", "--max-new-tokens", "3",
+                                "--device", "cpu"])  # fmt: skip
+    assert rc == 0, err
+    assert isinstance(json.loads(out)["output"], str)
+
+
+def test_eval_and_predict_refuse_invalid_prompt_tensors(
+    trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = load_prompt(trained.prompt)
+    meta = {k: v for k, v in ck.meta.items() if k not in ("format", "format_version", "num_tokens", "embed_dim")}
+    d = ck.prompt.shape[1]
+    w = torch.randn(2, d)
+    w[1, 0] = float("inf")
+    bad_head = tmp_path / "head.safetensors"
+    save_prompt(bad_head, ck.prompt, {**meta, "head": "linear"}, {"head.linear.weight": w,
+                "head.linear.bias": torch.zeros(2)})  # fmt: skip
+    middle = tmp_path / "middle.safetensors"
+    save_prompt(middle, ck.prompt, {**meta, "position": "middle"})
+    from safetensors.torch import save_file
+
+    from softprompt.checkpoint import _encode_meta
+
+    ints = tmp_path / "int.safetensors"
+    save_file({"prompt": torch.ones(3, d, dtype=torch.int64)}, str(ints), metadata=_encode_meta(meta))
+    empty = tmp_path / "empty.safetensors"
+    save_file({"prompt": torch.zeros(0, d)}, str(empty), metadata=_encode_meta(meta))
+    for path, needle in ((bad_head, "NaN or inf"), (middle, "position"), (ints, "int64"), (empty, "0 rows")):
+        assert_cli_error(*run(capsys, ["predict", "--prompt", str(path), "--data", str(trained.data)]), needle)
+        assert_cli_error(*run(capsys, ["eval", "--prompt", str(path), "--data", str(trained.data)]), needle)
