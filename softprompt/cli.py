@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "models" and args.architectures:
+        from softprompt.support import markdown
+
+        print(markdown())
+        return 0
     if args.cmd == "models":
         from softprompt.models import list_models
 

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="metadata and size of a prompt file (JSON)")
     i.add_argument("path")
-    sub.add_parser("models", help="list the built-in model aliases and whether each is installed")
+    mo = sub.add_parser("models", help="list the built-in model aliases and whether each is installed")
+    mo.add_argument("--architectures", action="store_true", help="the supported-architectures table instead")
 
     sv = sub.add_parser("serve", help="HTTP server: every prompt in --prompts DIR is a task on one model")
     sv.add_argument("--prompts", required=True, metavar="DIR", help="directory of prompt files (task = file name)")

@@ -18,21 +18,28 @@ Encoder and encoder-decoder models (and decoder-only with naive=True): each row'
 concatenated with its input embeddings ("concat path"), as PEFT does.
 
 Only the hidden states that are scored go through the LM head: the verbalizer positions or the target
-positions, never the whole vocabulary at every position.
+positions, never the whole vocabulary at every position; they go through the model's own output path, and the
+input embeddings and sliding-window masks follow the model's own rules (softprompt.arch). Before a PromptedModel
+is used, softprompt.equivalence checks this path against the model's own forward (once per backbone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from softprompt import arch
 from softprompt.data import pad_left, pad_right
+from softprompt.heads import LinearHead, PerPromptHeads, SimilarityHead, VerbalizerHead
 from softprompt.models import Backbone
+
+__all__ = ["Batch", "LinearHead", "PerPromptHeads", "Prefix", "PromptedModel", "SimilarityHead", "VerbalizerHead"]
 
 
 @dataclass
@@ -92,6 +99,14 @@ class Prefix:
             deep,
         )
 
+    def only(self, g: int) -> Prefix:
+        """Prompt g alone, its left padding dropped (a one-row prefix of exactly its own slots)."""
+        n, P = int(self.lengths[g]), self.width
+        kv = None if self.kv is None else [(k[g : g + 1, :, P - n :], v[g : g + 1, :, P - n :]) for k, v in self.kv]
+        sl = slice(P - n, P)
+        return Prefix(self.embeds[g : g + 1, sl], self.mask[g : g + 1, sl], self.pool[g : g + 1, sl],
+                      self.lengths[g : g + 1], kv, self.deep)  # fmt: skip
+
     def nbytes(self) -> int:
         """Memory held by this prefix (embeddings and K/V)."""
         n = self.embeds.numel() * self.embeds.element_size()
@@ -117,69 +132,6 @@ class Batch:
         return Batch(self.ids.to(device), self.mask.to(device), mv(self.labels), mv(self.targets), mv(self.target_pos))
 
 
-class LinearHead(nn.Module):
-    """Trainable linear classifier over the pooled output (PromptedModel.pooled)."""
-
-    def __init__(self, dim: int, num_labels: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, num_labels)
-
-    @property
-    def num_labels(self) -> int:
-        return int(self.linear.out_features)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear(pooled)
-
-
-class PerPromptHeads(nn.Module):
-    """One head per prompt of a stacked Prefix (an ensemble of encoder prompts trained with their own linear
-    heads): each row is scored by the head of the prompt it runs under."""
-
-    def __init__(self, heads: list[nn.Module]) -> None:
-        super().__init__()
-        self.heads = nn.ModuleList(heads)
-        self.num_labels = int(getattr(heads[0], "num_labels", 0))
-
-    def forward(self, pooled: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        if rows is None:
-            return self.heads[0](pooled)
-        out = torch.empty(pooled.shape[0], self.num_labels, dtype=pooled.dtype, device=pooled.device)
-        for k in rows.unique().tolist():  # rows sharing a prompt are scored together
-            sel = rows == k
-            out[sel] = self.heads[k](pooled[sel]).to(out.dtype)
-        return out
-
-
-class VerbalizerHead(nn.Module):
-    """A decoder's one-token verbalizer as a head over `pooled` (the last input position's final hidden state): the
-    LM logits of the label tokens. Their softmax is verbalizer scoring's class probabilities (the log-softmax over
-    the vocabulary shifts every label by one constant), so a verbalizer prompt can join --head linear prompts in
-    one PerPromptHeads ensemble."""
-
-    def __init__(self, lm_logits: Callable[[torch.Tensor], torch.Tensor], token_ids: list[int]) -> None:
-        super().__init__()
-        self._lm_logits = lm_logits  # the frozen backbone's output layer: not a submodule, no weights of its own
-        self.register_buffer("ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
-        self.num_labels = len(token_ids)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self._lm_logits(pooled)[:, self.ids]  # type: ignore[index]
-
-
-class SimilarityHead(nn.Module):
-    """No trainable weights: score = scale * cos(pooled input, pooled encoding of the label description)."""
-
-    def __init__(self, label_embeds: torch.Tensor, scale: float = 20.0) -> None:
-        super().__init__()
-        self.register_buffer("label_embeds", F.normalize(label_embeds.detach().float(), dim=-1))
-        self.scale = scale
-        self.num_labels = int(label_embeds.shape[0])
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(pooled.float(), dim=-1) @ self.label_embeds.T  # type: ignore[operator]
-
-
 class PromptedModel(nn.Module):
     """A frozen backbone plus the rules for putting soft prompts in front of its inputs."""
 
@@ -196,6 +148,14 @@ class PromptedModel(nn.Module):
         lead = self._leading_special_id()
         self.prefix_ids: list[int] = [lead] if (lead is not None and position == "auto") else []
         self._strip_lead = lead is not None and position == "auto"
+        # The architecture's own steps around its layers (softprompt.arch), then the check that they hold.
+        self.input_scale = arch.input_scale(self.model, self.family)
+        self.output = arch.OutputPath(self.model) if self.family == "causal" else None
+        self.windows = arch.windows_of(self.model.config) if self.family == "causal" else None
+        if not backbone.skip_equivalence_check:
+            from softprompt.equivalence import ensure_equivalent
+
+            ensure_equivalent(self, position)
 
     # ----- text -> ids --------------------------------------------------------------------------------
     def _pad_id(self) -> int:
@@ -274,13 +234,21 @@ class PromptedModel(nn.Module):
 
     # ----- prefixes -----------------------------------------------------------------------------------
     def embedding_matrix(self) -> torch.Tensor:
-        """The backbone's input-embedding matrix (V, d)."""
+        """The backbone's input embeddings (V, d) as its first layer sees them (times the input scale, if any)."""
         w = self.model.get_input_embeddings().weight
         assert isinstance(w, torch.Tensor)
-        return w
+        return w if self.input_scale == 1.0 else w * self.input_scale
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids)
+        """(..., d) what the model's own forward feeds its first layer for `ids` (softprompt.arch.input_scale)."""
+        e = self.model.get_input_embeddings()(ids)
+        return e if self.input_scale == 1.0 else e * self.input_scale
+
+    def attention_mask(self, attn: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | dict:
+        """`attention_mask` for keys `attn` (N, K) whose last q_len columns are the queries: the 2-D mask, or 4-D masks
+        built from positions where a sliding window could count pad slots (softprompt.arch.attention_mask)."""
+        impl = str(self.model.config._attn_implementation)
+        return arch.attention_mask(attn, q_len, self.windows, impl, dtype, self.backbone.architecture)
 
     def build_prefix(self, prompts: Sequence[torch.Tensor | None], *, kv: bool | None = None) -> Prefix:
         """Prefixes for G prompts (each (P_g, d) or None for no prompt), left-padded to one width.
@@ -384,11 +352,13 @@ class PromptedModel(nn.Module):
                 for k, v in prefix.kv
             ]  # (N, H, P, dh): a view when one prompt serves the batch (index_select: ~5x faster than k[rows] on CPU)
             cache = DynamicCache(ddp_cache_data=layers)
-            h = base(inputs_embeds=emb, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)[0]
+            am = self.attention_mask(attn, ids.shape[1], emb.dtype)
+            h = base(inputs_embeds=emb, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)[0]
         else:
             x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)  # (N, P+T, d)
             full_pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            h = base(inputs_embeds=x, attention_mask=attn, position_ids=full_pos, use_cache=False)[0]
+            am = self.attention_mask(attn, x.shape[1], emb.dtype)
+            h = base(inputs_embeds=x, attention_mask=am, position_ids=full_pos, use_cache=False)[0]
             h = h[:, prefix.width :]
         return torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (N, K, d)
 
@@ -425,11 +395,10 @@ class PromptedModel(nn.Module):
 
     # ----- scores and losses --------------------------------------------------------------------------
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        """Logits (..., V), float32, of final hidden states (..., d) through the model's own output path."""
+        if self.output is None:
+            raise ValueError(f"{self.backbone.architecture}: only a causal LM scores hidden states with its LM head")
+        return self.output(hidden)
 
     def label_scores(
         self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, label_ids: list[list[int]]
@@ -475,7 +444,7 @@ class PromptedModel(nn.Module):
         return _mean_target_logp(logp, labels).view(B, L)
 
     def _decoder_logp(self, enc: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dec_in = self.model.prepare_decoder_input_ids_from_labels(labels=labels)  # type: ignore[operator]
+        dec_in = _decoder_inputs(self.model, labels)
         out = self.model(encoder_outputs=(enc,), attention_mask=attn, decoder_input_ids=dec_in, use_cache=False)
         return out.logits.float().log_softmax(-1)
 
@@ -516,6 +485,8 @@ class PromptedModel(nn.Module):
         if self.family == "seq2seq":
             x, attn, _ = _pack_rows(prefix, rows, self.embed(batch.ids), batch.mask)
             return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)  # type: ignore[operator]
+        if self.windows is not None and self._window_may_see_pads(prefix, rows, batch, gen_kwargs):
+            return self._generate_rows(prefix, rows, batch, **gen_kwargs)
         attn = torch.cat([prefix.mask[rows], batch.mask], 1)
         if prefix.kv is not None and prefix.width > 0:
             # the cache holds the prefix; placeholder ids stand for it (generate only feeds the uncached tail)
@@ -527,6 +498,25 @@ class PromptedModel(nn.Module):
             return out[:, prefix.width + T :]
         x = torch.cat([prefix.embeds[rows], self.embed(batch.ids)], 1)
         return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)  # type: ignore[operator]
+
+    def _window_may_see_pads(self, prefix: Prefix, rows: torch.Tensor, batch: Batch, gen_kwargs: dict) -> bool:
+        """transformers' generate builds its masks from key columns: with pad slots in a batch whose rows could span
+        more than a sliding window, the window would count them (softprompt.arch)."""
+        assert self.windows is not None
+        padded = not bool(batch.mask.all()) or not bool(prefix.mask[rows].all())
+        new = gen_kwargs.get("max_new_tokens")
+        return padded and (new is None or prefix.width + batch.ids.shape[1] + int(new) > self.windows.size)
+
+    def _generate_rows(self, prefix: Prefix, rows: torch.Tensor, batch: Batch, **gen_kwargs) -> torch.Tensor:
+        """Each row alone (its own prompt's slots, its tokens without pads), right-padded with pad ids as
+        transformers pads the finished rows of a batch."""
+        outs = []
+        for i in range(batch.ids.shape[0]):
+            keep = batch.mask[i].bool()
+            one = Batch(batch.ids[i : i + 1, keep], batch.mask[i : i + 1, keep])
+            outs.append(self.generate(prefix.only(int(rows[i])), None, one, **gen_kwargs)[0])
+        width = max(len(o) for o in outs)
+        return torch.stack([F.pad(o, (0, width - len(o)), value=int(gen_kwargs["pad_token_id"])) for o in outs])
 
 
 def label_text(word: str, template: str, family: str) -> str:
@@ -556,6 +546,17 @@ def _pack_rows(
     attn = torch.stack([F.pad(torch.ones_like(q), (0, S - q.shape[0])) for q in pools])
     pool = torch.stack([F.pad(q, (0, S - q.shape[0])) for q in pools])
     return x, attn, pool
+
+
+def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Decoder inputs (N, m) for targets `labels` (N, m; -100 = none): the model's own rule, else the start token then
+    the targets shifted right (what that rule does in BART, T5 & co), -100 read as the pad token."""
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=labels)  # type: ignore[operator]
+    cfg: Any = model.config
+    dec = labels.new_full(labels.shape, int(cfg.decoder_start_token_id))
+    dec[:, 1:] = labels[:, :-1]
+    return dec.masked_fill(dec == -100, int(cfg.pad_token_id))
 
 
 def _mean_target_logp(logp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:

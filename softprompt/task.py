@@ -178,7 +178,7 @@ class BoundTask:
                 raise CheckpointError(f"{path}: a --head linear prompt without its head.linear.* tensors")
             return None
         assert self.spec.verbalizer is not None
-        d, L = self.pm.backbone.embed_dim, len(self.spec.verbalizer.labels)
+        d, L = self.pm.backbone.hidden_dim, len(self.spec.verbalizer.labels)  # heads read hidden states
         if w.ndim != 2 or tuple(w.shape) != (L, d):
             raise CheckpointError(f"{path}: head.linear.weight has shape {tuple(w.shape)}, expected ({L}, {d})")
         head = LinearHead(d, L).to(self.pm.backbone.device)
@@ -196,16 +196,20 @@ class BoundTask:
         if self.spec.task != "classify" or (self.pm.family != "encoder" and self.spec.head != "linear"):
             return None
         assert self.spec.verbalizer is not None
-        d, L = self.pm.backbone.embed_dim, len(self.spec.verbalizer.labels)
+        d, L = self.pm.backbone.hidden_dim, len(self.spec.verbalizer.labels)  # heads read hidden states
         if self.spec.head == "linear":
             torch.manual_seed(seed)
             head = LinearHead(d, L).to(self.pm.backbone.device)
             if self.pm.family == "causal":
-                out = self.pm.model.get_output_embeddings().weight  # (V, d)
-                first = torch.tensor([ids[0] for ids in self.label_ids], device=out.device)
+                # the model's own output path at 0 and at each basis vector: its affine part (exact for a linear
+                # head, with any logit scaling; the tangent at 0 of a soft-capped one), label columns only
+                first = [ids[0] for ids in self.label_ids]
+                dev = self.pm.backbone.device
                 with torch.no_grad():
-                    head.linear.weight.copy_(out[first].float())
-                    head.linear.bias.zero_()
+                    basis = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(dev, self.pm.embedding_matrix().dtype)
+                    out = self.pm.lm_logits(basis)[:, first]  # (1 + d, L)
+                    head.linear.weight.copy_((out[1:] - out[:1]).T)
+                    head.linear.bias.copy_(out[0])
             return head
         return self._similarity_head()
 

@@ -168,7 +168,7 @@ class DecodeBatch:
             pos = (prefix.lengths[prows][:, None] + batch.mask.cumsum(-1) - 1).clamp(min=0)
             out = base(
                 inputs_embeds=emb,
-                attention_mask=attn,
+                attention_mask=pm.attention_mask(attn, emb.shape[1], emb.dtype),
                 position_ids=pos,
                 cache=DynamicCache(ddp_cache_data=layers),
                 use_cache=True,
@@ -176,7 +176,8 @@ class DecodeBatch:
         else:
             x = torch.cat([prefix.embeds[prows].to(emb.dtype), emb], 1)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            out = base(inputs_embeds=x, attention_mask=attn, position_ids=pos, use_cache=True)
+            am = pm.attention_mask(attn, x.shape[1], x.dtype)
+            out = base(inputs_embeds=x, attention_mask=am, position_ids=pos, use_cache=True)
         logits = pm.lm_logits(out[0][:, -1])
         next_pos = prefix.lengths[prows] + batch.mask.sum(-1)
         return DecodeBatch(out.cache, attn, next_pos, rows), logits
@@ -187,8 +188,9 @@ class DecodeBatch:
         dev = self.mask.device
         tokens = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=dev)
         self.mask = torch.cat([self.mask, torch.ones(self.n, 1, dtype=self.mask.dtype, device=dev)], 1)
+        am = pm.attention_mask(self.mask, 1, self.cache.layers[0].keys.dtype)  # type: ignore[union-attr]
         out = pm.model.base_model(
-            input_ids=tokens, attention_mask=self.mask, position_ids=self.pos[:, None], cache=self.cache, use_cache=True
+            input_ids=tokens, attention_mask=am, position_ids=self.pos[:, None], cache=self.cache, use_cache=True
         )
         self.cache = out.cache
         self.pos = self.pos + 1
