@@ -75,7 +75,8 @@ class RunFiles:
                         "choose another --out"
                     )
             _check_parent(role, path)
-            _check_target(role, path, kind, self.overwrite)
+            if not (kind == "state" and self.resume):  # a state to resume is read below
+                _check_target(role, path, kind, self.overwrite)
         for i, (role_a, a, _) in enumerate(outs):
             for role_b, b, _ in outs[i + 1 :]:
                 if _same_file(a, b):
@@ -85,6 +86,7 @@ class RunFiles:
                 raise ConfigError(f"--resume {self.state}: no such directory (leave --resume out to start a new run)")
             if not (self.state / "state.safetensors").is_file():
                 raise ConfigError(f"--resume {self.state}: no training state there (no state.safetensors)")
+            read_state_header(self.state)  # a truncated or corrupt state: StateError naming the file
 
 
 def input_paths(flag: str, *, train: str | None, eval: str | None, init: str | None) -> list[tuple[str, str]]:
@@ -272,11 +274,8 @@ def _unreadable(f: Path, e: BaseException) -> StateError:
     )
 
 
-def load_state(
-    path: Path, params: list[torch.nn.Parameter], opt, sched, run: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Restore the training state; with `run` (the identity of this run), first refuse a state that another
-    configuration wrote, before anything is touched. A truncated or corrupt state is a StateError naming the file."""
+def read_state_header(path: Path) -> dict[str, Any]:
+    """The scalars of the state in directory `path` (StateError naming the file when it is unreadable)."""
     f = path / "state.safetensors"
     try:
         with safe_open(str(f), framework="pt") as h:
@@ -286,6 +285,16 @@ def load_state(
             raise ValueError("no step in its header")
     except Exception as e:  # safetensors raises its own error types
         raise _unreadable(f, e) from None
+    return meta
+
+
+def load_state(
+    path: Path, params: list[torch.nn.Parameter], opt, sched, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Restore the training state; with `run` (the identity of this run), first refuse a state that another
+    configuration wrote, before anything is touched. A truncated or corrupt state is a StateError naming the file."""
+    f = path / "state.safetensors"
+    meta = read_state_header(path)
     if run is not None:
         check_resumable(meta.get("run"), run, path)
     try:
