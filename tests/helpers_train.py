@@ -1,4 +1,5 @@
-"""Shared helpers for test_train.py, test_cli.py and test_config.py: tiny data files, CLI calls, error checks.
+"""Shared helpers for test_train.py, test_trainer.py, test_runfiles.py, test_cli.py and test_config.py: tiny data
+files (and two-task train-multi configurations), CLI calls, error checks.
 
 Import from a test: `from helpers_train import ...` (pytest puts tests/ on sys.path). Model directories come
 from conftest.py's session fixture `tiny_dir(kind)`.
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from softprompt.cli import main
 
@@ -35,6 +37,41 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 def cls_records(n: int = 24) -> list[dict[str, Any]]:
     """n short texts labelled a/b (alternating), deterministic."""
     return [{"text": f"{WORDS[(i * 5) % len(WORDS)]} movie {i}", "label": "a" if i % 2 == 0 else "b"} for i in range(n)]
+
+
+SENT = [("a great film", "pos"), ("dull and slow", "neg"), ("loved every minute", "pos"), ("a waste of time", "neg"),
+        ("superb acting", "pos"), ("boring plot", "neg"), ("wonderful music", "pos"), ("awful script", "neg")]  # fmt: skip
+TOPIC = [("the match ended two nil", "sport"), ("stocks fell today", "money"), ("new phone released", "tech"),
+         ("the striker scored", "sport"), ("interest rates rise", "money"), ("a faster chip", "tech")]  # fmt: skip
+
+
+def write_multi_data(folder: Path) -> Path:
+    """folder/sent.jsonl (8 texts, pos/neg) and folder/topic.jsonl (6 texts, sport/money/tech)."""
+    for name, rows in (("sent", SENT), ("topic", TOPIC)):
+        write_jsonl(folder / f"{name}.jsonl", [{"text": t, "label": y} for t, y in rows])
+    return folder
+
+
+def multi_config(model: Path, data: Path, out: Path, *, evals: bool = False, **top: Any) -> dict[str, Any]:
+    """A two-task train-multi configuration (S = 2 shared rows, T = 3 rows per task), 4 steps, CPU."""
+    tasks = [
+        {"name": "sent", "train": str(data / "sent.jsonl"), "template": "Review: {text} Sentiment:",
+         "labels": "neg=bad,pos=very good", "rate": 1},
+        {"name": "topic", "train": str(data / "topic.jsonl"), "template": "Text: {text} Topic:",
+         "labels": "money=money,sport=sport,tech=tech", "rate": 2},
+    ]  # fmt: skip
+    if evals:
+        for t in tasks:
+            t["eval"] = t["train"]
+    return {
+        "model": str(model), "device": "cpu", "num_tokens": 3, "shared_tokens": 2, "max_steps": 4, "batch_size": 4,
+        "lr": 0.05, "warmup_steps": 0, "progress": False, "init": "random", "out": str(out), "tasks": tasks, **top,
+    }  # fmt: skip
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
 
 
 def gen_records(n: int = 12, field: str = "answer") -> list[dict[str, Any]]:
