@@ -423,3 +423,26 @@ def test_server_decode_loop_equals_model_greedy(arch_id: str, arch_backbone: Bac
                 ids = torch.cat([ids, torch.tensor([[want[-1]]])], 1)
             assert r.tokens == want, (arch_id, t, r.tokens, want)
     assert len(second[0].tokens) == steps - 2 and len(first[0].tokens) == steps
+
+
+@pytest.mark.parametrize("arch_id", [a.id for a in ARCHS if a.family == "causal" and a.id not in REFUSED])
+def test_decoder_linear_head_starts_as_the_verbalizer(arch_id: str, arch_backbone: BackboneFn) -> None:
+    """--head linear on a decoder starts from the model's own output path (logit scaling included): its class
+    probabilities at step 0 are the verbalizer's, exactly where that path is affine (all but soft-capping)."""
+    from softprompt.data import DataConfig
+    from softprompt.task import BoundTask, TaskSpec
+
+    bb = arch_backbone(arch_id)
+    if getattr(bb.model.config, "final_logit_softcapping", None):
+        pytest.skip("a soft-capped output path is not affine: the head starts at its tangent, not exactly")
+    pm = PromptedModel(bb)
+    task = BoundTask(TaskSpec.from_config(DataConfig(labels="x=a,y=b", head="linear")), pm, num_tokens=3)
+    head = task.make_head()
+    assert head is not None and tuple(head.linear.weight.shape) == (2, bb.hidden_dim)
+    prefix = pm.build_prefix([pm.embed(torch.tensor(tok_ids(bb, PROMPT)))])
+    batch = pm.collate([pm.encode_input(t) for t in TEXTS])
+    with torch.no_grad():
+        verbalizer = pm.label_scores(prefix, None, batch, task.label_ids).softmax(-1)
+        pm.head = head
+        headed = pm.label_scores(prefix, None, batch, task.label_ids).softmax(-1)
+    assert rel(headed, verbalizer) < 1e-4, (arch_id, rel(headed, verbalizer))
