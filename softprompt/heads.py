@@ -5,7 +5,7 @@ pooled: (N, d) with d the backbone's hidden size (an encoder's mean-pooled outpu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +73,18 @@ class SimilarityHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.scale * F.normalize(pooled.float(), dim=-1) @ self.label_embeds.T  # type: ignore[operator]
+
+
+def scores_by_head(pooled: torch.Tensor, heads: Sequence[nn.Module | None]) -> list[torch.Tensor]:
+    """Row i's scores (L_i,) from `heads[i]` on `pooled[i]` (N, d); rows sharing a head are scored together."""
+    out: list[torch.Tensor | None] = [None] * len(heads)
+    groups: dict[int, list[int]] = {}
+    for i, h in enumerate(heads):
+        groups.setdefault(id(h), []).append(i)
+    for members in groups.values():
+        head = heads[members[0]]
+        assert head is not None
+        scores = head(pooled[torch.tensor(members, device=pooled.device)]).float()
+        for j, i in enumerate(members):
+            out[i] = scores[j]
+    return [s for s in out if s is not None]

@@ -36,100 +36,21 @@ from transformers import DynamicCache
 
 from softprompt import arch
 from softprompt.data import pad_left, pad_right
-from softprompt.heads import LinearHead, PerPromptHeads, SimilarityHead, VerbalizerHead
+from softprompt.heads import LinearHead, PerPromptHeads, SimilarityHead, VerbalizerHead, scores_by_head
 from softprompt.models import Backbone
+from softprompt.prefix import Batch, Prefix
 
 __all__ = ["Batch", "LinearHead", "PerPromptHeads", "Prefix", "PromptedModel", "SimilarityHead", "VerbalizerHead"]
 
 
 @dataclass
-class Prefix:
-    """Input-independent part of each row, for G distinct prompts, left-padded to a common length P."""
+class Prefilled:
+    """Rows run through the decoder (PromptedModel.run_decoder): what scoring reads and what decoding continues."""
 
-    embeds: torch.Tensor  # (G, P, d)
-    mask: torch.Tensor  # (G, P) 1 = real slot
-    pool: torch.Tensor  # (G, P) 1 = a real token (BOS/CLS) that encoder pooling includes; 0 for prompt rows
-    lengths: torch.Tensor  # (G,) real slots per prefix
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (G, H, P, dh); causal fast path
-    deep: bool = False  # kv holds learned slots (softprompt.deep); an encoder's kv is then wider than the mask
-
-    @property
-    def width(self) -> int:
-        return int(self.mask.shape[1])
-
-    def detach(self) -> Prefix:
-        kv = None if self.kv is None else [(k.detach(), v.detach()) for k, v in self.kv]
-        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv, self.deep)
-
-    @staticmethod
-    def stack(parts: list[Prefix]) -> Prefix:
-        """One Prefix from several (each computed once, e.g. cached per task): left-padded to the widest."""
-        width = max(p.width for p in parts)
-
-        def lpad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            if t.shape[-dim_from_end] == width:
-                return t  # F.pad copies even when it pads nothing
-            pad = [0, 0] * (dim_from_end - 1) + [width - t.shape[-dim_from_end], 0]
-            return F.pad(t, pad)
-
-        kv = None
-        deep = any(p.deep for p in parts)
-        if all(p.kv is not None for p in parts):
-            n_layers = len(parts[0].kv)  # type: ignore[arg-type]
-            kv_lens = [int(p.kv[0][0].shape[2]) for p in parts]  # type: ignore[index]
-            kv_width = max(kv_lens)  # = width, except for an encoder's deep slots (kv only, no mask columns)
-            if deep and len(set(kv_lens)) > 1 and any(n != p.width for n, p in zip(kv_lens, parts)):
-                raise ValueError("encoder deep prompts of different lengths cannot share a batch")
-
-            def kvpad(t: torch.Tensor) -> torch.Tensor:
-                return t if t.shape[-2] == kv_width else F.pad(t, [0, 0, kv_width - t.shape[-2], 0])
-
-            kv = [
-                (torch.cat([kvpad(p.kv[i][0]) for p in parts]), torch.cat([kvpad(p.kv[i][1]) for p in parts]))  # type: ignore[index]
-                for i in range(n_layers)
-            ]
-        elif deep:  # its embeddings are placeholders: without keys/values the deep prompt would silently vanish
-            raise ValueError("a deep prompt cannot share a batch with a prefix that holds no keys/values")
-        return Prefix(
-            torch.cat([lpad(p.embeds, 2) for p in parts]),
-            torch.cat([lpad(p.mask, 1) for p in parts]),
-            torch.cat([lpad(p.pool, 1) for p in parts]),
-            torch.cat([p.lengths for p in parts]),
-            kv,
-            deep,
-        )
-
-    def only(self, g: int) -> Prefix:
-        """Prompt g alone, its left padding dropped (a one-row prefix of exactly its own slots)."""
-        n, P = int(self.lengths[g]), self.width
-        kv = None if self.kv is None else [(k[g : g + 1, :, P - n :], v[g : g + 1, :, P - n :]) for k, v in self.kv]
-        sl = slice(P - n, P)
-        return Prefix(self.embeds[g : g + 1, sl], self.mask[g : g + 1, sl], self.pool[g : g + 1, sl],
-                      self.lengths[g : g + 1], kv, self.deep)  # fmt: skip
-
-    def nbytes(self) -> int:
-        """Memory held by this prefix (embeddings and K/V)."""
-        n = self.embeds.numel() * self.embeds.element_size()
-        for k, v in self.kv or []:
-            n += k.numel() * k.element_size() + v.numel() * v.element_size()
-        return n
-
-
-@dataclass
-class Batch:
-    """A collated batch. Decoder-only rows are left-padded; encoder rows right-padded."""
-
-    ids: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T)
-    labels: torch.Tensor | None = None  # (B,) class index
-    targets: torch.Tensor | None = None  # (B, M) target ids (generate), pad = -100
-    target_pos: torch.Tensor | None = None  # (B, M) causal: positions whose hidden state predicts targets[:, j]
-
-    def to(self, device: torch.device) -> Batch:
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return Batch(self.ids.to(device), self.mask.to(device), mv(self.labels), mv(self.targets), mv(self.target_pos))
+    hidden: torch.Tensor  # (N, T, d) final hidden states of the input tokens
+    cache: DynamicCache | None  # every layer's keys/values of prefix + input (N, H, P+T, dh), when kept
+    mask: torch.Tensor  # (N, P+T) 1 = a real key
+    next_pos: torch.Tensor  # (N,) the position of each row's next token
 
 
 class PromptedModel(nn.Module):
@@ -332,16 +253,16 @@ class PromptedModel(nn.Module):
             return torch.zeros(n, dtype=torch.long, device=prefix.mask.device)
         return rows
 
-    def causal_hidden(
-        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Hidden states (N, K, d) at `positions` (N, K) of left-padded rows `ids` (N, T) behind their prefix."""
-        n = ids.shape[0]
+    def run_decoder(
+        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, *, keep_cache: bool
+    ) -> Prefilled:
+        """Left-padded rows `ids` (N, T) behind their prefixes through the decoder: THE causal forward. Prefix K/V
+        (when built) are read from a cache, else the prefix embeddings are concatenated in front; positions are
+        each row's own (prefix lengths + real tokens before it), masks per softprompt.arch."""
+        n, T = ids.shape
         rows = self._rows(prefix, rows, n)
         emb = self.embed(ids)  # (N, T, d)
-        pmask = prefix.mask[rows]  # (N, P)
-        attn = torch.cat([pmask, mask], 1)  # (N, P+T)
-        pos = (prefix.lengths[rows][:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
+        attn = torch.cat([prefix.mask[rows], mask], 1)  # (N, P+T)
         base = self.model.base_model
         if prefix.kv is not None:
             shared = prefix.mask.shape[0] == 1
@@ -351,15 +272,38 @@ class PromptedModel(nn.Module):
                 else (k.index_select(0, rows), v.index_select(0, rows))
                 for k, v in prefix.kv
             ]  # (N, H, P, dh): a view when one prompt serves the batch (index_select: ~5x faster than k[rows] on CPU)
-            cache = DynamicCache(ddp_cache_data=layers)
-            am = self.attention_mask(attn, ids.shape[1], emb.dtype)
-            h = base(inputs_embeds=emb, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)[0]
+            pos = (prefix.lengths[rows][:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
+            am = self.attention_mask(attn, T, emb.dtype)
+            out = base(
+                inputs_embeds=emb, attention_mask=am, position_ids=pos, cache=DynamicCache(ddp_cache_data=layers),
+                use_cache=True,
+            )  # fmt: skip
+            h = out[0]
         else:
             x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)  # (N, P+T, d)
             full_pos = (attn.cumsum(-1) - 1).clamp(min=0)
             am = self.attention_mask(attn, x.shape[1], emb.dtype)
-            h = base(inputs_embeds=x, attention_mask=am, position_ids=full_pos, use_cache=False)[0]
-            h = h[:, prefix.width :]
+            out = base(inputs_embeds=x, attention_mask=am, position_ids=full_pos, use_cache=keep_cache)
+            h = out[0][:, prefix.width :]
+        next_pos = prefix.lengths[rows] + mask.sum(-1)  # (N,)
+        return Prefilled(h, out.cache if keep_cache else None, attn, next_pos)
+
+    def decode_step(
+        self, tokens: torch.Tensor, cache: DynamicCache, mask: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """One new token per row (N,) at positions `pos` (N,) after `cache`; `mask` (N, K) covers the cached keys and
+        the new one. Returns the final hidden states (N, d); the cache grows by one column."""
+        am = self.attention_mask(mask, 1, cache.layers[0].keys.dtype)  # type: ignore[union-attr]
+        out = self.model.base_model(
+            input_ids=tokens[:, None], attention_mask=am, position_ids=pos[:, None], cache=cache, use_cache=True
+        )
+        return out[0][:, -1]
+
+    def causal_hidden(
+        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden states (N, K, d) at `positions` (N, K) of left-padded rows `ids` (N, T) behind their prefix."""
+        h = self.run_decoder(prefix, rows, ids, mask, keep_cache=False).hidden
         return torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (N, K, d)
 
     def encoder_hidden(
@@ -401,38 +345,102 @@ class PromptedModel(nn.Module):
         return self.output(hidden)
 
     def label_scores(
-        self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, label_ids: list[list[int]]
+        self,
+        prefix: Prefix,
+        rows: torch.Tensor | None,
+        batch: Batch,
+        label_ids: list[list[int]],
+        head: nn.Module | None = None,
     ) -> torch.Tensor:
         """(B, L) class scores: mean log-likelihood of each verbalizer (lm head) or the head's logits (an encoder's
-        head, or a decoder's --head linear)."""
-        if self.family == "encoder" or self.head is not None:
-            if self.head is None:
+        head, or a decoder's --head linear; `head`, else self.head)."""
+        head = head if head is not None else self.head
+        if self.family == "encoder" or head is not None:
+            if head is None:
                 raise ValueError("an encoder backbone needs a head (--head linear or similarity)")
             pooled = self.pooled(prefix, rows, batch)
-            if isinstance(self.head, PerPromptHeads):
-                return self.head(pooled, rows).float()
-            return self.head(pooled).float()
+            if isinstance(head, PerPromptHeads):
+                return head(pooled, rows).float()
+            return head(pooled).float()
         B, L = batch.ids.shape[0], len(label_ids)
-        m = max(len(v) for v in label_ids)
-        tgt = torch.full((L, m), -100, dtype=torch.long, device=batch.ids.device)
-        for j, v in enumerate(label_ids):
-            tgt[j, : len(v)] = torch.tensor(v)
+        tgt = _word_table(label_ids, batch.ids.device)  # (L, m)
         if self.family == "seq2seq":
             return self._seq2seq_label_scores(prefix, rows, batch, tgt)
         rows_ = self._rows(prefix, rows, B)
-        T = batch.ids.shape[1]
-        if m == 1:  # every verbalizer is one token: one row per example, one scored position
-            pos = torch.full((B, 1), T - 1, dtype=torch.long, device=batch.ids.device)
+        if tgt.shape[1] == 1:  # every verbalizer is one token: one row per example, one scored position
+            pos = torch.full((B, 1), batch.ids.shape[1] - 1, dtype=torch.long, device=batch.ids.device)
             logp = self.lm_logits(self.causal_hidden(prefix, rows_, batch.ids, batch.mask, pos)).log_softmax(-1)
             return logp[:, 0, tgt[:, 0]]  # (B, L)
-        # multi-token verbalizers: row (i, l) = input_i + label_l[:-1]; scored positions T-1 .. T+m-2
-        cont = tgt[:, :-1].clamp(min=0)  # (L, m-1)
-        cmask = (tgt[:, :-1] != -100).long()
-        ids = torch.cat([batch.ids.repeat_interleave(L, 0), cont.repeat(B, 1)], 1)  # (B*L, T+m-1)
-        mask = torch.cat([batch.mask.repeat_interleave(L, 0), cmask.repeat(B, 1)], 1)
-        pos = torch.arange(T - 1, T + m - 1, device=ids.device)[None].expand(B * L, -1)
-        logp = self.lm_logits(self.causal_hidden(prefix, rows_.repeat_interleave(L, 0), ids, mask, pos)).log_softmax(-1)
-        return _mean_target_logp(logp, tgt.repeat(B, 1)).view(B, L)
+        owners = torch.arange(B, device=batch.ids.device).repeat_interleave(L)  # row (i, l): input i, word l
+        return self._word_scores(prefix, rows_, batch, owners, tgt.repeat(B, 1)).view(B, L)
+
+    def row_scores(
+        self,
+        prefix: Prefix,
+        rows: torch.Tensor | None,
+        batch: Batch,
+        label_ids: Sequence[list[list[int]]],
+        heads: Sequence[nn.Module | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Row i's class scores against its own task's verbalizer `label_ids[i]`, or by its own head `heads[i]`
+        (mixed-task batches: serving, multi-task training); each exactly label_scores' score for that task.
+
+        Decoder rows with a head or one-token words share one pass (one scored position each); rows with
+        multi-token words become one row per (input, word), every task together, in a second pass."""
+        n = batch.ids.shape[0]
+        rows = self._rows(prefix, rows, n)
+        heads = list(heads) if heads is not None else [None] * n
+        out: list[torch.Tensor | None] = [None] * n
+        if self.family == "encoder":
+            if any(h is None for h in heads):
+                raise ValueError("an encoder backbone needs a head (--head linear or similarity)")
+            return scores_by_head(self.pooled(prefix, rows, batch), heads)
+        if self.family == "seq2seq":  # rows grouped by verbalizer, each group scored by label_scores
+            groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+            for i in range(n):
+                groups.setdefault(tuple(tuple(w) for w in label_ids[i]), []).append(i)
+            for key, members in groups.items():
+                idx = torch.tensor(members, device=batch.ids.device)
+                sub = Batch(batch.ids[idx], batch.mask[idx])
+                for i, sc in zip(members, self.label_scores(prefix, rows[idx], sub, [list(w) for w in key])):
+                    out[i] = sc
+            return [s for s in out if s is not None]
+        dev, T = batch.ids.device, batch.ids.shape[1]
+        single = [i for i in range(n) if heads[i] is not None or all(len(w) == 1 for w in label_ids[i])]
+        multi = [i for i in range(n) if heads[i] is None and any(len(w) > 1 for w in label_ids[i])]
+        if single:
+            idx = torch.tensor(single, device=dev)
+            pos = torch.full((len(single), 1), T - 1, dtype=torch.long, device=dev)
+            h = self.causal_hidden(prefix, rows[idx], batch.ids[idx], batch.mask[idx], pos)[:, 0]  # (S, d)
+            verb = [j for j, i in enumerate(single) if heads[i] is None]
+            if verb:  # the vocabulary projection only for verbalizer rows
+                logp = self.lm_logits(h[verb]).log_softmax(-1)  # (S', V)
+                for k, j in enumerate(verb):
+                    out[single[j]] = logp[k, torch.tensor([w[0] for w in label_ids[single[j]]], device=dev)]
+            headed = [j for j, i in enumerate(single) if heads[i] is not None]
+            for j, sc in zip(headed, scores_by_head(h[headed], [heads[single[j]] for j in headed]), strict=True):
+                out[single[j]] = sc
+        if multi:
+            m = max(len(w) for i in multi for w in label_ids[i])
+            owners = torch.tensor([i for i in multi for _ in label_ids[i]], device=dev)
+            words = torch.tensor([list(w) + [-100] * (m - len(w)) for i in multi for w in label_ids[i]], device=dev)
+            scores, at = self._word_scores(prefix, rows, batch, owners, words), 0  # (R,)
+            for i in multi:
+                out[i], at = scores[at : at + len(label_ids[i])], at + len(label_ids[i])
+        return [s for s in out if s is not None]
+
+    def _word_scores(
+        self, prefix: Prefix, rows: torch.Tensor, batch: Batch, owners: torch.Tensor, words: torch.Tensor
+    ) -> torch.Tensor:
+        """(R,) mean log-likelihood of words[r] (R, m; -100-padded) continuing input row owners[r]: row r is
+        input + word[:-1], all R rows in one pass; scored positions T-1 .. T+m-2."""
+        T, m = batch.ids.shape[1], words.shape[1]
+        cont = words[:, :-1].clamp(min=0)  # (R, m-1) fed after the input, right-padded (masked)
+        ids = torch.cat([batch.ids[owners], cont], 1)  # (R, T+m-1)
+        mask = torch.cat([batch.mask[owners], (words[:, :-1] != -100).long()], 1)
+        pos = torch.arange(T - 1, T + m - 1, device=ids.device)[None].expand(len(ids), -1)
+        logp = self.lm_logits(self.causal_hidden(prefix, rows[owners], ids, mask, pos)).log_softmax(-1)
+        return _mean_target_logp(logp, words)
 
     def _seq2seq_label_scores(
         self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, tgt: torch.Tensor
@@ -464,13 +472,16 @@ class PromptedModel(nn.Module):
         tok = logp.gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0]
         return tok * valid, valid
 
-    def loss(self, prefix: Prefix, batch: Batch, label_ids: list[list[int]] | None) -> torch.Tensor:
-        """Mean training loss: cross-entropy over class scores, or token-level CE on generation targets."""
+    def loss(
+        self, prefix: Prefix, batch: Batch, label_ids: list[list[int]] | None, head: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Mean training loss: cross-entropy over class scores (`head` as in label_scores), or token-level CE on
+        generation targets."""
         if batch.targets is not None:
             tok, valid = self.target_logp(prefix, None, batch)
             return -tok.sum() / valid.sum().clamp(min=1)
         assert batch.labels is not None
-        scores = self.label_scores(prefix, None, batch, label_ids or [])
+        scores = self.label_scores(prefix, None, batch, label_ids or [], head)
         return F.cross_entropy(scores, batch.labels)
 
     # ----- generation ---------------------------------------------------------------------------------
@@ -557,6 +568,15 @@ def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     dec = labels.new_full(labels.shape, int(cfg.decoder_start_token_id))
     dec[:, 1:] = labels[:, :-1]
     return dec.masked_fill(dec == -100, int(cfg.pad_token_id))
+
+
+def _word_table(words: Sequence[list[int]], device: torch.device) -> torch.Tensor:
+    """(L, m) token ids of L words, right-padded with -100."""
+    m = max(len(v) for v in words)
+    tgt = torch.full((len(words), m), -100, dtype=torch.long, device=device)
+    for j, v in enumerate(words):
+        tgt[j, : len(v)] = torch.tensor(v)
+    return tgt
 
 
 def _mean_target_logp(logp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
