@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -21,6 +22,9 @@ from safetensors.torch import load_file
 from softprompt.checkpoint import load_prompt
 from softprompt.multitask import MultiTask, parse_multi_config, train_multi
 from softprompt.train import TrainingError
+
+if TYPE_CHECKING:  # imported where used: this file also runs against the code before softprompt.trainer
+    from softprompt.trainer import Evaluation
 
 
 @pytest.fixture(autouse=True)
@@ -150,3 +154,88 @@ def test_train_multi_overwritten_exports_keep_their_mode(
         (out / f"{name}.safetensors").chmod(mode)
     train_multi(mc, log=lambda s: None)
     assert [(out / f"{n}.safetensors").stat().st_mode & 0o777 for n in ("sent", "topic")] == [0o644, 0o640]
+
+
+def test_train_multi_non_finite_gradient_rolls_back(
+    tiny_dir: Callable[[str], Path], data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finite loss with an inf gradient: the update makes the prompts NaN; the exports hold step 1's."""
+    calls: list[int] = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def poisoned_clip(params, max_norm, *a, **kw):
+        calls.append(1)
+        params = list(params)
+        if len(calls) == 2:
+            for p in params:
+                p.grad.fill_(float("inf"))
+        return clip(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned_clip)
+    out = tmp_path / "o"
+    mc = parse_multi_config(multi_config(tiny_dir("llama"), data, out, save_every=1), "m.yaml")
+    with pytest.raises(TrainingError, match=r"non-finite prompt after the update of step 2 .*\(step 1\)"):
+        train_multi(mc, log=lambda s: None)
+    step1 = load_file(str(out / "state" / "state.safetensors"))
+    torch.testing.assert_close(
+        load_prompt(out / "sent.safetensors").prompt, torch.cat([step1["param.0"], step1["param.1"]])
+    )
+
+
+# ---- fit() on its own: any Objective --------------------------------------------------------------------------------
+@dataclass
+class Toy:
+    """A 3-vector pulled towards `target`: loss = |p - target|^2 for every micro-batch; evaluation = that loss."""
+
+    target: list[float]
+    n_train: int = 8
+    has_eval: bool = True
+    device: torch.device = torch.device("cpu")
+    saved: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = [torch.nn.Parameter(torch.zeros(3))]
+        self.head_params: list[torch.nn.Parameter] = []
+
+    def batches(self, step: int) -> list[list[int]]:
+        return [[step, step]]  # one micro-batch of two (meaningless) rows
+
+    def loss(self, rows: list[int]) -> torch.Tensor:
+        return ((self.params[0] - torch.tensor(self.target)) ** 2).sum()
+
+    def evaluate(self) -> Evaluation:
+        from softprompt.trainer import Evaluation
+
+        d = float(self.loss([]).detach())
+        return Evaluation(d, {"eval_loss": d}, {"loss": d})
+
+    def save(self, metrics: Evaluation | dict[str, Any]) -> None:
+        self.saved.append(metrics)
+
+    def identity(self) -> dict[str, Any]:
+        return {"--toy.target": self.target}
+
+
+def test_fit_with_any_objective(tmp_path: Path) -> None:
+    from softprompt.config import ConfigError, RunConfig
+    from softprompt.runfiles import RunFiles
+    from softprompt.trainer import fit
+
+    cfg = RunConfig()
+    t = cfg.train
+    t.max_steps, t.lr, t.warmup_steps, t.eval_every, t.save_every, t.metric, t.progress = 5, 0.1, 0, 1, 1, "loss", False
+    files = RunFiles(
+        "toy", [("--out", tmp_path / "toy.safetensors")], tmp_path / "toy.log.jsonl", tmp_path / "st", False
+    )
+    toy = Toy([1.0, -1.0, 0.5])
+    res = fit(toy, cfg, files, log=lambda s: None)
+    losses = [h["loss"] for h in res.history]
+    assert res.steps == 5 and losses == sorted(losses, reverse=True) and losses[-1] < losses[0]
+    assert [s.score for s in toy.saved] == [h["eval_loss"] for h in res.history]  # every step improved: saved
+    assert res.best_step == 5 and [h["lr"] for h in res.history] == pytest.approx([0.1, 0.08, 0.06, 0.04, 0.02])
+    resume = RunFiles("toy", files.prompts, files.log, files.state, True)
+    with pytest.raises(ConfigError, match=r"--toy.target was \[1.0, -1.0, 0.5\] in the interrupted run, now \[2.0"):
+        fit(Toy([2.0, 0.0, 0.0]), cfg, resume, log=lambda s: None)
+    again = Toy([1.0, -1.0, 0.5])
+    assert fit(again, cfg, resume, log=lambda s: None).steps == 5 and again.saved == []  # done: nothing to redo
+    assert torch.equal(again.params[0], toy.params[0])  # the state's tensors were loaded
