@@ -20,6 +20,10 @@ the same mechanism as an ensemble); classification scores every row against the 
 and takes the cross-entropy over its own task's labels (an encoder applies its task's head to the pooled output).
 All tasks of a run are classification or all are generation.
 
+Training is softprompt.trainer's fit(), the loop `softprompt train` runs, with `MultiObjective` (mixed-batch loss,
+per-task evaluation, the K exports): the same resume identity check, non-finite rollback, lr log, early stopping
+and output-file checks (softprompt.runfiles) as a single-task run.
+
 Config (YAML; every `softprompt train` option works at the top level, and a task's own keys override them):
 
     model: smollm2-135m
