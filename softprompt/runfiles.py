@@ -99,7 +99,7 @@ def input_paths(flag: str, *, train: str | None, eval: str | None, init: str | N
     except InitError:  # reported, with its flag, when the prompt is initialised
         spec = None
     if spec is not None and spec.kind == "file":
-        out.append((f"{flag}init file:", spec.arg))
+        out.append((f"{flag}init", spec.arg))  # file:PATH
     return [(f, p) for f, p in out if not p.startswith("hf:")]
 
 
