@@ -3,6 +3,7 @@ finishes the request in flight before the process exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -207,6 +208,13 @@ def test_serve_hardening_probes(tmp_path: Path, tmp_path_factory: pytest.TempPat
                        b"Content-Length: 100\r\n\r\n{\"task\"")  # fmt: skip
             assert read_answer(st, 10).startswith(b"HTTP/1.1 408")
             st.close()
+            # headers past what h11 buffers (16 KiB of an incomplete event): 400, in the error shape
+            st = socket.create_connection(("127.0.0.1", port))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may close before the end
+                st.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")
+            big = read_answer(st, 10)
+            st.close()
+            assert big.startswith(b"HTTP/1.1 400") and b'"code": 400' in big, big[:200]
             assert c.get("/healthz").status_code == 200
 
             # (9) a non-streaming generation whose client disconnects: its row is freed at once

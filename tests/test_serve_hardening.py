@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_serve_support import ADMIN, lively_model_dir, load, make_prompt, served
 
-from softprompt.checkpoint import save_prompt
+from softprompt.checkpoint import load_prompt, save_prompt
 from softprompt.serve import Registry
 from softprompt.serve.generation import GenRow
 
@@ -191,6 +191,24 @@ def test_ensembles_in_any_order_share_one_metrics_label(reg: Registry) -> None:
     assert 'softprompt_requests_total{code="200",endpoint="/v1/classify",task="+ensemble"} 6' in metrics
 
 
+def test_a_removed_tasks_metrics_series_go_with_it(llama: tuple[Path, Any], tmp_path: Path) -> None:
+    d, bb = llama
+    for k in range(2):
+        make_prompt(tmp_path / f"t{k}.safetensors", bb, d, seed=k)
+    reg = Registry(bb, tmp_path)
+
+    async def go() -> tuple[str, str]:
+        async with served(reg) as (c, _):
+            for k in range(2):
+                assert (await c.post("/v1/classify", json={"task": f"t{k}", "inputs": ["x"]})).status_code == 200
+            before = (await c.get("/metrics")).text
+            assert (await c.delete("/v1/admin/tasks/t1", headers=AUTH)).status_code == 200
+            return before, (await c.get("/metrics")).text
+
+    before, after = run(go())
+    assert 'task="t1"' in before and 'task="t1"' not in after and 'task="t0"' in after
+
+
 # ---- (6, 10, 13) prompt files the registry refuses, the rest served ------------------------------------------
 def test_prompt_dir_with_a_symlink_loop_a_fifo_and_invalid_tensors(llama: tuple[Path, Any], tmp_path: Path) -> None:
     d, bb = llama
@@ -228,14 +246,27 @@ def test_admin_path_errors_say_only_not_a_valid_prompt(llama: tuple[Path, Any], 
     os.mkfifo(fifo)
     paths = [str(secret), str(fifo), str(tmp_path / "missing"), str(tmp_path), "/dev/zero"]
 
-    async def go() -> list[httpx.Response]:
+    w = torch.randn(2, bb.embed_dim)
+    w[0, 0] = float("inf")
+    infhead = tmp_path / "infhead.safetensors"
+    make_prompt(infhead, bb, d, head="linear", linear_head=True)
+    ck = load_prompt(infhead)
+    meta = {k: v for k, v in ck.meta.items() if k not in ("format", "format_version")}
+    save_prompt(infhead, ck.prompt, meta, {**ck.extra, "head.linear.weight": w})
+
+    async def go() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
         async with served(reg) as (c, _):
-            return [
+            rs = [
                 await asyncio.wait_for(c.post(f"/v1/admin/tasks/t{i}", json={"path": p}, headers=AUTH), 10)
                 for i, p in enumerate(paths)
             ]
+            up = await c.post("/v1/admin/tasks/inf", content=infhead.read_bytes(), headers=AUTH)
+            by_path = await c.post("/v1/admin/tasks/inf", json={"path": str(infhead)}, headers=AUTH)
+            return rs, up, by_path
 
-    rs = run(go())
+    rs, up, by_path = run(go())
+    assert "NaN or inf" in assert_error(up, 400, "body")["message"]  # (6) an inf head is refused, not registered
+    assert "NaN or inf" in assert_error(by_path, 400, "path")["message"]  # a softprompt file: the reason is given
     messages = {assert_error(r, 400, "path")["message"].replace(p, "PATH") for r, p in zip(rs, paths, strict=True)}
     assert messages == {"path 'PATH': not a valid prompt file on the server"}, messages
     assert reg.names() == ["ok"] and sorted(x.name for x in pdir.iterdir()) == ["ok.safetensors"]

@@ -299,6 +299,7 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+        await asyncio.sleep(0.05)  # not expected once the body is read; never a busy loop
 
 
 async def until_disconnect(request: Request, aw: Awaitable[T]) -> T:
@@ -547,7 +548,7 @@ def create_app(
                 "usage": {"input_tokens": ev["input_tokens"], "output_tokens": ev["output_tokens"]},
             }
 
-        return await _sse(scheduler, scheduler.submit_stream(entry, ids, params), encode)
+        return await _sse(request, scheduler, scheduler.submit_stream(entry, ids, params), encode)
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> dict[str, Any]:
@@ -612,7 +613,7 @@ def create_app(
                     usage(ev["input_tokens"], ev["output_tokens"]),
                 )
 
-            return await _sse(scheduler, scheduler.submit_stream(entry, ids[0], params[0]), encode)
+            return await _sse(request, scheduler, scheduler.submit_stream(entry, ids[0], params[0]), encode)
         results = await until_disconnect(
             request, asyncio.gather(*(scheduler.generate(entry, x, p) for x, p in zip(ids, params, strict=True)))
         )
@@ -704,17 +705,18 @@ def create_app(
         """Remove a task and its file. Bearer token required."""
         check_admin(request)
         entry = await asyncio.to_thread(registry.remove, name)
+        metrics.forget("task", entry.name)  # its series go with it: labels stay bounded by the tasks there are
         return {"deleted": entry.name}
 
     return app
 
 
-async def _sse(scheduler: Scheduler, req: Any, encode: Any) -> StreamingResponse:
+async def _sse(request: Request, scheduler: Scheduler, req: Any, encode: Any) -> StreamingResponse:
     """Server-sent events of a streaming request. Waits for the first event before answering, so queue time-outs
     and early failures still get their HTTP status; later failures arrive as a final `data: {"error": ...}`."""
     events: AsyncGenerator[dict[str, Any], None] = scheduler.stream(req)  # type: ignore[assignment]
     try:
-        first = await events.__anext__()
+        first = await until_disconnect(request, events.__anext__())  # a client gone while queued frees it
     except BaseException:
         await events.aclose()
         raise

@@ -91,11 +91,11 @@ class ConnLimits:
     linger_s: float = 1.0  # a refused connection is half-closed, then closed after this long at most
 
 
-_REASONS = {408: "Request Timeout", 503: "Service Unavailable"}
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}
 
 
 def _raw_response(status: int, message: str, headers: dict[str, str] | None = None) -> bytes:
-    kind = {408: "timeout_error", 503: "unavailable_error"}.get(status, "server_error")
+    kind = {400: "invalid_request_error", 408: "timeout_error", 503: "unavailable_error"}.get(status, "server_error")
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
     head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", "content-type: application/json",
             f"content-length: {len(body)}", "connection: close"]  # fmt: skip
@@ -148,6 +148,15 @@ def protocol_class(limits: ConnLimits) -> type:
             super().on_response_complete()
             self._update()
 
+        def send_400_response(self, msg: str) -> None:  # malformed HTTP, headers over 16 KiB: JSON like the rest
+            note("bad-http", logging.INFO, "closed a connection: %s", msg)
+            self._set_phase(None)
+            self._done = True
+            lingering[0] += 1
+            self.connections.discard(self)
+            self.transport.write(_raw_response(400, f"malformed HTTP request ({msg.rstrip('.')})"))
+            self.transport.close()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._set_phase(None)
             if self._done:
@@ -192,7 +201,11 @@ def protocol_class(limits: ConnLimits) -> type:
 
         # ---- answering and closing -------------------------------------------------------------------------
         def _answer(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-            """Answer `status` (unless a response has started), half-close, and close within linger_s."""
+            """Answer `status` (unless a response has started, or the connection is idle: a kept-alive connection
+            that has sent nothing of a next request is closed without a word, as uvicorn's keep-alive timeout does,
+            so a client never reads an unsolicited 408 as the answer to a request it sends), half-close, and close
+            within linger_s."""
+            idle = self._phase == "headers" and not self.conn.trailing_data[0] and status != 503
             self._set_phase(None)
             if self._done or self.transport.is_closing():
                 return
@@ -204,7 +217,7 @@ def protocol_class(limits: ConnLimits) -> type:
             if cycle is not None and not cycle.response_complete:
                 cycle.disconnected = True  # the request's handler sees a disconnect and stops
                 cycle.message_event.set()
-            if not started:
+            if not started and not idle:
                 self.transport.write(_raw_response(status, message, headers))
             if lingering[0] > limits.max_connections or not self.transport.can_write_eof():
                 self.transport.close()

@@ -7,6 +7,7 @@ import math
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -98,6 +99,15 @@ class Metrics:
             h[bisect_left(bounds, value)] += 1  # the first bucket whose upper bound is >= value ("le")
             h[-2] += value
             h[-1] += 1
+
+    def forget(self, label: str, value: str) -> None:
+        """Drop every series whose `label` is `value` (a removed task's), so series stay bounded by what exists."""
+        item = (label, value)
+        with self._lock:
+            tables: list[dict[Labels, Any]] = [*self._values.values(), *self._hist.values()]
+            for table in tables:
+                for key in [k for k in table if item in k]:
+                    del table[key]
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current value of a counter/gauge series, or a histogram's count (for tests)."""
