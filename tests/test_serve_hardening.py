@@ -270,3 +270,22 @@ def test_admin_path_errors_say_only_not_a_valid_prompt(llama: tuple[Path, Any], 
     messages = {assert_error(r, 400, "path")["message"].replace(p, "PATH") for r, p in zip(rs, paths, strict=True)}
     assert messages == {"path 'PATH': not a valid prompt file on the server"}, messages
     assert reg.names() == ["ok"] and sorted(x.name for x in pdir.iterdir()) == ["ok.safetensors"]
+
+
+# ---- the new limits are flags of `softprompt serve`, checked at start ------------------------------------------
+def test_limit_flags_parse_into_serve_config_and_are_checked(tmp_path: Path) -> None:
+    from softprompt.config import ConfigError
+    from softprompt.parsers import build_parser
+    from softprompt.serve import ServeConfig
+
+    args = build_parser().parse_args(["serve", "--prompts", str(tmp_path), "--max-body-mb", "2", "--max-input-chars",
+                                      "100", "--max-connections", "5", "--header-timeout-s", "1.5",
+                                      "--body-timeout-s", "3", "--keep-alive-s", "2"])  # fmt: skip
+    cfg = ServeConfig(**{k: v for k, v in vars(args).items() if k in ServeConfig.__dataclass_fields__})
+    assert (cfg.max_body_mb, cfg.max_input_chars, cfg.max_connections) == (2.0, 100, 5)
+    assert (cfg.header_timeout_s, cfg.body_timeout_s, cfg.keep_alive_s) == (1.5, 3.0, 2.0)
+    cfg.validate()
+    for field, bad in (("max_connections", 0), ("header_timeout_s", 0.0), ("body_timeout_s", float("nan")),
+                       ("max_body_mb", -1.0), ("max_input_chars", 0), ("timeout_s", float("inf"))):  # fmt: skip
+        with pytest.raises(ConfigError):
+            ServeConfig(prompts=str(tmp_path), **{field: bad}).validate()

@@ -139,6 +139,27 @@ def protocol_class(limits: ConnLimits) -> type:
             super().data_received(data)
             self._update()
 
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not None and self.cycle is not cycle:  # a new request: its response closes lingering
+                self.cycle.transport = _LingeringClose(self.transport, self)  # type: ignore[assignment]
+
+        def _linger_close(self) -> None:
+            """Close, or, while the client is still sending a body (a 413 answered early), half-close and discard
+            its bytes for linger_s first: closing with unread input resets the connection, and the client would
+            never read the answer."""
+            t = self.transport
+            if self._done or self.conn.their_state is not h11.SEND_BODY or not t.can_write_eof():
+                t.close()
+                return
+            self._set_phase(None)
+            self._done = True
+            lingering[0] += 1
+            self.connections.discard(self)
+            t.write_eof()
+            self.loop.call_later(limits.linger_s, t.close)
+
         def eof_received(self) -> bool | None:  # type: ignore[override]
             if self._done:
                 self.transport.close()
@@ -224,5 +245,17 @@ def protocol_class(limits: ConnLimits) -> type:
                 return
             self.transport.write_eof()  # the client reads the answer, then closes; we close in linger_s at most
             self.loop.call_later(limits.linger_s, self.transport.close)
+
+    class _LingeringClose:
+        """The transport as a request/response cycle sees it: close() lingers (LimitedH11Protocol._linger_close)."""
+
+        def __init__(self, transport: Any, proto: LimitedH11Protocol) -> None:
+            self._transport, self._proto = transport, proto
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._transport, name)
+
+        def close(self) -> None:
+            self._proto._linger_close()
 
     return LimitedH11Protocol
