@@ -303,7 +303,9 @@ def _check_meta(path: str, ckpt: PromptCheckpoint) -> None:
     for name in ("head.linear.weight", "head.weight"):
         w = ckpt.extra.get(name)
         if w is not None and n_labels is not None and w.shape[0] != n_labels:
-            raise CheckpointError(f"{path}: {name!r} has {w.shape[0]} rows for {n_labels} labels")
+            raise CheckpointError(  # the wording of BoundTask.saved_head, which checks the hidden size too
+                f"{path}: {name} has shape {tuple(w.shape)}, expected ({n_labels}, hidden size): one row per label"
+            )
 
 
 def _deep_tokens(tensors: dict[str, torch.Tensor]) -> int:

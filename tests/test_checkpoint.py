@@ -335,7 +335,7 @@ BAD_FILES: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any], str]] = {
     "zero rows": ({"prompt": torch.zeros(0, 8)}, LABELS_META, "0 rows"),
     "3-D prompt": ({"prompt": rand(2, 3, 8)}, LABELS_META, "2-D"),
     "head 1-D": ({"prompt": rand(3, 8), "head.linear.weight": rand(8)}, LABELS_META, r"must be \(labels, hidden"),
-    "head rows": ({"prompt": rand(3, 8), "head.linear.weight": rand(3, 8)}, LABELS_META, "3 rows for 2 labels"),
+    "head rows": ({"prompt": rand(3, 8), "head.linear.weight": rand(3, 8)}, LABELS_META, r"shape \(3, 8\), expected \(2,"),
     "bias shape": ({"prompt": rand(3, 8), "head.linear.weight": rand(2, 8), "head.linear.bias": rand(3)},
                    LABELS_META, "bias.*must be"),
     "position": ({"prompt": rand(3, 8)}, {**LABELS_META, "position": "middle"}, "unknown position 'middle'"),

@@ -419,7 +419,7 @@ class Scheduler:
         except Exception as e:
             if len(reqs) == 1:
                 return [e]
-            log.warning("batch of %d requests failed (%s); retrying them one by one", len(reqs), e)
+            _notes("retry", logging.WARNING, "batch of %d requests failed (%s); retrying them one by one", len(reqs), e)
             return [self._classify_batch([r])[0] for r in reqs]
 
     def _stack_key(self, entry: TaskEntry) -> tuple[str, int]:
@@ -579,7 +579,9 @@ class Scheduler:
             if len(reqs) == 1:
                 events.append((reqs[0], e))
                 return None
-            log.warning("prefill of %d requests failed (%s); retrying them one by one", len(reqs), e)
+            _notes(
+                "retry", logging.WARNING, "prefill of %d requests failed (%s); retrying them one by one", len(reqs), e
+            )
             return DecodeBatch.merge([self._prefill([r], events) for r in reqs])
         self._record("prefill", len(reqs), len(keys), t0)
         self._choose_all(rows, logits, events)
