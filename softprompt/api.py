@@ -24,7 +24,6 @@ import torch
 from softprompt.checkpoint import PromptCheckpoint, check_compatible, load_prompt
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Encoded
-from softprompt.deep import checkpoint_prefix
 from softprompt.evaluate import (
     class_probs,
     classification_metrics,
@@ -33,6 +32,7 @@ from softprompt.evaluate import (
     generate_ids,
     generation_metrics,
 )
+from softprompt.methods import checkpoint_prefix
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompted import PerPromptHeads, Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
@@ -100,7 +100,7 @@ class Predictor:
                 ]
             )
         with torch.no_grad():
-            prefix = checkpoint_prefix(pm, ckpts).detach()  # once per prompt (plain or deep: softprompt.deep)
+            prefix = checkpoint_prefix(pm, ckpts).detach()  # once per prompt, any method (softprompt.methods)
         return cls(pm, task, prefix, ckpts, combine, batch_size)
 
     @property

@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
+from softprompt.methods import REGISTRY as METHODS
+
 FORMAT = "softprompt"
 FORMAT_VERSION = "1"
 MAX_HEADER = 100 * 1024 * 1024
@@ -136,7 +138,7 @@ TENSOR_NAMES = ("prompt", "head.linear.weight", "head.linear.bias", "head.weight
                 "deep.values")  # fmt: skip
 # metadata fields with a closed set of values (absent: the reader's default)
 ALLOWED_META = {
-    "method": ("prompt", "deep"),
+    "method": METHODS,  # softprompt.methods.REGISTRY (its keys; read at each check, so a new method is one line)
     "family": ("causal", "seq2seq", "encoder"),
     "task": ("classify", "generate"),
     "head": ("lm", "linear", "similarity"),

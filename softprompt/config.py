@@ -13,6 +13,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from softprompt.methods import REGISTRY as METHODS
+
 
 class ConfigError(ValueError):
     """A bad option value; the message names the flag or field."""
@@ -47,7 +49,8 @@ class PromptConfig:
     position: str = "auto"
     """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
     method: str = "prompt"
-    """prompt (input-embedding soft prompt) or deep (learned keys/values at every layer, softprompt.deep)."""
+    """Prompt method (softprompt.methods): prompt (input-embedding soft prompt) or deep (learned keys/values at every
+    layer, softprompt.deep)."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
 
@@ -183,7 +186,7 @@ class RunConfig:
                 f"--metric must be accuracy, macro_f1, exact_match, token_f1 or loss, got {t.metric!r}",
             ),
             (p.position in ("auto", "start"), f"--position must be auto or start, got {p.position!r}"),
-            (p.method in ("prompt", "deep"), f"--method must be prompt or deep, got {p.method!r}"),
+            (p.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {p.method!r}"),
             (p.deep_reparam >= 0, "--deep-reparam must be >= 0"),
         ]
         for ok, msg in checks:

@@ -79,10 +79,13 @@ def encoder_attention(pm: PromptedModel) -> tuple[list[nn.Module], list[Any]]:
 class DeepPrompt(nn.Module):
     """kv (L, 2, H_kv, P, dh): a parameter, or kv0 + MLP(E) with --deep-reparam."""
 
-    def __init__(self, kv0: torch.Tensor, *, reparam: int = 0, embeds: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, kv0: torch.Tensor, *, reparam: int = 0, embeds: torch.Tensor | None = None, embed_dim: int = 0
+    ) -> None:
         super().__init__()
         self.shape = tuple(kv0.shape)
         self.reparam = reparam
+        self.embed_dim = embed_dim or (int(embeds.shape[1]) if embeds is not None else 0)  # of the empty `prompt`
         if reparam <= 0:
             self.kv = nn.Parameter(kv0.detach().float().clone())
             return
@@ -127,6 +130,10 @@ class DeepPrompt(nn.Module):
             "deep": {"layers": L, "kv_heads": H, "head_dim": dh, "tokens": P, "reparam": self.reparam},
         }
 
+    def saved(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """An empty input prompt (0, d), the per-layer keys/values as deep.keys / deep.values, the deep metadata."""
+        return torch.zeros(0, self.embed_dim), self.tensors(), self.meta()
+
     def prefix(self, pm: PromptedModel) -> Prefix:
         return deep_prefix(pm, self())
 
@@ -166,7 +173,7 @@ def make_deep_prompt(pm: PromptedModel, init: torch.Tensor, *, reparam: int = 0)
     """A DeepPrompt starting from the keys/values of the plain prompt `init` (P, d) (see the module docstring)."""
     geometry(pm)  # raises for unsupported families
     kv0 = initial_kv(pm, init.to(pm.backbone.device))
-    return DeepPrompt(kv0, reparam=reparam, embeds=init).to(pm.backbone.device)
+    return DeepPrompt(kv0, reparam=reparam, embeds=init, embed_dim=int(init.shape[1])).to(pm.backbone.device)
 
 
 # ---- prefixes -----------------------------------------------------------------------------------------------------
@@ -196,25 +203,38 @@ def checkpoint_kv(ck: PromptCheckpoint) -> torch.Tensor | None:
 
 
 def checkpoint_prefix(pm: PromptedModel, ckpts: Sequence[PromptCheckpoint]) -> Prefix:
-    """One Prefix for several checkpoints (plain and/or deep), one prompt per checkpoint, in order."""
-    device = pm.backbone.device
-    if all(checkpoint_kv(c) is None for c in ckpts):
-        return pm.build_prefix([c.prompt.to(device) for c in ckpts])
-    if pm.family == "encoder" and len(ckpts) > 1:  # encoder slots are all attended: no padding between prompts
-        kvs = [checkpoint_kv(c) for c in ckpts]
-        if any(kv is None for kv in kvs) or len({int(kv.shape[3]) for kv in kvs if kv is not None}) > 1:
-            raise ValueError("an encoder ensemble cannot mix deep and plain prompts; its deep prompts need one length")
-    want = geometry(pm)
-    parts = []
-    for c in ckpts:
-        kv = checkpoint_kv(c)
-        if kv is None:
-            parts.append(pm.build_prefix([c.prompt.to(device)], kv=True))
-            continue
-        got = (int(kv.shape[0]), int(kv.shape[2]), int(kv.shape[4]))
+    """One Prefix for several checkpoints (plain and/or deep): softprompt.methods.checkpoint_prefix."""
+    from softprompt.methods import checkpoint_prefix as of_any_method
+
+    return of_any_method(pm, ckpts)
+
+
+# ---- the method (softprompt.methods) -------------------------------------------------------------------------------
+class _Deep:
+    name = "deep"
+    needs_kv = True
+    per_row = False
+    exports: frozenset[str] = frozenset()  # PEFT's prompt-tuning format and prompt tables hold input embeddings only
+
+    def create(self, pm: PromptedModel, init: torch.Tensor, cfg: Any) -> DeepPrompt:
+        return make_deep_prompt(pm, init, reparam=cfg.deep_reparam)
+
+    def load_prefix(self, pm: PromptedModel, ckpt: PromptCheckpoint, *, kv: bool | None) -> Prefix:
+        kvt = checkpoint_kv(ckpt)
+        assert kvt is not None
+        want = geometry(pm)
+        got = (int(kvt.shape[0]), int(kvt.shape[2]), int(kvt.shape[4]))
         if got != want:
-            raise CheckpointError(f"{c.path}: deep prompt for (layers, kv heads, head dim) {got}, model has {want}")
-        if c.prompt.shape[0]:
-            raise CheckpointError(f"{c.path}: a deep prompt with an input-embedding prompt is not supported")
-        parts.append(deep_prefix(pm, kv.to(device)))
-    return parts[0] if len(parts) == 1 else Prefix.stack(parts)
+            raise CheckpointError(f"{ckpt.path}: deep prompt for (layers, kv heads, head dim) {got}, model has {want}")
+        if ckpt.prompt.shape[0]:
+            raise CheckpointError(f"{ckpt.path}: a deep prompt with an input-embedding prompt is not supported")
+        return deep_prefix(pm, kvt.to(pm.backbone.device))
+
+    def vectors(self, ckpt: PromptCheckpoint) -> torch.Tensor:
+        """(P, L*2*H*dh): each slot's keys and values at every layer."""
+        kv = checkpoint_kv(ckpt)
+        assert kv is not None  # (L, 2, H, P, dh)
+        return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1).double()
+
+
+METHOD = _Deep()

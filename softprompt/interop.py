@@ -56,6 +56,7 @@ from softprompt.checkpoint import (
     save_prompt,
 )
 from softprompt.config import DataConfig, ModelConfig
+from softprompt.methods import check_export
 from softprompt.models import ALIASES, Backbone, load_backbone
 from softprompt.parsers import add_interop_parsers
 
@@ -134,6 +135,7 @@ def export_peft(
     `base_model_name_or_path` (default: a loadable path or hub name for that model). Returns a summary dict.
     """
     ck = load_prompt(prompt_path)
+    check_export(ck, "peft")
     bb = _backbone(model or ck.meta.get("base_model"), backbone)
     check_compatible(ck, bb.embed_dim, bb.fingerprint, allow_other_model=allow_other_model)
     position = str(ck.meta.get("position", "auto"))
@@ -369,6 +371,8 @@ def export_prompt_table(
     if len(names) != len(prompt_paths) or len(set(names)) != len(names):
         raise InteropError(f"--task-names: need {len(prompt_paths)} distinct names, got {names}")
     cks = [load_prompt(p) for p in prompt_paths]
+    for c in cks:
+        check_export(c, "prompt-table")
     bb = _backbone(model or cks[0].meta.get("base_model"), backbone)
     for c in cks:
         check_compatible(c, bb.embed_dim, bb.fingerprint, allow_other_model=allow_other_model)

@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from softprompt import methods
 from softprompt.checkpoint import save_prompt
 from softprompt.config import ConfigError, RunConfig, to_dict
 from softprompt.data import Encoded, length_grouped_batches
 from softprompt.evaluate import evaluate_examples
+from softprompt.methods import Trainable
 from softprompt.models import Backbone, load_backbone
-from softprompt.prompt import SoftPrompt, init_prompt
+from softprompt.prompt import init_prompt
 from softprompt.prompted import PromptedModel
 from softprompt.runfiles import (
     RunFiles,
@@ -97,15 +99,15 @@ def run_files(cfg: RunConfig, reads: list[tuple[str, str]] | None = None) -> Run
 
 @dataclass
 class PromptObjective:
-    """One task, one prompt (input embeddings, or per-layer keys/values with --method deep) and its head."""
+    """One task, one prompt of any method (softprompt.methods: input embeddings, per-layer keys/values, ...) and
+    its head."""
 
     cfg: RunConfig
     bb: Backbone
     pm: PromptedModel
     spec: TaskSpec
     task: BoundTask
-    prompt: SoftPrompt  # (P, d); with --method deep an unused placeholder whose rows are saved empty
-    deep: Any  # softprompt.deep.DeepPrompt or None
+    prompt: Trainable  # the method's trained state (softprompt.methods.Trainable)
     train_set: list[Encoded]
     eval_set: list[Encoded]
     meta: dict[str, Any]  # what every saved prompt file's header holds besides its metrics
@@ -140,18 +142,14 @@ class PromptObjective:
             targets=[e.target_ids or [] for e in rows] if kind == "generate" else None,
         )
         # the prefix (prompt keys/values) is built once per micro-batch and shared by its rows
-        prefix = pm.build_prefix([self.prompt()]) if self.deep is None else self.deep.prefix(pm)
-        return pm.loss(prefix, batch.to(self.bb.device), self.task.label_ids)
+        return pm.loss(self.prompt.prefix(pm), batch.to(self.bb.device), self.task.label_ids)
 
     def evaluate(self) -> Evaluation:
         pm, t = self.pm, self.cfg.train
         pm.eval()
-        eval_prefix = (
-            pm.build_prefix([self.prompt.embedding.detach()]) if self.deep is None else self.deep.eval_prefix(pm)
-        )
         m = evaluate_examples(
             pm,
-            eval_prefix,
+            self.prompt.eval_prefix(pm),
             self.eval_set,
             task=self.spec.task,
             label_ids=self.task.label_ids,
@@ -168,12 +166,9 @@ class PromptObjective:
         if head is not None and hasattr(head, "linear"):  # head.linear.weight/.bias: what Predictor.load reads
             extra = {f"head.{k}": v for k, v in head.state_dict().items()}
         out = self.cfg.train.out
+        tensor, tensors, meta = self.prompt.saved()  # what the method's file holds (softprompt.methods)
         with keeping_mode(out):  # an overwritten prompt keeps its permission mode
-            if self.deep is not None:  # an empty input prompt, the per-layer keys/values as deep.keys/deep.values
-                extra.update(self.deep.tensors())
-                save_prompt(out, self.prompt.embedding[:0], {**self.meta, **self.deep.meta(), "metrics": m}, extra)
-            else:
-                save_prompt(out, self.prompt.embedding, {**self.meta, "metrics": m}, extra)
+            save_prompt(out, tensor, {**self.meta, **meta, "metrics": m}, {**extra, **tensors})
 
     def identity(self) -> dict[str, Any]:
         return run_identity(self.cfg, self.bb.fingerprint)
@@ -198,7 +193,6 @@ def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- trainable tensors --------------------------------------------------------------------------
-    prompt = SoftPrompt(cfg.prompt.num_tokens, bb.embed_dim).to(bb.device)
     init_rule = cfg.prompt.init
     if init_rule.strip() == "labels" and spec.task != "classify":
         init_rule = "vocab"  # the default rule needs class labels; Lester et al. use vocab init otherwise
@@ -212,14 +206,8 @@ def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
         scale=cfg.prompt.init_scale,
         label_words=task.label_words() if spec.task == "classify" and spec.verbalizer else None,
     )
-    with torch.no_grad():
-        prompt.embedding.copy_(init)
     pm.head = task.make_head(seed=t.seed)
-    deep = None  # --method deep: learned keys/values at every layer instead of the input prompt (softprompt.deep)
-    if cfg.prompt.method == "deep":
-        from softprompt.deep import make_deep_prompt
-
-        deep = make_deep_prompt(pm, init, reparam=cfg.prompt.deep_reparam)
+    prompt = methods.get(cfg.prompt.method).create(pm, init, cfg.prompt)  # started from the --init embeddings
     meta = {
         "base_model": bb.model_id,
         "architecture": bb.architecture,
@@ -236,11 +224,10 @@ def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
         spec,
         task,
         prompt,
-        deep,
         train_set,
         eval_set,
         meta,
-        params=deep.trainable() if deep is not None else [prompt.embedding],
+        params=prompt.trainable(),
         head_params=[p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad],
     )
 

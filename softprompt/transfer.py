@@ -23,15 +23,12 @@ from typing import Any
 import torch
 
 from softprompt.checkpoint import PromptCheckpoint, load_prompt
+from softprompt.methods import of
 
 
 def prompt_matrix(ck: PromptCheckpoint) -> torch.Tensor:
     """The (tokens, features) matrix that similarities are computed on, in float64."""
-    if "deep.keys" in ck.extra:
-        k, v = ck.extra["deep.keys"], ck.extra["deep.values"]  # (L, H, P, dh) each
-        kv = torch.stack([k, v], 1)  # (L, 2, H, P, dh)
-        return kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1).double()
-    return ck.prompt.double()
+    return of(ck).vectors(ck)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,11 +62,11 @@ def similarity(sources: list[str], target: str, *, by: str = "mean") -> list[dic
     for path in sources:
         ck = load_prompt(path)
         s = prompt_matrix(ck)
-        deep_s, deep_t = "deep.keys" in ck.extra, "deep.keys" in tgt.extra
-        if deep_s != deep_t:
+        m_s, m_t = of(ck).name, of(tgt).name
+        if m_s != m_t:
+            names = {"prompt": "plain"}
             raise ValueError(
-                f"{path}: cannot compare a {'deep' if deep_s else 'plain'} prompt with the "
-                f"{'deep' if deep_t else 'plain'} prompt {target}"
+                f"{path}: cannot compare a {names.get(m_s, m_s)} prompt with the {names.get(m_t, m_t)} prompt {target}"
             )
         if s.shape[1] != t.shape[1]:
             raise ValueError(f"{path}: prompt width {s.shape[1]} differs from {target}'s {t.shape[1]} (another model)")

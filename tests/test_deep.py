@@ -306,7 +306,10 @@ def test_checkpoint_errors(root: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="NaN"):
         load_prompt(tmp_path / "c.safetensors")
     wrong = torch.zeros(L + 1, H, 2, dh)
-    save_prompt(tmp_path / "d.safetensors", torch.zeros(0, 32), {}, {"deep.keys": wrong, "deep.values": wrong.clone()})
+    deep = {"method": "deep"}  # a deep file's metadata names its method (load_prompt checks it against the tensors)
+    save_prompt(
+        tmp_path / "d.safetensors", torch.zeros(0, 32), deep, {"deep.keys": wrong, "deep.values": wrong.clone()}
+    )
     with pytest.raises(CheckpointError, match="layers, kv heads, head dim"):
         checkpoint_prefix(pm, [load_prompt(tmp_path / "d.safetensors")])
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt, read_regular
 from softprompt.data import DataError, Template, _record
+from softprompt.methods import checkpoint_prefix
 from softprompt.models import Backbone
 from softprompt.prompt import tensor_digest
 from softprompt.prompted import Prefix, PromptedModel
@@ -309,11 +310,9 @@ class Registry:
     # ---- prefixes (LRU) --------------------------------------------------------------------------------
     @torch.no_grad()
     def build_prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
-        if entry.ckpt.is_deep:  # learned per-layer keys/values: nothing to recompute, the file holds them
-            from softprompt.deep import checkpoint_prefix
-
-            return checkpoint_prefix(entry.pm, [entry.ckpt]).detach()
-        return entry.pm.build_prefix([entry.ckpt.prompt], kv=kv).detach()
+        """The task's prompt as a Prefix, any method (softprompt.methods); kv=False: concatenated, where the method
+        allows (a deep prompt is keys/values whatever kv says)."""
+        return checkpoint_prefix(entry.pm, [entry.ckpt], kv=kv).detach()
 
     def prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
         """The task's Prefix: cached in the LRU (kv=True), or rebuilt every call (kv=False: the prompt goes through

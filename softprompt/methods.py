@@ -1,0 +1,112 @@
+"""Prompt methods: what a method trains, how it becomes a Prefix, how it is saved, loaded, compared and exported.
+
+A method is one module that defines `METHOD` (the `Method` protocol below), plus its line in REGISTRY. Training
+(softprompt.train, softprompt.trainer), evaluation, prediction, generation, ensembles, transfer similarity and
+serving reach every method through `get` / `of` and `checkpoint_prefix`; no other module names a method.
+
+  prompt  softprompt.plain  input-embedding soft prompt (Lester et al. 2021)
+  deep    softprompt.deep   learned keys/values at every layer (prefix tuning, P-tuning v2)
+
+This module imports no torch at import time (the CLI parser and the config validation read REGISTRY).
+
+Notation: P prompt slots, d embedding width, L layers, H key/value heads, dh head dim.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from softprompt.checkpoint import PromptCheckpoint
+    from softprompt.config import PromptConfig
+    from softprompt.prefix import Prefix
+    from softprompt.prompted import PromptedModel
+
+REGISTRY: dict[str, str] = {"prompt": "softprompt.plain", "deep": "softprompt.deep"}  # name -> module with METHOD
+
+
+class Trainable(Protocol):
+    """The trained state of one prompt (an nn.Module): its tensors, its prefix, what its file holds."""
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What the optimiser updates (and --resume restores), in a fixed order."""
+        ...
+
+    def prefix(self, pm: PromptedModel) -> Prefix:
+        """The prefix for a training step; gradients flow back to the trainable tensors."""
+        ...
+
+    def eval_prefix(self, pm: PromptedModel) -> Prefix:
+        """The same prefix without gradients (evaluation)."""
+        ...
+
+    def saved(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """What a prompt file holds: the `prompt` tensor (P, d), other tensors, metadata (`method` included)."""
+        ...
+
+
+class Method(Protocol):
+    name: str
+    needs_kv: bool  # its prefixes are per-layer keys/values: prompts sharing a batch with it must build K/V too
+    per_row: bool  # the prefix depends on the input (built per row), not once per prompt
+    exports: frozenset[str]  # the `softprompt export --to` formats that can hold it
+
+    def create(self, pm: PromptedModel, init: torch.Tensor, cfg: PromptConfig) -> Trainable:
+        """The trainable state, started from the --init embeddings `init` (P, d)."""
+        ...
+
+    def load_prefix(self, pm: PromptedModel, ckpt: PromptCheckpoint, *, kv: bool | None) -> Prefix:
+        """The prefix of a saved prompt. kv: True builds per-layer keys/values, False concatenates (the PEFT way),
+        None takes the PromptedModel's path; a method whose prefix is keys/values ignores it."""
+        ...
+
+    def vectors(self, ckpt: PromptCheckpoint) -> torch.Tensor:
+        """(P, features) float64: what prompt-transfer similarity compares (softprompt.transfer)."""
+        ...
+
+
+class MethodError(ValueError):
+    """An unknown method, or an operation a method does not support; the message names the file or flag."""
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> Method:
+    if name not in REGISTRY:
+        raise MethodError(f"--method must be one of {', '.join(REGISTRY)}, got {name!r}")
+    return importlib.import_module(REGISTRY[name]).METHOD  # type: ignore[no-any-return]
+
+
+def of(ckpt: PromptCheckpoint) -> Method:
+    """The method a prompt file was trained with (metadata `method`; files before methods existed: prompt)."""
+    name = str(ckpt.meta.get("method") or "prompt")
+    if name not in REGISTRY:
+        raise MethodError(f"{ckpt.path}: unknown method {name!r} in its metadata")
+    return get(name)
+
+
+def checkpoint_prefix(pm: PromptedModel, ckpts: Sequence[PromptCheckpoint], *, kv: bool | None = None) -> Prefix:
+    """One Prefix for several saved prompts (any methods), one prompt per file, in order: an ensemble, or the
+    tasks of a mixed batch. Where any of them holds per-layer keys/values, all are built with keys/values; else
+    `kv` as in Method.load_prefix."""
+    from softprompt.prefix import Prefix
+
+    ms = [of(c) for c in ckpts]
+    kv = True if any(m.needs_kv for m in ms) else kv
+    parts = [m.load_prefix(pm, c, kv=kv) for m, c in zip(ms, ckpts, strict=True)]
+    return parts[0] if len(parts) == 1 else Prefix.stack(parts)
+
+
+def check_export(ckpt: PromptCheckpoint, fmt: str) -> None:
+    """Refuse to export a prompt whose method the format cannot hold (naming the file, the method and the format)."""
+    m = of(ckpt)
+    if fmt not in m.exports:
+        can = ", ".join(sorted(m.exports)) or "none"
+        raise MethodError(f"{ckpt.path}: a {m.name} prompt cannot be exported to {fmt} (formats for {m.name}: {can})")
