@@ -52,7 +52,8 @@ def geometry(pm: PromptedModel) -> tuple[int, int, int]:
     if pm.family == "causal":  # read it off the model's own cache: right for GQA, odd head dims, any architecture
         e = pm.embed(torch.zeros(1, 1, dtype=torch.long, device=pm.backbone.device))[0]
         with torch.no_grad():
-            kv = pm._prefix_kv([e], 1)
+            kv = pm.build_prefix([e], kv=True).kv
+        assert kv is not None
         return len(kv), int(kv[0][0].shape[1]), int(kv[0][0].shape[3])
     if pm.family == "encoder":
         layers, attn = encoder_attention(pm)

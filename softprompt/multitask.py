@@ -179,49 +179,24 @@ class MultiPrompt(torch.nn.Module):
 
 @dataclass
 class MultiTask:
-    """The K bound tasks on one PromptedModel, their heads, and the union of their verbalizers."""
+    """The K bound tasks on one PromptedModel and their heads (encoders)."""
 
     pm: PromptedModel
     names: list[str]
     tasks: list[BoundTask]
     heads: list[torch.nn.Module | None] = field(default_factory=list)
-    union: list[list[int]] = field(default_factory=list)  # distinct verbalizer token sequences of all tasks
-    columns: list[list[int]] = field(default_factory=list)  # task k's labels -> columns of `union`
-
-    def __post_init__(self) -> None:
-        seen: dict[tuple[int, ...], int] = {}
-        for bt in self.tasks:
-            cols = []
-            for ids in bt.label_ids:
-                key = tuple(ids)
-                if key not in seen:
-                    seen[key] = len(self.union)
-                    self.union.append(list(ids))
-                cols.append(seen[key])
-            self.columns.append(cols)
 
     @property
     def kind(self) -> str:
         return self.tasks[0].spec.task
 
     def class_scores(self, prefix: Prefix, rows: torch.Tensor, batch: Batch) -> list[torch.Tensor]:
-        """Row i's class scores over its own task's labels (L_k,), from one forward pass over the mixed batch."""
-        pm = self.pm
-        out: list[torch.Tensor] = []
-        if pm.family == "encoder":
-            pooled = pm.pooled(prefix, rows, batch)
-            for i, k in enumerate(rows.tolist()):
-                head = self.heads[k]
-                assert head is not None
-                out.append(head(pooled[i : i + 1])[0].float())
-            return out
-        saved, pm.head = pm.head, None
-        try:
-            scores = pm.label_scores(prefix, rows, batch, self.union)  # (N, |union|)
-        finally:
-            pm.head = saved
-        cols = [torch.tensor(c, device=scores.device) for c in self.columns]
-        return [scores[i, cols[k]] for i, k in enumerate(rows.tolist())]
+        """Row i's class scores over its own task's labels (L_k,), from one forward pass over the mixed batch
+        (PromptedModel.row_scores: each row against its own verbalizer, or by its own task's head)."""
+        tasks = rows.tolist()
+        if self.pm.family == "encoder":
+            return self.pm.row_scores(prefix, rows, batch, [[] for _ in tasks], [self.heads[k] for k in tasks])
+        return self.pm.row_scores(prefix, rows, batch, [self.tasks[k].label_ids for k in tasks])
 
     def loss(self, prefix: Prefix, rows: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over the rows (each against its task's labels), or token-level CE for generation."""

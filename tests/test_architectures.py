@@ -446,3 +446,19 @@ def test_decoder_linear_head_starts_as_the_verbalizer(arch_id: str, arch_backbon
         pm.head = head
         headed = pm.label_scores(prefix, None, batch, task.label_ids).softmax(-1)
     assert rel(headed, verbalizer) < 1e-4, (arch_id, rel(headed, verbalizer))
+
+
+@pytest.mark.parametrize("arch_id", ["llama", "gpt2", "mistral"])
+def test_beam_search_equals_model_generate(arch_id: str, arch_backbone: BackboneFn) -> None:
+    """Beam search behind a prompt (its K/V copied for each beam) = the model's own beam search from input_ids."""
+    bb = arch_backbone(arch_id)
+    pm = PromptedModel(bb)
+    pids = tok_ids(bb, PROMPT)
+    prefix = pm.build_prefix([pm.embed(torch.tensor(pids))])
+    kw = {"max_new_tokens": 5, "do_sample": False, "num_beams": 3, "pad_token_id": pm.pad_id}
+    with torch.no_grad():
+        for t in TEXTS[1:]:
+            got = pm.generate(prefix, None, pm.collate([pm.encode_input(t)]), **kw)[0].tolist()
+            ids = own_ids(pm, pids, t)
+            want = bb.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0, ids.shape[1] :]
+            assert got[: len(want)] == want.tolist(), (arch_id, t)
