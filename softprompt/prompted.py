@@ -502,8 +502,10 @@ class PromptedModel(nn.Module):
         if prefix.kv is not None and prefix.width > 0:
             # the cache holds the prefix; placeholder ids stand for it (generate only feeds the uncached tail).
             # generate copies each row's ids for its beams / returned sequences, but not a cache handed to it
-            x = max(int(gen_kwargs.get("num_beams") or 1), int(gen_kwargs.get("num_return_sequences") or 1))
-            layers = [(k[rows].repeat_interleave(x, 0), v[rows].repeat_interleave(x, 0)) for k, v in prefix.kv]
+            copies = max(int(gen_kwargs.get("num_beams") or 1), int(gen_kwargs.get("num_return_sequences") or 1))
+            layers = [
+                (k[rows].repeat_interleave(copies, 0), v[rows].repeat_interleave(copies, 0)) for k, v in prefix.kv
+            ]
             ids = torch.cat([torch.full((n, prefix.width), self.pad_id, device=batch.ids.device), batch.ids], 1)
             out = self.model.generate(  # type: ignore[operator]
                 input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers), **gen_kwargs
