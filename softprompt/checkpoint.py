@@ -29,6 +29,7 @@ import os
 import stat
 import struct
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,20 +103,37 @@ def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path) then rename tmp over `path` (same directory, so the rename is atomic)."""
+    """Call write(tmp_path) then rename tmp over `path` (same directory, so the rename is atomic). The file gets
+    the mode an ordinary write would give it: an existing file keeps its own, a new one gets 0666 less the umask
+    (the writers, mkstemp and safetensors alike, create private 0600 files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it: a race with other threads' file creation)."""
+    with suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022
 
 
 def save_prompt(

@@ -386,3 +386,24 @@ def test_non_regular_files_are_never_opened(tmp_path: Path) -> None:
     save_prompt(tmp_path / "real.safetensors", rand(2, 8), {})
     link.symlink_to(tmp_path / "real.safetensors")
     assert load_prompt(link).num_tokens == 2
+
+
+def test_atomic_writes_give_the_mode_an_ordinary_write_would(tmp_path: Path) -> None:
+    """A new file: 0666 less the umask (not mkstemp's 0600); an overwritten file keeps its own mode."""
+    import os
+    import stat
+
+    from softprompt.checkpoint import save_prompt
+
+    old = os.umask(0o027)
+    try:
+        save_prompt(tmp_path / "new.safetensors", torch.zeros(2, 4), {})
+        assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o640
+        kept = tmp_path / "kept.safetensors"
+        save_prompt(kept, torch.zeros(2, 4), {})
+        os.chmod(kept, 0o604)
+        save_prompt(kept, torch.ones(2, 4), {})
+        assert stat.S_IMODE(os.stat(kept).st_mode) == 0o604
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        os.umask(old)
