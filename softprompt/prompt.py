@@ -7,6 +7,8 @@ Initialisation rules (Lester et al. 2021, section 3):
   (merges/pieces are added most frequent first), so low ids approximate "the 5,000 most frequent tokens".
   WordPiece (BERT) vocabularies are not frequency-ordered; for them the rule still draws from the first
   5,000 non-special ids, skipping BERT's `[unusedN]` placeholders.
+- `sample-vocab`: rows of token ids drawn uniformly, with replacement, from the whole vocabulary: PEFT's
+  SAMPLE_VOCAB rule (`torch.randint(0, V, (P,))`), special tokens included as there.
 - `text:"phrase"`: the embeddings of the phrase's tokens, repeated cyclically (or cut) to num_tokens.
 - `labels`: row i is the mean embedding of the tokens of class-label word i (a multi-piece word is
   averaged); rows beyond the number of labels follow the `vocab` rule. With more labels than rows, the
@@ -38,7 +40,7 @@ class InitSpec:
     @classmethod
     def parse(cls, spec: str) -> InitSpec:
         spec = spec.strip()
-        if spec in ("random", "vocab", "labels"):
+        if spec in ("random", "vocab", "labels", "sample-vocab"):
             return cls(spec)
         for kind in ("text", "file"):
             if spec.startswith(kind + ":"):
@@ -50,7 +52,9 @@ class InitSpec:
                         f"--init {kind}: needs a value, e.g. {kind}:" + ('"a phrase"' if kind == "text" else "PATH")
                     )
                 return cls(kind, arg)
-        raise InitError(f'--init: unknown rule {spec!r} (use random, vocab, text:"...", labels or file:PATH)')
+        raise InitError(
+            f'--init: unknown rule {spec!r} (use random, vocab, sample-vocab, text:"...", labels or file:PATH)'
+        )
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.arg}" if self.arg else self.kind
@@ -126,6 +130,8 @@ def init_prompt(
         return (torch.rand(num_tokens, d, generator=gen) * 2 - 1) * scale
     if rule.kind == "vocab":
         return _vocab_rows(num_tokens, embed, tokenizer, gen)[0]
+    if rule.kind == "sample-vocab":  # PEFT's PromptTuningInit.SAMPLE_VOCAB
+        return embed[torch.randint(0, embed.shape[0], (num_tokens,), generator=gen)].clone()
     if rule.kind == "text":
         ids = word_token_ids(tokenizer, rule.arg)
         if not ids:
