@@ -299,6 +299,11 @@ class PromptedModel(nn.Module):
         )
         return out[0][:, -1]
 
+    @staticmethod
+    def step_mask(mask: torch.Tensor) -> torch.Tensor:
+        """The mask (N, K+1) a decode_step takes: `mask` (N, K) of the cached keys, then the new token's column."""
+        return F.pad(mask, (0, 1), value=1)
+
     def causal_hidden(
         self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Iteration-level batched generation for decoder-only models, each row behind its own task's soft prompt.
 
 A DecodeBatch holds the rows being decoded: per-layer keys/values (N, H, S, dh) in a DynamicCache, the attention
-mask (N, S) and each row's next position id. New requests are prefilled (their prompt K/V gathered per row from the
-per-task caches, then their input run once) and merged in between decoding steps: both caches are left-padded to
-a common length, masked slots never attend. Finished rows leave (their rows are dropped and all-padding columns
-trimmed). Positions are explicit per row, so a row's computation equals the one it gets alone; greedy decoding is
+mask (N, S) and each row's next position id. New requests are prefilled (PromptedModel.run_decoder: their prompt
+K/V gathered per row from the per-task caches, then their input run once) and merged in between decoding steps
+(PromptedModel.decode_step): both caches are left-padded to a common length (softprompt.prefix.left_pad), masked
+slots never attend. Finished rows leave (their rows are dropped and all-padding columns trimmed). Masks and
+positions are the forward path's own, so a row's computation equals the one it gets alone; greedy decoding is
 token-identical to PromptedModel.generate / `softprompt generate`.
 
 Sampling is per row: temperature, top-p and a torch.Generator seeded per request. Stop strings end a row and are
@@ -20,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
+from softprompt.prefix import left_pad
 from softprompt.prompted import Batch, Prefix, PromptedModel
 
 MAX_TEMPERATURE = 10.0
@@ -127,13 +128,6 @@ class GenRow:
         return self.text.strip()  # what Predictor.generate returns
 
 
-def _lpad(t: torch.Tensor, width: int, dim_from_end: int) -> torch.Tensor:
-    n = width - t.shape[-dim_from_end]
-    if n == 0:
-        return t
-    return F.pad(t, [0, 0] * (dim_from_end - 1) + [n, 0])
-
-
 class DecodeBatch:
     """The rows being decoded together: a DynamicCache (N, H, S, dh) per layer, mask (N, S), next positions (N,)."""
 
@@ -152,49 +146,21 @@ class DecodeBatch:
     def prefill(
         pm: PromptedModel, prefix: Prefix, prows: torch.Tensor, batch: Batch, rows: list[GenRow]
     ) -> tuple[DecodeBatch, torch.Tensor]:
-        """Run new rows (left-padded `batch`, row i behind prompt `prows[i]` of `prefix`) and return their decode
-        state and next-token logits (N, V). With prompt K/V (prefix.kv) only the inputs go through the model;
-        without, the prompt embeddings are concatenated in front and recomputed (the PEFT way)."""
-        n = batch.ids.shape[0]
-        emb = pm.embed(batch.ids)
-        attn = torch.cat([prefix.mask[prows], batch.mask], 1)
-        base = pm.model.base_model
-        if prefix.kv is not None:
-            shared = prefix.mask.shape[0] == 1
-            layers = [
-                (k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) if shared else (k[prows], v[prows])
-                for k, v in prefix.kv
-            ]
-            pos = (prefix.lengths[prows][:, None] + batch.mask.cumsum(-1) - 1).clamp(min=0)
-            out = base(
-                inputs_embeds=emb,
-                attention_mask=pm.attention_mask(attn, emb.shape[1], emb.dtype),
-                position_ids=pos,
-                cache=DynamicCache(ddp_cache_data=layers),
-                use_cache=True,
-            )
-        else:
-            x = torch.cat([prefix.embeds[prows].to(emb.dtype), emb], 1)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            am = pm.attention_mask(attn, x.shape[1], x.dtype)
-            out = base(inputs_embeds=x, attention_mask=am, position_ids=pos, use_cache=True)
-        logits = pm.lm_logits(out[0][:, -1])
-        next_pos = prefix.lengths[prows] + batch.mask.sum(-1)
-        return DecodeBatch(out.cache, attn, next_pos, rows), logits
+        """Run new rows (left-padded `batch`, row i behind prompt `prows[i]` of `prefix`) through
+        PromptedModel.run_decoder and return their decode state and next-token logits (N, V). With prompt K/V
+        (prefix.kv) only the inputs go through the model; without, the prompt is recomputed (the PEFT way)."""
+        out = pm.run_decoder(prefix, prows, batch.ids, batch.mask, keep_cache=True)
+        assert out.cache is not None
+        return DecodeBatch(out.cache, out.mask, out.next_pos, rows), pm.lm_logits(out.hidden[:, -1])
 
     @torch.no_grad()
     def step(self, pm: PromptedModel) -> torch.Tensor:
-        """Feed every row's last token; returns next-token logits (N, V)."""
-        dev = self.mask.device
-        tokens = torch.tensor([[r.last] for r in self.rows], dtype=torch.long, device=dev)
-        self.mask = torch.cat([self.mask, torch.ones(self.n, 1, dtype=self.mask.dtype, device=dev)], 1)
-        am = pm.attention_mask(self.mask, 1, self.cache.layers[0].keys.dtype)  # type: ignore[union-attr]
-        out = pm.model.base_model(
-            input_ids=tokens, attention_mask=am, position_ids=self.pos[:, None], cache=self.cache, use_cache=True
-        )
-        self.cache = out.cache
+        """Feed every row's last token (PromptedModel.decode_step); returns next-token logits (N, V)."""
+        tokens = torch.tensor([r.last for r in self.rows], dtype=torch.long, device=self.mask.device)
+        self.mask = pm.step_mask(self.mask)
+        hidden = pm.decode_step(tokens, self.cache, self.mask, self.pos)  # the cache grows by one column
         self.pos = self.pos + 1
-        return pm.lm_logits(out[0][:, -1])
+        return pm.lm_logits(hidden)
 
     def keep(self, idx: list[int]) -> DecodeBatch | None:
         """Only rows `idx` (in order); leading columns no row uses any more are trimmed."""
@@ -222,10 +188,13 @@ class DecodeBatch:
         width = max(p.mask.shape[1] for p in items)
         per = [p.layers() for p in items]
         layers = [
-            (torch.cat([_lpad(ls[i][0], width, 2) for ls in per]), torch.cat([_lpad(ls[i][1], width, 2) for ls in per]))
+            (
+                torch.cat([left_pad(ls[i][0], width, 2) for ls in per]),
+                torch.cat([left_pad(ls[i][1], width, 2) for ls in per]),
+            )
             for i in range(len(per[0]))
         ]
-        mask = torch.cat([_lpad(p.mask, width, 1) for p in items])
+        mask = torch.cat([left_pad(p.mask, width, 1) for p in items])
         return DecodeBatch(
             DynamicCache(ddp_cache_data=layers),
             mask,

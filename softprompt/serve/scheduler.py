@@ -29,15 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from softprompt.serve.batching import (
-    Item,
-    collate,
-    mixed_head_scores,
-    mixed_label_scores,
-    seq2seq_label_scores,
-    stack_prefixes,
-    unbatch,
-)
+from softprompt.serve.batching import Item, collate, stack_prefixes, unbatch
 from softprompt.serve.errors import QueueFull, ServeError, Timeout, Unavailable
 from softprompt.serve.generation import DecodeBatch, GenParams, GenRow, seq2seq_generate
 from softprompt.serve.limits import RateLimitedLog
@@ -452,13 +444,7 @@ class Scheduler:
             prefix = stack_prefixes([self.registry.prefix(by_key[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
             batch, prow = batch.to(dev), prow.to(dev)
             entries = [e for e, _ in chunk]
-            if pm.family == "causal":
-                heads = [e.head for e in entries]  # None except --head linear tasks
-                scores = mixed_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries], heads)
-            elif pm.family == "seq2seq":
-                scores = seq2seq_label_scores(pm, prefix, prow, batch, [e.label_ids for e in entries])
-            else:
-                scores = mixed_head_scores(pm, prefix, prow, batch, [e.head for e in entries])  # type: ignore[misc]
+            scores = pm.row_scores(prefix, prow, batch, [e.label_ids for e in entries], [e.head for e in entries])
             for e, s in zip(entries, scores, strict=True):
                 p = s.float().softmax(-1).cpu()
                 if not torch.isfinite(p).all():
