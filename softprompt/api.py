@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from softprompt.checkpoint import PromptCheckpoint, check_compatible, load_prompt
+from softprompt.checkpoint import PromptCheckpoint, load_prompt
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Encoded
 from softprompt.evaluate import (
@@ -32,9 +33,10 @@ from softprompt.evaluate import (
     generate_ids,
     generation_metrics,
 )
+from softprompt.loaded import LoadedPrompt, ensemble_head, load
 from softprompt.methods import checkpoint_prefix
 from softprompt.models import Backbone, load_backbone
-from softprompt.prompted import PerPromptHeads, Prefix, PromptedModel
+from softprompt.prompted import Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
 
 
@@ -48,6 +50,8 @@ class Predictor:
     checkpoints: list[PromptCheckpoint]
     combine: str = "mean"  # mean (probabilities) | vote (majority of argmax)
     batch_size: int = 32
+    head: nn.Module | None = None  # what rows are scored with (softprompt.loaded.ensemble_head); None: verbalizer
+    members: list[LoadedPrompt] = field(default_factory=list)  # the loaded prompts, in order
 
     @classmethod
     def load(
@@ -82,26 +86,15 @@ class Predictor:
                 raise ValueError(f"{paths[0]}: no base_model in its metadata; pass --model")
             mcfg = ModelConfig(model=name, device=device, dtype=dtype, skip_equivalence_check=skip_equivalence_check)
             backbone = load_backbone(mcfg, progress=False)
-        for c in ckpts:
-            check_compatible(c, backbone.embed_dim, backbone.fingerprint, allow_other_model=allow_other_model)
         pm = PromptedModel(backbone, position=spec.position)
-        task = BoundTask(spec, pm, num_tokens=max(c.num_tokens for c in ckpts))
-        # a --head linear member must carry its head (saved_head raises otherwise)
-        heads = [task.saved_head(c, required=s.head == "linear") for c, s in zip(ckpts, specs, strict=True)]
-        if all(h is None for h in heads):  # every member scores alike: its verbalizer or the similarity head
-            pm.head = task.make_head()
-        elif len(heads) == 1:
-            pm.head = heads[0]
-        else:  # each member scores its rows with its own head; a member without one keeps its scoring, as a head
-            pm.head = PerPromptHeads(
-                [
-                    h if h is not None else task.scoring_head(s.head, path=c.path)
-                    for h, s, c in zip(heads, specs, ckpts, strict=True)
-                ]
-            )
+        first = load(ckpts[0], backbone, pm, allow_other_model=allow_other_model,
+                     num_tokens=max(c.num_tokens for c in ckpts))  # fmt: skip
+        members = [first] + [
+            load(c, backbone, pm, allow_other_model=allow_other_model, task=first.task) for c in ckpts[1:]
+        ]  # one task; each member may score with its own head
         with torch.no_grad():
             prefix = checkpoint_prefix(pm, ckpts).detach()  # once per prompt, any method (softprompt.methods)
-        return cls(pm, task, prefix, ckpts, combine, batch_size)
+        return cls(pm, first.task, prefix, ckpts, combine, batch_size, ensemble_head(members), members)
 
     @property
     def labels(self) -> list[str]:
@@ -114,7 +107,9 @@ class Predictor:
         K = len(self.checkpoints)
         rep = [e for e in examples for _ in range(K)]
         rows = [k for _ in examples for k in range(K)]
-        p = class_probs(self.pm, self.prefix, rep, self.task.label_ids, batch_size=self.batch_size, rows=rows)
+        p = class_probs(
+            self.pm, self.prefix, rep, self.task.label_ids, batch_size=self.batch_size, rows=rows, head=self.head
+        )
         return combine_probs(p.view(len(examples), K, -1), self.combine)
 
     def predict(self, inputs: list[str] | str, *, columns: str | None = None) -> list[dict[str, Any]]:

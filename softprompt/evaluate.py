@@ -22,15 +22,18 @@ def class_probs(
     *,
     batch_size: int = 32,
     rows: list[int] | None = None,
+    head: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """(N, L) class probabilities (softmax over the class scores), in the order of `examples`.
-    `rows` gives each example's prompt index in `prefix` (default: prompt 0)."""
-    out = torch.zeros(len(examples), max(len(label_ids), _num_head_labels(pm)))
+    `rows` gives each example's prompt index in `prefix` (default: prompt 0); `head` scores them (an encoder's
+    head, a --head linear prompt's; None: the verbalizer, or the deprecated pm.head)."""
+    head = head if head is not None else pm.head
+    out = torch.zeros(len(examples), max(len(label_ids), int(getattr(head, "num_labels", 0))))
     device = prefix.mask.device
     for idx in sorted_batches([len(e.input_ids) for e in examples], batch_size):  # similar lengths: little padding
         batch = pm.collate([examples[i].input_ids for i in idx]).to(device)
         r = None if rows is None else torch.tensor([rows[i] for i in idx], device=device)
-        out[idx] = pm.label_scores(prefix, r, batch, label_ids).float().softmax(-1).cpu()
+        out[idx] = pm.label_scores(prefix, r, batch, label_ids, head).float().softmax(-1).cpu()
     return out
 
 
@@ -43,10 +46,6 @@ def combine_probs(p: torch.Tensor, how: str = "mean") -> torch.Tensor:
         votes = torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double().mean(1)  # (N, L) vote share
         return votes + 1e-6 * p.mean(1).double()  # ties broken by mean probability (float64: not lost to rounding)
     return p.mean(1)
-
-
-def _num_head_labels(pm: PromptedModel) -> int:
-    return int(getattr(pm.head, "num_labels", 0))
 
 
 @torch.no_grad()
@@ -139,11 +138,12 @@ def evaluate_examples(
     labels: list[str] | None,
     batch_size: int = 32,
     max_new_tokens: int = 32,
+    head: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one prompt on encoded examples (classification or generation)."""
+    """Metrics of one prompt on encoded examples (classification or generation); `head` as in class_probs."""
     if task == "classify":
         assert labels is not None
-        probs = class_probs(pm, prefix, examples, label_ids, batch_size=batch_size)
+        probs = class_probs(pm, prefix, examples, label_ids, batch_size=batch_size, head=head)
         gold = [e.label for e in examples]
         if any(g is None for g in gold):
             raise ValueError("evaluation data needs a label on every row")

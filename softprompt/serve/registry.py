@@ -30,14 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt, read_regular
+from softprompt.checkpoint import CheckpointError, PromptCheckpoint, read_regular
 from softprompt.data import DataError, Template, _record
-from softprompt.methods import checkpoint_prefix
+from softprompt.loaded import LoadedPrompt, TaskCache, load
 from softprompt.models import Backbone
-from softprompt.prompt import tensor_digest
 from softprompt.prompted import Prefix, PromptedModel
 from softprompt.serve.errors import BadRequest, Conflict, NotFound, TooLarge, Unprocessable
-from softprompt.task import BoundTask, TaskSpec
+from softprompt.task import TaskSpec
 
 log = logging.getLogger("softprompt.serve")
 
@@ -59,22 +58,39 @@ def validate_name(name: str) -> str:
 
 @dataclass(eq=False)
 class TaskEntry:
-    """One registered task: its prompt (resident), template, verbalizer ids or head, and limits."""
+    """One registered task: its loaded prompt (softprompt.loaded: resident checkpoint, spec, bound task, head),
+    template and limits."""
 
     name: str
     path: Path
-    ckpt: PromptCheckpoint
-    spec: TaskSpec
+    prompt: LoadedPrompt
     template: Template
-    pm: PromptedModel  # shares the backbone; one per prompt position rule (auto/start)
-    label_ids: list[list[int]]
-    head: nn.Module | None
     max_input_tokens: int
     prefix_len: int  # BOS/CLS kept in front + prompt tokens
     created: float
     prefix_key: tuple[str, ...] = ("", "")  # (position rule, prompt content digest): identifies the Prefix
     max_input_chars: int = 1 << 30  # checked before tokenising: the token limit x the tokenizer's longest token
     uid: int = field(default_factory=lambda: next(_uids))
+
+    @property
+    def ckpt(self) -> PromptCheckpoint:
+        return self.prompt.ckpt
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.prompt.spec
+
+    @property
+    def pm(self) -> PromptedModel:  # shares the backbone; one per prompt position rule (auto/start)
+        return self.prompt.pm
+
+    @property
+    def label_ids(self) -> list[list[int]]:
+        return self.prompt.label_ids
+
+    @property
+    def head(self) -> nn.Module | None:
+        return self.prompt.head
 
     @property
     def kind(self) -> str:
@@ -146,7 +162,7 @@ class Registry:
         self._lru: OrderedDict[tuple[str, ...], Prefix] = OrderedDict()
         self._lru_bytes = 0
         self._pms: dict[str, PromptedModel] = {}
-        self._bound: dict[tuple[Any, ...], tuple[list[list[int]], int]] = {}
+        self._bound = TaskCache(self.tok_lock)  # tasks sharing spec and prompt length share their tokenisation
         self.refused: dict[str, str] = {}
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
         self.pm = self._pm("auto")
@@ -189,42 +205,16 @@ class Registry:
         )
 
     def _make_entry(self, name: str, path: Path, *, source: Path | None = None) -> TaskEntry:
-        """Load and validate a prompt file (read from `source` when given, e.g. an upload's temporary file)."""
-        ckpt = load_prompt(source or path)
-        ckpt.path = str(path)
-        bb = self.backbone
-        check_compatible(ckpt, bb.embed_dim, bb.fingerprint, allow_other_model=self.allow_other_model)
-        fam = ckpt.meta.get("family")
-        if fam and fam != bb.family:
-            raise CheckpointError(f"{path}: trained on a {fam} model, this server runs a {bb.family} model")
-        spec = TaskSpec.from_meta(ckpt.meta)
-        if spec.task not in ("classify", "generate"):
-            raise CheckpointError(f"{path}: unknown task {spec.task!r} in its metadata")
-        if spec.position not in ("auto", "start"):
-            raise CheckpointError(f"{path}: unknown prompt position {spec.position!r} in its metadata")
-        template = Template(spec.template, flag="template")
-        pm = self._pm(spec.position)
-        verb = spec.verbalizer
-        key = (spec.position, spec.task, spec.template, spec.head, spec.max_length, ckpt.num_tokens,
-               tuple(verb.words) if verb else None)  # fmt: skip
-        cached = self._bound.get(key)  # tasks sharing template and verbalizer share their tokenisation
-        if cached is None:
-            with self.tok_lock:
-                task = BoundTask(spec, pm, num_tokens=ckpt.num_tokens)  # validates verbalizer and head choice
-                cached = self._bound[key] = (task.label_ids, task.max_input_length())
-        label_ids, max_in = cached
+        """Load and validate a prompt file (read from `source` when given, e.g. an upload's temporary file) through
+        softprompt.loaded, the loader the Python API uses."""
+        prompt = load(
+            source or path, self.backbone, self._pm, allow_other_model=self.allow_other_model, path=path,
+            tasks=self._bound,
+        )  # fmt: skip
+        template = Template(prompt.spec.template, flag="template")
+        max_in = prompt.task.max_input_length()
         if self.max_input_tokens:
             max_in = min(max_in, self.max_input_tokens)
-        head: nn.Module | None = None
-        if spec.task == "classify" and (pm.family == "encoder" or spec.head == "linear"):
-            with torch.no_grad(), self.tok_lock:
-                task = BoundTask(spec, pm, num_tokens=ckpt.num_tokens)
-                head = task.saved_head(ckpt, path=str(path))  # linear; an encoder's similarity head is built
-                if head is None:
-                    head = task.make_head()
-            if head is not None:
-                head.eval()
-        ckpt.prompt = ckpt.prompt.to(bb.device)
         try:
             created = os.path.getmtime(path)
         except OSError:
@@ -232,21 +222,13 @@ class Registry:
         return TaskEntry(
             name=name,
             path=path,
-            ckpt=ckpt,
-            spec=spec,
+            prompt=prompt,
             template=template,
-            pm=pm,
-            label_ids=label_ids,
-            head=head,
             max_input_tokens=max_in,
-            prefix_len=len(pm.prefix_ids) + ckpt.num_tokens,
+            prefix_len=len(prompt.pm.prefix_ids) + prompt.ckpt.num_tokens,
             max_input_chars=self.max_input_chars or max_in * self.chars_per_token,
             created=created,
-            prefix_key=(
-                spec.position,
-                tensor_digest(ckpt.prompt),
-                *[tensor_digest(ckpt.extra[k]) for k in ("deep.keys", "deep.values") if k in ckpt.extra],
-            ),
+            prefix_key=prompt.prefix_key,
         )
 
     # ---- lookup ----------------------------------------------------------------------------------------
@@ -312,7 +294,7 @@ class Registry:
     def build_prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
         """The task's prompt as a Prefix, any method (softprompt.methods); kv=False: concatenated, where the method
         allows (a deep prompt is keys/values whatever kv says)."""
-        return checkpoint_prefix(entry.pm, [entry.ckpt], kv=kv).detach()
+        return entry.prompt.prefix(kv=kv)
 
     def prefix(self, entry: TaskEntry, *, kv: bool = True) -> Prefix:
         """The task's Prefix: cached in the LRU (kv=True), or rebuilt every call (kv=False: the prompt goes through
