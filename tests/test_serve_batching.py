@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from softprompt.prompted import Prefix
 from softprompt.serve import Item, collate, unbatch, validate_name
-from softprompt.serve.batching import stack_prefixes
+from softprompt.serve.pipeline import stack_prefixes
 from softprompt.serve.errors import Unprocessable
 from softprompt.serve.generation import DecodeBatch, GenParams, GenRow
 from softprompt.serve.metrics import Metrics

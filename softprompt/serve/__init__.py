@@ -8,7 +8,7 @@ and mixed-task scoring), generation (iteration-level decoding), scheduler (queue
 """
 
 from softprompt.serve.app import create_app
-from softprompt.serve.batching import Item, collate, unbatch
+from softprompt.serve.pipeline import Item, collate, unbatch
 from softprompt.serve.generation import GenParams
 from softprompt.serve.registry import Registry, TaskEntry, validate_name
 from softprompt.serve.scheduler import Scheduler

@@ -27,13 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
-
-from softprompt.serve.batching import Item, collate, stack_prefixes, unbatch
+from softprompt.serve.decoder import Decoder
 from softprompt.serve.errors import QueueFull, ServeError, Timeout, Unavailable
-from softprompt.serve.generation import DecodeBatch, GenParams, GenRow, seq2seq_generate
+from softprompt.serve.generation import GenParams
 from softprompt.serve.limits import RateLimitedLog
 from softprompt.serve.metrics import Metrics
+from softprompt.serve.pipeline import classify_rows, unbatch
 from softprompt.serve.registry import Registry, TaskEntry
 
 log = logging.getLogger("softprompt.serve")
@@ -94,8 +93,7 @@ class Scheduler:
         self.metrics = metrics
         self.history: deque[BatchRecord] = deque(maxlen=10_000)
         self._queue: deque[Request] = deque()
-        self._active: DecodeBatch | None = None
-        self._active_task: int | None = None
+        self.decoder = Decoder(registry, kv_cache=kv_cache, timeout_s=timeout_s, record=self._record)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -103,12 +101,7 @@ class Scheduler:
         self._closing = False
         self._batch_s = 0.5  # running mean of a model pass, for Retry-After
         self._idle_since = 0.0  # time.monotonic() when the model thread last became free
-        gc = getattr(registry.backbone.model, "generation_config", None)
-        eos = gc.eos_token_id if gc is not None else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if registry.backbone.tokenizer.eos_token_id is not None:
-            eos_ids.add(int(registry.backbone.tokenizer.eos_token_id))
-        self.eos = frozenset(int(e) for e in eos_ids)
+        self.eos = self.decoder.eos
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -144,10 +137,9 @@ class Scheduler:
         for req in list(self._queue):
             self._fail(req, Unavailable("server shut down before the request ran"))
         self._queue.clear()
-        if self._active is not None:
-            for row in self._active.rows:
-                self._fail(row.owner, Unavailable("server shut down during generation"))
-            self._active = None
+        for owner in self.decoder.owners():
+            self._fail(owner, Unavailable("server shut down during generation"))
+        self.decoder.reset()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -168,7 +160,7 @@ class Scheduler:
 
     @property
     def active_generations(self) -> int:
-        return self._active.n if self._active is not None else 0
+        return self.decoder.n
 
     def _submit(self, req: Request) -> None:
         if self._closing:
@@ -258,13 +250,13 @@ class Scheduler:
             cls: list[Request] = []
             gens: list[Request] = []
             try:
-                if not self._queue and self._active is None:
+                if not self._queue and self.decoder.active is None:
                     if self._closing:
                         return
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                if self._active is None and self.max_wait > 0:
+                if self.decoder.active is None and self.max_wait > 0:
                     await self._gather()
                 cls, gens = self._take()
                 self._gauges()
@@ -274,8 +266,8 @@ class Scheduler:
                     self._record("classify", sum(len(r.inputs) for r in cls), len({r.entry.uid for r in cls}), t0)
                     for req, res in zip(cls, results, strict=True):
                         self._finish(req, res)
-                if gens or self._active is not None:
-                    events = await loop.run_in_executor(self._executor, self._generate_step, gens)
+                if gens or self.decoder.active is not None:
+                    events = await loop.run_in_executor(self._executor, self.decoder.step, gens)
                     for req, ev in events:
                         self._emit(req, ev)
                     self._gauges()
@@ -285,10 +277,8 @@ class Scheduler:
             except Exception as e:  # never let the worker die, nor leave a request waiting: fail those involved
                 _notes("iteration", logging.ERROR, "scheduler iteration failed: %s", e, exc_info=e)
                 involved = [*cls, *gens]
-                if self._active is not None:
-                    involved += [r.owner for r in self._active.rows]
-                    self._active = None
-                    self._active_task = None
+                involved += self.decoder.owners()
+                self.decoder.reset()
                 for req in involved:
                     self._fail(req, e)
                 self._gauges()
@@ -323,7 +313,7 @@ class Scheduler:
         n_cls = 0
         slots = self.max_batch_size - self.active_generations
         cls_task: int | None = None
-        gen_task = self._active_task if self._active is not None else None
+        gen_task = self.decoder.active_task if self.decoder.active is not None else None
         if per_task and gen_task is not None:
             oldest = next((r for r in self._queue if r.kind == "generate" and not r.cancelled), None)
             if oldest is not None and oldest.entry.uid != gen_task:
@@ -354,7 +344,7 @@ class Scheduler:
             if self.metrics:
                 self.metrics.observe("softprompt_queue_wait_seconds", now - req.enqueued, {"task": req.entry.name})
         if gens and per_task:
-            self._active_task = gens[0].entry.uid
+            self.decoder.active_task = gens[0].entry.uid
         return cls, gens
 
     # ---- results ---------------------------------------------------------------------------------------
@@ -403,172 +393,17 @@ class Scheduler:
             self.metrics.observe("softprompt_batch_size", rows, {"kind": kind})
             self.metrics.observe("softprompt_batch_tasks", tasks, {"kind": kind})
 
-    # ---- model thread: classification ------------------------------------------------------------------
+    # ---- model thread ----------------------------------------------------------------------------------
     def _classify_batch(self, reqs: list[Request]) -> list[list[dict[str, Any]] | BaseException]:
         try:
-            flat = self._classify_rows([(r.entry, ids) for r in reqs for ids in r.inputs])
+            rows = [(r.entry, ids) for r in reqs for ids in r.inputs]
+            flat = classify_rows(self.registry, rows, max_batch_size=self.max_batch_size, kv=self.kv_cache)
+            if self.metrics:
+                for e, _ in rows:
+                    self.metrics.inc("softprompt_rows_total", {"task": e.name})
             return list(unbatch(flat, [len(r.inputs) for r in reqs]))
         except Exception as e:
             if len(reqs) == 1:
                 return [e]
             _notes("retry", logging.WARNING, "batch of %d requests failed (%s); retrying them one by one", len(reqs), e)
             return [self._classify_batch([r])[0] for r in reqs]
-
-    def _stack_key(self, entry: TaskEntry) -> tuple[str, int]:
-        """Rows whose prefixes can share one forward pass. Decoder-only: all of them. Encoders: a deep prompt's
-        per-layer slots only stack with deep prompts of its length, and never with plain prompts."""
-        if self.pm.family == "causal" or not entry.ckpt.is_deep:
-            return ("plain", 0)
-        return ("deep", entry.ckpt.num_tokens)
-
-    @torch.no_grad()
-    def _classify_rows(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[dict[str, Any]]:
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, (e, _) in enumerate(rows):
-            groups.setdefault(self._stack_key(e), []).append(i)
-        out: list[dict[str, Any]] = [{} for _ in rows]
-        for idx in groups.values():  # one group (everything) unless an encoder serves deep and plain prompts
-            for i, res in zip(idx, self._classify_group([rows[i] for i in idx]), strict=True):
-                out[i] = res
-        return out
-
-    def _classify_group(self, rows: list[tuple[TaskEntry, list[int]]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        pm, dev = self.pm, self.registry.backbone.device
-        for at in range(0, len(rows), self.max_batch_size):
-            chunk = rows[at : at + self.max_batch_size]
-            by_key = {e.prefix_key: e for e, _ in chunk}  # rows of tasks sharing a prompt share its prefix
-            batch, prow, keys = collate(
-                [Item(e.prefix_key, ids) for e, ids in chunk], pad_id=pm.pad_id, left=pm.family == "causal"
-            )
-            prefix = stack_prefixes([self.registry.prefix(by_key[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
-            batch, prow = batch.to(dev), prow.to(dev)
-            entries = [e for e, _ in chunk]
-            scores = pm.row_scores(prefix, prow, batch, [e.label_ids for e in entries], [e.head for e in entries])
-            for e, s in zip(entries, scores, strict=True):
-                p = s.float().softmax(-1).cpu()
-                if not torch.isfinite(p).all():
-                    raise FloatingPointError(f"task {e.name!r}: the model gave non-finite scores")
-                labels = e.labels or []
-                probs = dict(zip(labels, map(float, p), strict=True))
-                out.append({"label": labels[int(p.argmax())], "probabilities": probs})
-            if self.metrics:
-                for e in entries:
-                    self.metrics.inc("softprompt_rows_total", {"task": e.name})
-        return out
-
-    # ---- model thread: generation ----------------------------------------------------------------------
-    def _decode_text(self, ids: list[int]) -> str:
-        with self.registry.tok_lock:
-            return str(self.pm.tok.decode(ids, skip_special_tokens=True))
-
-    def _row(self, req: Request) -> GenRow:
-        assert req.params is not None
-        return GenRow(req, req.params, self.eos, self.pm.pad_id)
-
-    @staticmethod
-    def _done(row: GenRow) -> dict[str, Any]:
-        req = row.owner
-        return {
-            "done": True,
-            "text": row.output,
-            "finish_reason": row.finish,
-            "input_tokens": len(req.inputs[0]),
-            "output_tokens": len(row.tokens),
-            "tokens": list(row.tokens),
-        }
-
-    def _advance(self, row: GenRow, token: int, events: list[tuple[Request, Any]]) -> None:
-        delta = row.advance(token, self._decode_text)
-        if delta:
-            events.append((row.owner, {"delta": delta}))
-        if row.finish:
-            events.append((row.owner, self._done(row)))
-
-    def _generate_step(self, new: list[Request]) -> list[tuple[Request, Any]]:
-        events: list[tuple[Request, Any]] = []
-        if self.pm.family != "causal":
-            for req in new:
-                t0 = time.perf_counter()
-                try:
-                    row = self._row(req)
-                    prefix = self.registry.prefix(req.entry, kv=self.kv_cache)
-                    batch, _, _ = collate([Item(0, req.inputs[0])], pad_id=self.pm.pad_id, left=False)
-                    seq2seq_generate(self.pm, prefix, batch.to(self.registry.backbone.device), row, self._decode_text)
-                    events.append((req, {"delta": row.output} if row.output else {}))
-                    events.append((req, self._done(row)))
-                except Exception as e:
-                    events.append((req, e))
-                self._record("generate", 1, 1, t0)
-            return [(r, ev) for r, ev in events if ev]
-        state = self._active
-        # rows whose client left or whose deadline passed stop decoding
-        if state is not None:
-            now = time.monotonic()
-            for r in state.rows:
-                if now >= r.owner.deadline and not r.owner.cancelled:
-                    events.append((r.owner, Timeout(f"request timed out after {self.timeout_s:g} s")))
-                    r.owner.cancelled = True
-            state = state.keep([i for i, r in enumerate(state.rows) if not r.owner.cancelled])
-        if state is not None:
-            t0 = time.perf_counter()
-            try:
-                logits = state.step(self.pm)
-            except Exception as e:  # the forward pass of the whole batch failed: every row ends with the error
-                _notes("step", logging.ERROR, "decoding step of %d rows failed: %s", state.n, e, exc_info=e)
-                events.extend((r.owner, e) for r in state.rows)
-                state = None
-            if state is not None:
-                self._choose_all(state.rows, logits, events)
-                self._record("decode", state.n, len({r.owner.entry.uid for r in state.rows}), t0)
-        joined = self._prefill(new, events) if new else None
-        state = DecodeBatch.merge([state, joined])
-        if state is not None:
-            state = state.keep([i for i, r in enumerate(state.rows) if r.finish is None])
-        self._active = state
-        if state is None:
-            self._active_task = None
-        return events
-
-    def _choose_all(self, rows: list[GenRow], logits: torch.Tensor, events: list[tuple[Request, Any]]) -> None:
-        """Each row's next token; a row whose sampling or decoding fails ends alone with its error (finish
-        "error": it leaves the batch), its batch-mates go on."""
-        for i, row in enumerate(rows):
-            try:
-                self._advance(row, row.choose(logits[i]), events)
-            except Exception as e:
-                row.finish = "error"
-                events.append((row.owner, e))
-
-    def _prefill(self, reqs: list[Request], events: list[tuple[Request, Any]]) -> DecodeBatch | None:
-        t0 = time.perf_counter()
-        ok: list[Request] = []
-        rows: list[GenRow] = []
-        for r in reqs:  # a row that cannot even be set up (e.g. its sampler) fails alone
-            try:
-                rows.append(self._row(r))
-                ok.append(r)
-            except Exception as e:
-                events.append((r, e))
-        reqs = ok
-        if not reqs:
-            return None
-        try:
-            by_key = {r.entry.prefix_key: r.entry for r in reqs}
-            batch, prow, keys = collate(
-                [Item(r.entry.prefix_key, r.inputs[0]) for r in reqs], pad_id=self.pm.pad_id, left=True
-            )
-            prefix = stack_prefixes([self.registry.prefix(by_key[k], kv=self.kv_cache) for k in keys])  # type: ignore[index]
-            dev = self.registry.backbone.device
-            state, logits = DecodeBatch.prefill(self.pm, prefix, prow.to(dev), batch.to(dev), rows)
-        except Exception as e:
-            if len(reqs) == 1:
-                events.append((reqs[0], e))
-                return None
-            _notes(
-                "retry", logging.WARNING, "prefill of %d requests failed (%s); retrying them one by one", len(reqs), e
-            )
-            return DecodeBatch.merge([self._prefill([r], events) for r in reqs])
-        self._record("prefill", len(reqs), len(keys), t0)
-        self._choose_all(rows, logits, events)
-        return state
