@@ -9,10 +9,10 @@ from transformers import DynamicCache
 
 from softprompt.prompted import Prefix
 from softprompt.serve import Item, collate, unbatch, validate_name
-from softprompt.serve.pipeline import stack_prefixes
 from softprompt.serve.errors import Unprocessable
 from softprompt.serve.generation import DecodeBatch, GenParams, GenRow
 from softprompt.serve.metrics import Metrics
+from softprompt.serve.pipeline import stack_prefixes
 
 
 def test_collate_left_pads_and_indexes_tasks_in_first_seen_order() -> None:

@@ -111,7 +111,7 @@ class CompletionBody(BaseModel):
 def check_kind(entry: TaskEntry, kind: str, param: str, *, family: str = "causal") -> TaskEntry:
     """400 unless `entry` is a `kind` task the model can run (an encoder cannot generate)."""
     if entry.kind != kind:
-        other = "/v1/generate" if kind == "generate" else "/v1/classify"
+        other = "/v1/classify" if kind == "generate" else "/v1/generate"
         raise BadRequest(f"task {entry.name!r} is a {entry.kind} task: use {other}", param=param)
     if kind == "generate" and family == "encoder":
         raise BadRequest("this server's model is an encoder: it cannot generate", param=param)
