@@ -1,13 +1,14 @@
-"""The scheduler: one bounded queue, one model thread, mixed-task batches.
+"""The scheduler: one bounded queue, its batching policy and its lifecycle; the model work is the pipeline's.
 
-Requests are validated and tokenised before they are queued, so a batch only holds well-formed rows. The worker
-(an asyncio task) takes up to `max_batch_size` rows (waiting at most `max_wait_ms` for a batch to fill when the
-model is idle) and runs them in a single model thread, so the event loop stays responsive:
+Requests are validated and tokenised before they are queued (softprompt.serve.pipeline), so a batch only holds
+well-formed rows. The worker (an asyncio task) takes up to `max_batch_size` rows (waiting at most `max_wait_ms`
+for a batch to fill when the model is idle) and runs them in a single model thread, so the event loop stays
+responsive:
 
-- classification: every queued classify request of every task goes into one batch; each row runs behind its own
-  task's prompt in one forward pass (modes: "mixed", the default, or "per-task": one task per batch);
-- generation (decoder-only): iteration-level batching; between two decoding steps new requests are prefilled
-  and join, finished ones leave (see softprompt.serve.generation).
+- classification: every queued classify request of every task goes into one batch (modes: "mixed", the default,
+  or "per-task": one task per batch), run by pipeline.classify_rows (collate -> predict -> unbatch);
+- generation (decoder-only): iteration-level batching, one softprompt.serve.decoder.Decoder iteration per turn:
+  between two decoding steps new requests are prefilled and join, finished ones leave.
 
 `kv_cache=False` rebuilds each task's prefix with every batch and runs the prompt through the model with the
 input (the PEFT way), for comparison. A failure while running a batch is retried request by request, so one bad
