@@ -86,7 +86,8 @@ def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-_JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep")
+_JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep",
+              "distill")  # fmt: skip
 
 
 def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
