@@ -9,8 +9,9 @@ Loss per row, over the verbalizer's classes:
     KL(p_teacher || p_student) = sum_c p_t(c) (log p_t(c) - log p_s(c))       (+ alpha * CE(p_student, label))
 
 with p = softmax of the class scores (PromptedModel.label_scores). Inputs: the --train file (its labels enter the
-loss only when alpha > 0; the file reader still requires the label column). Evaluation: the agreement of the student's and the teacher's predicted
-classes on the --eval rows (the score that picks the best prompt), with both accuracies. Output: an ordinary
+loss only when alpha > 0; the file reader still requires the label column). Evaluation: the agreement of the
+student's and the teacher's predicted classes on the --eval rows (the score that picks the best prompt), with both
+accuracies. Output: an ordinary
 prompt file whose metadata also records the teacher prompt's sha256, its length in tokens, the compression ratio
 (teacher tokens / student slots) and the measured agreement.
 
