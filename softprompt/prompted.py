@@ -63,7 +63,7 @@ class PromptedModel(nn.Module):
         self.tok = backbone.tokenizer
         self.family = backbone.family
         self.naive = naive or backbone.family != "causal"
-        self.head: nn.Module | None = None
+        self.head: nn.Module | None = None  # deprecated fallback: pass head= (label_scores, row_scores, loss)
         self.pad_id = self._pad_id()
         # The leading special token (BOS/CLS) that the tokenizer adds, kept in front of the prompt.
         lead = self._leading_special_id()
@@ -202,19 +202,22 @@ class PromptedModel(nn.Module):
         return prefix
 
     def _prefix_kv(self, seqs: list[torch.Tensor], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        per_prompt = []
+        per_prompt: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = []
         for s in seqs:  # each alone: no padding inside a prefix computation
             n = s.shape[0]
+            if n == 0:  # no lead token, no prompt (--position start, a task without a prompt): all padding
+                per_prompt.append(None)
+                continue
             pos = torch.arange(n, device=s.device)[None]
             out = self.model.base_model(inputs_embeds=s[None], position_ids=pos, use_cache=True)
             layers = [(layer.keys, layer.values) for layer in out.cache.layers]
             per_prompt.append([(F.pad(k, (0, 0, width - n, 0)), F.pad(v, (0, 0, width - n, 0))) for k, v in layers])
-        if len(per_prompt) == 1:
-            return per_prompt[0]
-        return [
-            (torch.cat([p[i][0] for p in per_prompt]), torch.cat([p[i][1] for p in per_prompt]))
-            for i in range(len(per_prompt[0]))
-        ]
+        some = next(p for p in per_prompt if p is not None)
+        full = [p if p is not None else [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in some]
+                for p in per_prompt]  # fmt: skip
+        if len(full) == 1:
+            return full[0]
+        return [(torch.cat([p[i][0] for p in full]), torch.cat([p[i][1] for p in full])) for i in range(len(some))]
 
     def build_deep_prefix(
         self, deep: Sequence[tuple[torch.Tensor, torch.Tensor]], prompt: torch.Tensor | None = None

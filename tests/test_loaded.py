@@ -94,6 +94,34 @@ def test_ensemble_head(kind: str, root: Path, tmp_path: Path) -> None:  # noqa: 
     assert pm.head is None
 
 
+def test_member_scoring_unlike_its_shared_task(root: Path, tmp_path: Path) -> None:  # noqa: F811
+    """An encoder ensemble of a --head linear prompt and a similarity prompt, in both orders: the member that scores
+    unlike the task it shares keeps its own scoring (alone and in the ensemble), and the ensemble is the mean of
+    the members alone."""
+    from test_ensemble import TEXTS, single_probs
+
+    bb = backbone("bert", root)
+    lin, sim = write_prompts(bb, tmp_path, [3, 4], LABELS3, seed=9)
+    with_linear_head(bb, lin, 3, seed=5)
+    single = single_probs(bb, [lin, sim])
+    for order, want in (([lin, sim], single.mean(0)), ([sim, lin], single.mean(0))):
+        ens = Predictor.load(order, backbone=bb)
+        kinds = [type(m.head) for m in ens.members]
+        assert sorted(k.__name__ for k in kinds) == ["LinearHead", "SimilarityHead"]
+        assert isinstance(ens.head, PerPromptHeads) and ens.pm.head is None
+        torch.testing.assert_close(ens.probs(ens.task.encode_texts(TEXTS)[0]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_prompt_has_no_head(root: Path, tmp_path: Path) -> None:  # noqa: F811
+    bb = backbone("llama", root)
+    (path,) = write_prompts(bb, tmp_path, [2], LABELS3)
+    ck = load_prompt(path)
+    save_prompt(path, ck.prompt, {**ck.meta, "task": "generate", "labels": None})
+    lp = load(path, bb, lambda position: PromptedModel(bb, position=position))
+    assert lp.kind == "generate" and lp.head is None and lp.labels is None and lp.label_ids == []
+    assert lp.prefix().mask.shape == (1, lp.ckpt.num_tokens + len(lp.pm.prefix_ids))
+
+
 def test_no_module_outside_prompted_assigns_pm_head() -> None:
     """`pm.head = ...` (any `X.head =` on a PromptedModel) only in prompted.py; train.py and multitask.py are owned
     elsewhere and listed until they pass heads as arguments."""

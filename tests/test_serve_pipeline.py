@@ -172,3 +172,13 @@ def test_ensemble_results_mean_and_vote() -> None:
     assert mean["label"] == "neg" and mean["probabilities"]["neg"] == pytest.approx((0.9 + 0.4 + 0.45) / 3)
     (vote,) = pl.ensemble_results(labels, members, "vote")
     assert vote["label"] == "pos" and vote["probabilities"]["pos"] == pytest.approx(2 / 3, abs=1e-5)
+
+
+def test_scheduler_kv_cache_setting_reaches_the_decoder(reg: Registry) -> None:
+    """`--no-kv-cache` (or a benchmark switching it on a running scheduler) applies to generation too."""
+    from softprompt.serve import Scheduler
+
+    s = Scheduler(reg, kv_cache=False)
+    assert not s.kv_cache and not s.decoder.kv_cache
+    s.kv_cache = True
+    assert s.decoder.kv_cache

@@ -90,7 +90,6 @@ class Scheduler:
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.mode = mode
-        self.kv_cache = kv_cache
         self.metrics = metrics
         self.history: deque[BatchRecord] = deque(maxlen=10_000)
         self._queue: deque[Request] = deque()
@@ -103,6 +102,16 @@ class Scheduler:
         self._batch_s = 0.5  # running mean of a model pass, for Retry-After
         self._idle_since = 0.0  # time.monotonic() when the model thread last became free
         self.eos = self.decoder.eos
+
+    @property
+    def kv_cache(self) -> bool:
+        """Per-task prompt K/V cached (False: the prompt runs with every batch); settable, for classification and
+        generation alike."""
+        return self.decoder.kv_cache
+
+    @kv_cache.setter
+    def kv_cache(self, on: bool) -> None:
+        self.decoder.kv_cache = on
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     @property
