@@ -2,11 +2,11 @@
 
 softprompt never runs a model the way its authors tested it (it feeds `inputs_embeds`, reuses prompt keys and
 values across rows, pads between prefix and input, and scores only a few positions), so every architecture it has
-not been built for is a chance of plausible but wrong numbers. Before a PromptedModel is used, a probe batch of
-two rows of different lengths goes through softprompt's own path (the one this PromptedModel will use: shared
-prompt K/V or concatenation) with no prompt and with a one-token prompt (the embedding of a real token), and
-through the model's own `input_ids` forward, each row alone, with that token in the prompt's place. The two
-must agree at every scored position:
+not been built for is a chance of plausible but wrong numbers. Before a PromptedModel is used, a probe batch
+goes through softprompt's own path (the one this PromptedModel will use: shared prompt K/V or concatenation):
+two rows of different lengths, each with no prompt and behind a one-token prompt (the embedding of a real
+token), all four in one mixed batch; and through the model's own `input_ids` forward with that token in the
+prompt's place (one right-padded batch: exactly each row alone). The two must agree at every scored position:
 
   causal LMs   logits of every input token (N, T, V)
   seq2seq      decoder log-probabilities for a probe target (the verbalizer path)
@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from softprompt.data import pad_right
 
 if TYPE_CHECKING:  # the guard is called by prompted.py and imports nothing of it at run time
     from softprompt.prompted import PromptedModel
@@ -70,40 +72,52 @@ def ensure_equivalent(pm: PromptedModel, position: str) -> float:
 
 
 def measure(pm: PromptedModel) -> float:
-    """Largest relative difference over the probe rows, without a prompt and with a one-token prompt."""
+    """Largest relative difference over the probe rows, each without a prompt and behind a one-token prompt.
+
+    Four forwards in all: the two prefixes, softprompt's mixed batch (every row behind every prompt, left-padded,
+    prompts of different widths) and the model's own `input_ids` forward of the same rows right-padded in one batch
+    (exactly each row alone: a causal row never sees the pads after it, an encoder's are masked)."""
     dev = pm.backbone.device
-    rows = [pm.encode_input(t) for t in PROBE_TEXTS]
     token = int(pm.tok("the", add_special_tokens=False)["input_ids"][0])
+    prompts = [[], [token]]  # prompt 0: none; prompt 1: the embedding of a real token
+    prefix = pm.build_prefix([None, pm.embed(torch.tensor(prompts[1], dtype=torch.long, device=dev))])
+    cases = [(g, pm.encode_input(t)) for g in range(len(prompts)) for t in PROBE_TEXTS]
+    batch = pm.collate([r for _, r in cases]).to(dev)
+    rows = torch.tensor([g for g, _ in cases], device=dev)
+    refs = [pm.prefix_ids + prompts[g] + r for g, r in cases]  # the same rows as plain token ids
+    ref_ids, ref_mask = pad_right(refs, pm.pad_id)
+    ours, theirs = _compare(pm, prefix, rows, batch, ref_ids.to(dev), ref_mask.to(dev), [len(r) for _, r in cases])
     worst = 0.0
-    for prompt_ids in ([], [token]):
-        prompt = pm.embed(torch.tensor(prompt_ids, dtype=torch.long, device=dev)) if prompt_ids else None
-        prefix = pm.build_prefix([prompt])
-        batch = pm.collate(rows).to(dev)
-        refs = [pm.prefix_ids + prompt_ids + r for r in rows]  # the same rows as plain token ids, each alone
-        ours, theirs = _compare(pm, prefix, batch, refs, [len(r) for r in rows], n_prefix=len(prompt_ids))
-        for a, b in zip(ours, theirs):
-            worst = max(worst, float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)))
+    for a, b in zip(ours, theirs, strict=True):
+        worst = max(worst, float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)))
     return worst
 
 
 def _compare(
-    pm: PromptedModel, prefix: Any, batch: Any, refs: list[list[int]], lens: list[int], n_prefix: int
+    pm: PromptedModel,
+    prefix: Any,
+    rows: torch.Tensor,
+    batch: Any,
+    ref_ids: torch.Tensor,
+    ref_mask: torch.Tensor,
+    lens: list[int],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per row: softprompt's tensor and the model's own, at the same positions."""
+    """Per row: softprompt's tensor and the model's own, at the same positions (`lens`: input tokens per row)."""
     dev, model = pm.backbone.device, pm.model
-    ids = [torch.tensor([r], dtype=torch.long, device=dev) for r in refs]
+    n_ref = ref_mask.sum(-1).tolist()  # real tokens of each reference row (prefix ids, prompt tokens, input)
     if pm.family == "causal":
         N, T = batch.ids.shape
         every = torch.arange(T, device=dev)[None].expand(N, -1)  # (N, T): all positions, rows left-padded
-        logits = pm.lm_logits(pm.causal_hidden(prefix, None, batch.ids, batch.mask, every))  # (N, T, V)
-        ours = [logits[i, T - n :] for i, n in enumerate(lens)]
-        return ours, [model(input_ids=x, use_cache=False).logits[0, -n:] for x, n in zip(ids, lens)]
+        logits = pm.lm_logits(pm.causal_hidden(prefix, rows, batch.ids, batch.mask, every))  # (N, T, V)
+        own = model(input_ids=ref_ids, attention_mask=ref_mask, use_cache=False).logits
+        return [logits[i, T - n :] for i, n in enumerate(lens)], [own[i, m - n : m] for i, (n, m) in
+                                                                  enumerate(zip(lens, n_ref))]  # fmt: skip
     if pm.family == "seq2seq":
-        target = torch.tensor([refs[0][-3:]] * len(refs), dtype=torch.long, device=dev)  # (N, 3) probe target
-        h, attn, _ = pm.encoder_hidden(prefix, None, batch.ids, batch.mask)
+        target = ref_ids.new_tensor([ref_ids[0, : n_ref[0]][-3:].tolist()]).repeat(len(lens), 1)  # (N, 3)
+        h, attn, _ = pm.encoder_hidden(prefix, rows, batch.ids, batch.mask)
         ours = list(pm._decoder_logp(h, attn, target))
-        own = [model(input_ids=x, labels=target[:1]) for x in ids]  # the model shifts its labels by its own rule
-        return ours, [o.logits[0].float().log_softmax(-1) for o in own]
-    h, _, _ = pm.encoder_hidden(prefix, None, batch.ids, batch.mask)  # (N, S, d) right-padded
-    width = [len(pm.prefix_ids) + n_prefix + n for n in lens]
-    return [h[i, :w] for i, w in enumerate(width)], [model(input_ids=x)[0][0] for x in ids]
+        own = model(input_ids=ref_ids, attention_mask=ref_mask, labels=target).logits  # its own label shift
+        return ours, list(own.float().log_softmax(-1))
+    h, _, _ = pm.encoder_hidden(prefix, rows, batch.ids, batch.mask)  # (N, S, d) right-padded, prefix slots first
+    own = model(input_ids=ref_ids, attention_mask=ref_mask)[0]
+    return [h[i, :m] for i, m in enumerate(n_ref)], [own[i, :m] for i, m in enumerate(n_ref)]
