@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from archs import arch_model_dir
 from tiny import tiny_model_dir
 
 from softprompt.models import Backbone, load_backbone
@@ -90,5 +91,23 @@ def sharp_backbone(tiny_dir: Callable[[str], Path], tiny_models_root: Path) -> C
             path = _sharp_dir(tiny_dir(kind), tiny_models_root / f"sharp-{kind}")
             cache[kind] = load_backbone(str(path), progress=False)
         return cache[kind]
+
+    return get
+
+
+# ----- the architecture matrix's tiny models (tests/archs.py), built once per session -------------------------------
+@pytest.fixture(scope="session")
+def arch_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("archs")
+
+
+@pytest.fixture(scope="session")
+def arch_backbone(arch_root: Path) -> Callable[[str], Backbone]:
+    cache: dict[str, Backbone] = {}
+
+    def get(arch_id: str) -> Backbone:
+        if arch_id not in cache:
+            cache[arch_id] = load_backbone(str(arch_model_dir(arch_id, arch_root)), progress=False)
+        return cache[arch_id]
 
     return get
