@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -62,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.checkpoint import save_prompt
-from softprompt.config import DataConfig, RunConfig, apply_options, load_yaml, to_dict
+from softprompt.config import DataConfig, RunConfig, TrainMultiConfig, apply_options, load_yaml, to_dict
 from softprompt.data import DataError, Encoded
 from softprompt.evaluate import evaluate_examples
 from softprompt.models import Backbone, load_backbone
@@ -470,23 +471,8 @@ def evaluate_tasks(
 def run(args: argparse.Namespace) -> int | None:
     if args.cmd != "train-multi":
         return None
-    over = {
-        k: getattr(args, k)
-        for k in (
-            "shared_tokens",
-            "num_tokens",
-            "out",
-            "model",
-            "max_steps",
-            "lr",
-            "batch_size",
-            "seed",
-            "device",
-            "resume",
-            "progress",
-        )
-    }
-    over["overwrite"] = getattr(args, "overwrite", None)  # a train-multi flag once parsers.py declares it
+    # every TrainMultiConfig field but the file itself overrides the file's option of the same name (None: unset)
+    over = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainMultiConfig) if f.name != "config"}
     mc = parse_multi_config(load_yaml(args.config), args.config, over)
     _check_out_dir(mc)
     multi_files(mc, reads=[("--config", args.config)]).check()  # train_multi checks the rest again

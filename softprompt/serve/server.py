@@ -4,99 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
 from softprompt.checkpoint import CheckpointError, load_prompt
-from softprompt.config import ConfigError, ModelConfig
+from softprompt.config import ConfigError, ModelConfig, ServeConfig  # ServeConfig: one field per `serve` flag
 from softprompt.models import Backbone, load_backbone
 from softprompt.serve.app import create_app
 from softprompt.serve.limits import ConnLimits, install_flood_filters, protocol_class
 from softprompt.serve.metrics import server_metrics
 from softprompt.serve.registry import SUFFIX, Registry
-from softprompt.serve.scheduler import MODES, Scheduler
+from softprompt.serve.scheduler import Scheduler
 
 log = logging.getLogger("softprompt.serve")
 TOKEN_ENV = "SOFTPROMPT_ADMIN_TOKEN"
-
-
-@dataclass
-class ServeConfig:
-    prompts: str = "."
-    model: str | None = None  # default: base_model of the first prompt in `prompts`
-    host: str = "127.0.0.1"
-    port: int = 8000
-    admin_token: str | None = None  # default: $SOFTPROMPT_ADMIN_TOKEN; none: admin endpoints disabled
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 1024
-    timeout_s: float = 60.0
-    kv_cache_mb: float = 1024.0
-    max_input_tokens: int | None = None
-    max_new_tokens: int = 512
-    max_upload_mb: float = 16.0
-    max_inputs: int = 256
-    max_body_mb: float = 8.0  # request bodies of the inference endpoints (413 while reading, chunked or not)
-    max_input_chars: int | None = None  # default: the task's token limit x the tokenizer's longest token
-    max_connections: int = 1000  # open connections; then idle ones are evicted (408) or new ones refused (503)
-    header_timeout_s: float = 10.0  # a request's headers must arrive within this (408, closed)
-    body_timeout_s: float = 30.0  # and its body within this after them (408, closed)
-    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
-    scheduler: str = "mixed"  # mixed | per-task
-    no_kv_cache: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    allow_other_model: bool = False
-    skip_equivalence_check: bool = False
-    log_level: str = "info"
-    threads: int | None = None  # torch intra-op threads (default: torch's choice)
-
-    def validate(self) -> None:
-        if self.scheduler not in MODES:
-            raise ConfigError(f"--scheduler must be one of {', '.join(MODES)}, got {self.scheduler!r}")
-        for flag, v in (
-            ("--max-batch-size", self.max_batch_size),
-            ("--max-queue", self.max_queue),
-            ("--max-new-tokens", self.max_new_tokens),
-            ("--max-inputs", self.max_inputs),
-            ("--max-connections", self.max_connections),
-        ):
-            if v < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {v}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if self.max_input_tokens is not None and self.max_input_tokens < 1:
-            raise ConfigError(f"--max-input-tokens must be >= 1, got {self.max_input_tokens}")
-        if self.max_input_chars is not None and self.max_input_chars < 1:
-            raise ConfigError(f"--max-input-chars must be >= 1, got {self.max_input_chars}")
-        for flag, x in (
-            ("--max-body-mb", self.max_body_mb),
-            ("--header-timeout-s", self.header_timeout_s),
-            ("--body-timeout-s", self.body_timeout_s),
-            ("--keep-alive-s", self.keep_alive_s),
-        ):
-            if not (math.isfinite(x) and x > 0):
-                raise ConfigError(f"{flag} must be > 0, got {x}")
-        values = (self.max_wait_ms, self.timeout_s, self.kv_cache_mb, self.max_upload_mb)
-        if (
-            not all(math.isfinite(v) for v in values)
-            or self.max_wait_ms < 0
-            or self.timeout_s <= 0
-            or (self.kv_cache_mb < 0 or self.max_upload_mb <= 0)
-        ):
-            raise ConfigError("--max-wait-ms and --kv-cache-mb must be >= 0, --timeout-s and --max-upload-mb > 0")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
-        if not Path(self.prompts).is_dir():
-            raise ConfigError(f"--prompts: {self.prompts} is not a directory")
 
 
 def default_model(directory: str | Path) -> str:
