@@ -1,31 +1,35 @@
-"""Command line: `softprompt train|eval|predict|generate|info|models|serve|export|import|similarity`.
+"""Command line: `softprompt train|eval|predict|generate|info|models|serve|export|import|similarity|train-multi`.
 
-`train`'s flags are generated from the config dataclasses (softprompt.config): each field is `--field-name`
-and `--section.field_name`, with its docstring as help; `--config FILE.yaml` supplies any of them (flags win).
+Every command's flags come from typed config dataclasses (softprompt.config; the tree is softprompt.parsers):
+`train`'s fields are `--field-name` and `--section.field_name`, with their docstrings as help, and `--config
+FILE.yaml` supplies any of them (flags win). COMMANDS maps each command to the function that runs it; a handler
+imports its own (heavy) modules, so `--help` stays instant.
 Errors print one line `softprompt: error: ...` and exit 2, leaving no partial output file.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from softprompt.config import SECTIONS, ConfigError, RunConfig, apply_options, load_yaml
+from softprompt.config import (
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    InfoConfig,
+    ModelsConfig,
+    PredictConfig,
+    PromptCommandConfig,
+    ServeConfig,
+    build_config,
+    from_args,
+)
 from softprompt.parsers import build_parser
 
-
-def build_config(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then the YAML file, then flags given on the command line."""
-    cfg = RunConfig()
-    if args.config:
-        apply_options(cfg, load_yaml(args.config), args.config)
-    given = {f.name: getattr(args, f.name) for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
-    apply_options(cfg, {k: v for k, v in given.items() if v is not None}, "command line")
-    cfg.validate()
-    return cfg
+__all__ = ["COMMANDS", "build_config", "build_parser", "main"]
 
 
 def _fill_single(pred, text: str) -> str:
@@ -54,89 +58,146 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.cmd == "models" and args.architectures:
+    handler = COMMANDS.get(args.cmd)
+    if handler is None:
+        raise ConfigError(f"unknown command {args.cmd}")
+    return handler(args)
+
+
+# ---- the handlers: one per command ---------------------------------------------------------------------------
+def _train(args: argparse.Namespace) -> int:
+    from softprompt.distributed import run_train
+
+    return run_train(args)
+
+
+def _train_multi(args: argparse.Namespace) -> int:
+    from softprompt import multitask
+
+    return multitask.run(args) or 0
+
+
+def _interop(args: argparse.Namespace) -> int:  # export and import
+    from softprompt import interop
+
+    return interop.run(args) or 0
+
+
+def _similarity(args: argparse.Namespace) -> int:
+    from softprompt import transfer
+
+    return transfer.run(args) or 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    cfg: ModelsConfig = from_args(ModelsConfig, args)
+    if cfg.architectures:
         from softprompt.support import markdown
 
         print(markdown())
         return 0
-    if args.cmd == "models":
-        from softprompt.models import list_models
+    from softprompt.models import list_models
 
-        for m in list_models():
-            state = "installed" if m["installed"] else f"not installed ({m.get('install', '')})"
-            cached = ", cached" if m.get("cached") and m["installed"] else ""
-            print(f"{m['alias']:<14} {m['family']:<8} {state}{cached}  {m.get('description', '')}")
-        return 0
-    if args.cmd == "info":
-        from softprompt.api import dumps, info
+    for m in list_models():
+        state = "installed" if m["installed"] else f"not installed ({m.get('install', '')})"
+        cached = ", cached" if m.get("cached") and m["installed"] else ""
+        print(f"{m['alias']:<14} {m['family']:<8} {state}{cached}  {m.get('description', '')}")
+    return 0
 
-        print(dumps(info(args.path)))
-        return 0
-    if args.cmd == "train":
-        from softprompt.distributed import run_train
 
-        return run_train(args)
-    from softprompt import interop, multitask, transfer
+def _info(args: argparse.Namespace) -> int:
+    from softprompt.api import dumps, info
 
-    for mod in (interop, multitask, transfer):
-        code = mod.run(args)
-        if code is not None:
-            return code
+    cfg: InfoConfig = from_args(InfoConfig, args)
+    print(dumps(info(cfg.path)))
+    return 0
 
-    if args.cmd == "serve":
-        from softprompt.serve.server import ServeConfig, serve
 
-        keys = ServeConfig.__dataclass_fields__
-        return serve(ServeConfig(**{k: v for k, v in vars(args).items() if k in keys}))
+def _serve(args: argparse.Namespace) -> int:
+    from softprompt.serve.server import serve
 
-    from softprompt.api import Predictor, check_generation, dumps
+    return serve(from_args(ServeConfig, args))
 
-    if args.cmd == "generate":  # before the model loads: a bad value is refused at once
-        check_generation(
-            {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "top_k": args.top_k,
-             "top_p": args.top_p, "seed": args.seed, **({"temperature": args.temperature} if args.do_sample else {})}
-        )  # fmt: skip
-    pred = Predictor.load(
-        args.prompt,
-        model=args.model,
-        allow_other_model=args.allow_other_model,
-        skip_equivalence_check=args.skip_equivalence_check,
-        combine=args.combine,
-        batch_size=args.batch_size,
-        device=args.device,
+
+def _predictor(cfg: PromptCommandConfig) -> Any:
+    from softprompt.api import Predictor
+
+    return Predictor.load(
+        cfg.prompt,
+        model=cfg.model,
+        allow_other_model=cfg.allow_other_model,
+        skip_equivalence_check=cfg.skip_equivalence_check,
+        combine=cfg.combine,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
     )
-    if args.cmd == "eval":
-        m = pred.evaluate(args.data, max_new_tokens=args.max_new_tokens, columns=args.columns)
-        print(dumps(m))
-        return 0
-    if args.cmd == "predict":
-        rows = pred.predict(args.data, columns=args.columns)
-        text = "".join(dumps(r) + "\n" for r in rows)
-        if args.output:
-            from pathlib import Path
 
-            from softprompt.checkpoint import atomic_write
 
-            atomic_write(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        else:
-            sys.stdout.write(text)
-        return 0
-    if args.cmd == "generate":
-        import torch
+def _eval(args: argparse.Namespace) -> int:
+    from softprompt.api import dumps
 
-        torch.manual_seed(args.seed)
-        kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
-        if args.do_sample:
-            kw.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
-            if args.top_k:
-                kw["top_k"] = args.top_k
-        inputs = [_fill_single(pred, args.input)] if args.input is not None else args.data
-        outs = pred.generate(inputs, **kw)
-        texts = [args.input] if args.input is not None else [None] * len(outs)
-        for t, o in zip(texts, outs):
-            print(dumps({"input": t, "output": o} if t is not None else {"output": o}))
-        return 0
-    raise ConfigError(f"unknown command {args.cmd}")
+    cfg: EvalConfig = from_args(EvalConfig, args)
+    m = _predictor(cfg).evaluate(cfg.data, max_new_tokens=cfg.max_new_tokens, columns=cfg.columns)
+    print(dumps(m))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from softprompt.api import dumps
+
+    cfg: PredictConfig = from_args(PredictConfig, args)
+    rows = _predictor(cfg).predict(cfg.data, columns=cfg.columns)
+    text = "".join(dumps(r) + "\n" for r in rows)
+    if cfg.output:
+        from pathlib import Path
+
+        from softprompt.checkpoint import atomic_write
+
+        atomic_write(cfg.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from softprompt.api import check_generation, dumps
+
+    cfg: GenerateConfig = from_args(GenerateConfig, args)
+    check_generation(  # before the model loads: a bad value is refused at once
+        {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams, "top_k": cfg.top_k, "top_p": cfg.top_p,
+         "seed": cfg.seed, **({"temperature": cfg.temperature} if cfg.do_sample else {})}
+    )  # fmt: skip
+    pred = _predictor(cfg)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    kw: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "num_beams": cfg.num_beams}
+    if cfg.do_sample:
+        kw.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+        if cfg.top_k:
+            kw["top_k"] = cfg.top_k
+    inputs = [_fill_single(pred, cfg.input)] if cfg.input is not None else cfg.data
+    outs = pred.generate(inputs, **kw)
+    texts = [cfg.input] if cfg.input is not None else [None] * len(outs)
+    for t, o in zip(texts, outs):
+        print(dumps({"input": t, "output": o} if t is not None else {"output": o}))
+    return 0
+
+
+# The command table: `softprompt NAME` runs COMMANDS[NAME](args) (the names are softprompt.parsers.COMMANDS').
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train,
+    "export": _interop,
+    "import": _interop,
+    "train-multi": _train_multi,
+    "similarity": _similarity,
+    "eval": _eval,
+    "predict": _predict,
+    "generate": _generate,
+    "info": _info,
+    "models": _models,
+    "serve": _serve,
+}
 
 
 if __name__ == "__main__":

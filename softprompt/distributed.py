@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from softprompt.config import ConfigError, RunConfig, to_dict
+from softprompt.config import ConfigError, RunConfig, build_config, to_dict
 from softprompt.data import Encoded
+from softprompt.parsers import build_parser
 from softprompt.train import Replicas, TrainResult, run_files, train
 
 LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK", "RANK")
@@ -192,8 +193,6 @@ def relaunch(cfg: RunConfig, nproc: int | None = None, accelerate_config: str | 
 def run_train(args: argparse.Namespace, log=None) -> int:
     """The whole `softprompt train` command: relaunch for --distributed, else train (data-parallel under a
     launcher); the main process prints the one-line JSON result."""
-    from softprompt.cli import build_config
-
     log = log or (lambda s: print(s, file=sys.stderr))
     cfg = build_config(args)
     if cfg.data.train and args.config:  # the --config file is an input too (train() checks the others again)
@@ -219,8 +218,6 @@ def run_train(args: argparse.Namespace, log=None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m softprompt.distributed [train flags]`: what each launched process runs (and usable directly:
     `accelerate launch -m softprompt.distributed --train ...`)."""
-    from softprompt.parsers import build_parser
-
     args = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run_train(args)
