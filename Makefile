@@ -3,7 +3,7 @@
 #   make test       lint, format check, type check, then the whole pytest suite (slow tests included)
 #   make test-fast  pytest without the slow tests
 #   make demo       train a soft prompt on the example dataset (examples/demo.py)
-#   make bench      speed benchmark (bench/speed.py)
+#   make bench      speed benchmark (python -m bench.speed)
 #   make clean      remove build and cache artefacts (keeps .venv)
 
 SHELL := /bin/bash
@@ -50,7 +50,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 bench: venv
-	$(PY) bench/speed.py
+	$(PY) -m bench.speed
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

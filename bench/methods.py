@@ -1,6 +1,6 @@
 """Measurements behind docs/results-methods.md: deep vs plain prompts, ensembles, multi-task, prompt transfer.
 
-    python bench/methods.py [--exp deep-minilm deep-smollm ensemble multitask transfer] [--out runs/methods]
+    python -m bench.methods [--exp deep-minilm deep-smollm ensemble multitask transfer] [--out runs/methods]
 
 Small CPU-sized runs (minilm-l6 for most, two short smollm2-135m runs). Each finished run is appended to
 OUT/results.jsonl and skipped when the script is run again, so an interrupted session resumes. Data: fixed-seed
@@ -21,7 +21,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 EXAMPLES = ROOT / "examples" / "data"
-sys.path.insert(0, str(ROOT))  # run from anywhere: the checkout's softprompt, not a stale install
 
 
 def write_tsv(rows: list[list[str]], header: list[str], dst: Path) -> str:

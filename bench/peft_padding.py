@@ -1,6 +1,6 @@
 """Why PEFT's prompt tuning scores a sentence differently inside a padded batch, and softprompt does not.
 
-    python bench/peft_padding.py
+    python -m bench.peft_padding
 
 PEFT prepends the prompt to the (left-padded) input embeddings and drops position ids, so the model numbers the
 positions 0..P+T-1 whatever the padding: a row with k pads sees its text k positions further from the prompt than
@@ -15,11 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHORT = "Review: a gorgeous, witty, seductive movie.\nSentiment:"
 LONG = (

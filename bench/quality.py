@@ -1,9 +1,9 @@
 """Evidence that it learns: prompt tuning on real benchmarks, written to docs/results.md with plots in docs/img/.
 
-    python bench/quality.py --quick          # minutes: small samples, few steps (a smoke run of every table,
+    python -m bench.quality --quick          # minutes: small samples, few steps (a smoke run of every table,
                                              # page written to runs/quality/quick/docs/results.md)
-    python bench/quality.py                  # full budgets (hours on 2 CPU cores)
-    python bench/quality.py --only sst2,ablation   # some experiments; finished runs are cached and reused
+    python -m bench.quality                  # full budgets (hours on 2 CPU cores)
+    python -m bench.quality --only sst2,ablation   # some experiments; finished runs are cached and reused
 
 Every run drives softprompt's own API (the same code as the CLI). Results are cached per run in
 runs/quality/<mode>/results.json, so an interrupted study resumes where it stopped; the page is rewritten from
@@ -123,6 +123,7 @@ class Study:
         self.cache_path = self.dir / "results.json"
         self.results: dict[str, Any] = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         self._bb: dict[str, Any] = {}
+        self.tasks = TASKS  # for bench.quality_experiments (which does not import this module)
 
     def backbone(self, name: str):
         from softprompt import load_backbone
@@ -305,7 +306,6 @@ def main() -> int:
     if not SHARED.exists():
         print(f"skip: {SHARED} is absent (the shared benchmark data); nothing measured")
         return 0
-    sys.path.insert(0, str(ROOT))
     from bench import quality_experiments
 
     budget = QUICK if args.quick else FULL

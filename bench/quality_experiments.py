@@ -114,14 +114,12 @@ def run_all(study, only: set[str], render) -> list[str]:
         n = 5 * (study.budget.agnews_steps or study.budget.steps) // 2
         step(f"agnews/pt-20-{n}", study.prompt_tune, "agnews", num_tokens=20, steps=n, evals=5, suffix=f"-{n}steps")
     if want("pairs"):
-        from bench.quality import TASKS
-
         for key in ("rte", "boolq"):
             step(f"{key}/majority", study.majority, key)
             step(f"{key}/zero-shot", study.zero_shot, key)
             n = (key == "boolq" and study.budget.boolq_steps) or study.budget.pair_steps
             evals = 1 if key == "boolq" else 2
-            for s in seeds if TASKS[key].few_shot else seeds[:1]:
+            for s in seeds if study.tasks[key].few_shot else seeds[:1]:
                 step(f"{key}/pt-20/s{s}", study.prompt_tune, key, num_tokens=20, seed=s, steps=n, evals=evals)
     if want("ablation"):
         for n in (1, 5, 20, 100):
@@ -158,12 +156,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _task(study, key: str, model: str, head: str, position: str = "auto"):
-    from bench.quality import TASKS
     from softprompt.config import DataConfig
     from softprompt.prompted import PromptedModel
     from softprompt.task import BoundTask, TaskSpec
 
-    t = TASKS[key]
+    t = study.tasks[key]
     tr, ev = study.files(key)
     cfg = DataConfig(train=tr, template=t.template, labels=t.labels, head=head)
     pm = PromptedModel(study.backbone(model), position=position)

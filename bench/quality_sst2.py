@@ -1,6 +1,6 @@
 """Quality bar: SST-2 with smollm2-135m and softprompt's default recipe.
 
-    python bench/quality_sst2.py [--train-size 4000] [--steps 300] [--out runs/quality/sst2.safetensors]
+    python -m bench.quality_sst2 [--train-size 4000] [--steps 300] [--out runs/quality/sst2.safetensors]
 
 Trains a soft prompt (20 tokens, CLI defaults unless flags say otherwise) on a fixed-seed 4,000-example sample of
 ../shared/data/sst2/train.tsv, evaluates on the full dev set (872), and prints zero-shot and tuned accuracy,

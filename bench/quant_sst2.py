@@ -1,8 +1,8 @@
 """Quantized frozen backbone vs float32: memory and SST-2 accuracy with smollm2-135m.
 
-    python bench/quant_sst2.py                         # none, int8, int4 (+ bnb8, bnb4 on CUDA); full recipe
-    python bench/quant_sst2.py --schemes none,int8 --train-size 1000 --steps 100
-    python bench/quant_sst2.py --smoke                 # minutes: 64 train rows, 5 steps, 32 dev rows
+    python -m bench.quant_sst2                         # none, int8, int4 (+ bnb8, bnb4 on CUDA); full recipe
+    python -m bench.quant_sst2 --schemes none,int8 --train-size 1000 --steps 100
+    python -m bench.quant_sst2 --smoke                 # minutes: 64 train rows, 5 steps, 32 dev rows
 
 Each scheme runs in its own process (clean memory readings): load the backbone with `--quantize SCHEME`
 (weights quantized while loading), train a prompt with the SST-2 recipe of bench/quality_sst2.py (fixed-seed
@@ -27,13 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.quality_sst2 import sample_tsv
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: the checkout's softprompt, not a stale install
 SST2 = Path(os.environ.get("SOFTPROMPT_BENCH_SST2_DIR", ROOT.parent / "shared" / "data" / "sst2"))
 TEMPLATE = "Review: {sentence}\nSentiment:"
 LABELS = "0=negative,1=positive"
-
-from bench.quality_sst2 import sample_tsv  # noqa: E402  (after the sys.path line above)
 
 
 def _status_mb(field: str) -> float:
@@ -144,7 +143,8 @@ def main() -> int:
     for s in schemes:
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            "bench.quant_sst2",  # this module, in a fresh process (run from the checkout, as its parent)
             "--scheme",
             s,
             "--model",

@@ -1,7 +1,7 @@
 """Load benchmark of `softprompt serve`: C concurrent loopback clients over T tasks, three scheduler settings.
 
-    python bench/serve_load.py --quick      # ~3-4 min on 2 CPU cores: T in {1, 8}, 2 interleaved rounds of 8 s
-    python bench/serve_load.py              # full: T in {1, 8, 64}, 3 rounds of 20 s, plus a 60 s soak at C=64
+    python -m bench.serve_load --quick      # ~3-4 min on 2 CPU cores: T in {1, 8}, 2 interleaved rounds of 8 s
+    python -m bench.serve_load              # full: T in {1, 8, 64}, 3 rounds of 20 s, plus a 60 s soak at C=64
 
 Settings of the same server (same model, same prompts, same max batch size and wait):
   (a) mixed      mixed-task batches, per-task prompt K/V cached (the default server)
@@ -40,17 +40,13 @@ from typing import Any
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import sst2_sentences  # noqa: E402
-
-from softprompt.checkpoint import save_prompt  # noqa: E402
-from softprompt.config import ModelConfig  # noqa: E402
-from softprompt.models import Backbone, load_backbone  # noqa: E402
-from softprompt.prompt import init_prompt  # noqa: E402
-from softprompt.serve import Registry, Scheduler, create_app  # noqa: E402
-from softprompt.serve.server import ServeConfig, uvicorn_config  # noqa: E402
+from bench._common import sst2_sentences
+from softprompt.checkpoint import save_prompt
+from softprompt.config import ModelConfig
+from softprompt.models import Backbone, load_backbone
+from softprompt.prompt import init_prompt
+from softprompt.serve import Registry, Scheduler, create_app
+from softprompt.serve.server import ServeConfig, uvicorn_config
 
 SETTINGS = {"a": ("mixed", True), "b": ("per-task", True), "c": ("mixed", False)}
 NAMES = {"a": "mixed", "b": "per-task", "c": "no-kv-cache"}

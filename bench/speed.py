@@ -1,9 +1,9 @@
 """Speed benchmark: softprompt vs PEFT prompt tuning, side by side in one process.
 
-    python bench/speed.py --quick            # ~5 min on 2 quiet cores: fewer rounds, fewer steps
-    python bench/speed.py                    # the full run (~15 min on 2 quiet cores)
-    python bench/speed.py --only train,gen   # some parts: train infer gen mem encoder (and profile, not in a run)
-    python bench/speed.py --json-out r.json  # also write the final JSON object to a file
+    python -m bench.speed --quick            # ~5 min on 2 quiet cores: fewer rounds, fewer steps
+    python -m bench.speed                    # the full run (~15 min on 2 quiet cores)
+    python -m bench.speed --only train,gen   # some parts: train infer gen mem encoder (and profile, not in a run)
+    python -m bench.speed --json-out r.json  # also write the final JSON object to a file
 
 Both systems get the same frozen weights (PEFT on its own copy), the same input ids, batch, prompt values and
 number of steps; their losses/scores are checked equal before anything is timed. Timed calls alternate
@@ -32,10 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from _common import (  # noqa: E402
+from bench._common import (
     fixed_length_rows,
     interleaved,
     mib,
@@ -47,10 +44,9 @@ from _common import (  # noqa: E402
     spread,
     sst2_sentences,
 )
-
-from softprompt.models import Backbone, load_backbone  # noqa: E402
-from softprompt.prompt import init_prompt  # noqa: E402
-from softprompt.prompted import Batch, LinearHead, PromptedModel  # noqa: E402
+from softprompt.models import Backbone, load_backbone
+from softprompt.prompt import init_prompt
+from softprompt.prompted import Batch, LinearHead, PromptedModel
 
 CAUSAL_MODEL = "smollm2-135m"
 ENCODER_MODEL = "minilm-l6"
@@ -461,7 +457,7 @@ def run_mem(mode: Mode, res: dict[str, Any]) -> None:
     got = {}
     for system in ("softprompt", "peft"):
         note(f"memory: {system} subprocess")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-worker", system, "--_steps", str(mode.mem_steps)]
+        cmd = [sys.executable, "-m", "bench.speed", "--_mem-worker", system, "--_steps", str(mode.mem_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             note(f"memory worker {system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -656,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = Checks()
     print(f"# softprompt speed benchmark ({'quick' if args.quick else 'full'})\n")
     print(
-        f"`{' '.join(['python', 'bench/speed.py', *sys.argv[1:]])}` - torch {torch.__version__}, "
+        f"`{' '.join(['python', '-m', 'bench.speed', *sys.argv[1:]])}` - torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; "
         f"data: {setup.data_source}; {mode.warmup} warm-up + {mode.rounds} timed rounds, systems alternating; "
         f"load average {load:.1f} at start."
