@@ -111,6 +111,7 @@ class PromptObjective:
     train_set: list[Encoded]
     eval_set: list[Encoded]
     meta: dict[str, Any]  # what every saved prompt file's header holds besides its metrics
+    head: torch.nn.Module | None = None  # an encoder's head or a decoder's --head linear (passed, never set on pm)
     params: list[torch.nn.Parameter] = field(default_factory=list)
     head_params: list[torch.nn.Parameter] = field(default_factory=list)
 
@@ -142,7 +143,7 @@ class PromptObjective:
             targets=[e.target_ids or [] for e in rows] if kind == "generate" else None,
         )
         # the prefix (prompt keys/values) is built once per micro-batch and shared by its rows
-        return pm.loss(self.prompt.prefix(pm), batch.to(self.bb.device), self.task.label_ids)
+        return pm.loss(self.prompt.prefix(pm), batch.to(self.bb.device), self.task.label_ids, self.head)
 
     def evaluate(self) -> Evaluation:
         pm, t = self.pm, self.cfg.train
@@ -154,6 +155,7 @@ class PromptObjective:
             task=self.spec.task,
             label_ids=self.task.label_ids,
             labels=self.spec.verbalizer.labels if self.spec.verbalizer else None,
+            head=self.head,
         )
         pm.train(self.cfg.model.dropout)  # back to training mode: --dropout stays active after an evaluation
         score = float(m.get(t.metric, m.get("loss", 0.0)))
@@ -162,7 +164,7 @@ class PromptObjective:
     def save(self, metrics: Evaluation | dict[str, Any]) -> None:
         m = scalars(metrics.metrics if isinstance(metrics, Evaluation) else metrics)
         extra = {}
-        head = self.pm.head
+        head = self.head
         if head is not None and hasattr(head, "linear"):  # head.linear.weight/.bias: what Predictor.load reads
             extra = {f"head.{k}": v for k, v in head.state_dict().items()}
         out = self.cfg.train.out
@@ -206,7 +208,7 @@ def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
         scale=cfg.prompt.init_scale,
         label_words=task.label_words() if spec.task == "classify" and spec.verbalizer else None,
     )
-    pm.head = task.make_head(seed=t.seed)
+    head = task.make_head(seed=t.seed)
     prompt = methods.get(cfg.prompt.method).create(pm, init, cfg.prompt)  # started from the --init embeddings
     meta = {
         "base_model": bb.model_id,
@@ -228,7 +230,8 @@ def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
         eval_set,
         meta,
         params=prompt.trainable(),
-        head_params=[p for p in (pm.head.parameters() if pm.head is not None else []) if p.requires_grad],
+        head=head,
+        head_params=[p for p in (head.parameters() if head is not None else []) if p.requires_grad],
     )
 
 
