@@ -447,23 +447,19 @@ def evaluate_tasks(
 ) -> dict[str, dict[str, Any]]:
     """Each task's metrics under its own prompt (exactly what its exported file gives)."""
     out = {}
-    saved = mt.pm.head
-    try:
-        for k, (name, bt, ev) in enumerate(zip(mt.names, mt.tasks, evals)):
-            if not ev:
-                continue
-            mt.pm.head = mt.heads[k]
-            labels = bt.spec.verbalizer.labels if bt.spec.verbalizer else None
-            out[name] = evaluate_examples(
-                mt.pm,
-                mt.pm.build_prefix([mp.prompt(k).detach()]),
-                ev,
-                task=bt.spec.task,
-                label_ids=bt.label_ids,
-                labels=labels,
-            )
-    finally:
-        mt.pm.head = saved
+    for k, (name, bt, ev) in enumerate(zip(mt.names, mt.tasks, evals)):
+        if not ev:
+            continue
+        labels = bt.spec.verbalizer.labels if bt.spec.verbalizer else None
+        out[name] = evaluate_examples(
+            mt.pm,
+            mt.pm.build_prefix([mp.prompt(k).detach()]),
+            ev,
+            task=bt.spec.task,
+            label_ids=bt.label_ids,
+            labels=labels,
+            head=mt.heads[k],
+        )
     return out
 
 
