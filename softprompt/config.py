@@ -60,7 +60,7 @@ class PromptConfig:
     num_tokens: int = 20
     """Number of virtual tokens in the soft prompt (Lester et al.: 5-100)."""
     init: str = "labels"
-    """Initialisation: random | vocab | text:"phrase" | labels | file:PATH (see softprompt.prompt)."""
+    """Initialisation: random | vocab | sample-vocab | text:"phrase" | labels | file:PATH (see softprompt.prompt)."""
     init_scale: float = 0.5
     """Half-width of the uniform distribution used by `random` init."""
     position: str = "auto"
@@ -70,6 +70,11 @@ class PromptConfig:
     layer, softprompt.deep)."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
+    reparam: str = "none"
+    """--method prompt: none, or residual (Residual Prompt Tuning: the prompt passes through a residual bottleneck MLP
+    while training; folded into an ordinary prompt at save, softprompt.plain)."""
+    reparam_hidden: int = 400
+    """--reparam residual: the bottleneck width of its MLP."""
 
 
 @dataclass
@@ -205,6 +210,9 @@ class RunConfig:
             (p.position in ("auto", "start"), f"--position must be auto or start, got {p.position!r}"),
             (p.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {p.method!r}"),
             (p.deep_reparam >= 0, "--deep-reparam must be >= 0"),
+            (p.reparam in ("none", "residual"), f"--reparam must be none or residual, got {p.reparam!r}"),
+            (p.reparam == "none" or p.method == "prompt", "--reparam residual is for --method prompt"),
+            (p.reparam_hidden >= 1, "--reparam-hidden must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

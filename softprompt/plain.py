@@ -89,8 +89,7 @@ class _Plain:
     exports = frozenset({"peft", "prompt-table"})
 
     def create(self, pm: PromptedModel, init: torch.Tensor, cfg: PromptConfig) -> PlainPrompt:
-        reparam, hidden = getattr(cfg, "reparam", "none"), getattr(cfg, "reparam_hidden", 0)
-        return PlainPrompt(init, reparam=reparam, hidden=hidden).to(pm.backbone.device)
+        return PlainPrompt(init, reparam=cfg.reparam, hidden=cfg.reparam_hidden).to(pm.backbone.device)
 
     def load_prefix(self, pm: PromptedModel, ckpt: PromptCheckpoint, *, kv: bool | None) -> Prefix:
         # (kv only changes a decoder's prefix; Prefix.stack refuses an encoder batch mixing K/V slots and none)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +68,26 @@ def test_sample_vocab_init_draws_rows_from_the_whole_vocabulary(tiny_backbone: C
     assert max(ids) > VOCAB_TOP_K and V > VOCAB_TOP_K  # drawn beyond the `vocab` rule's candidates
     torch.testing.assert_close(init_prompt("sample-vocab", 200, emb, bb.tokenizer, seed=3), rows)  # seeded
     assert not torch.equal(init_prompt("sample-vocab", 200, emb, bb.tokenizer, seed=4), rows)
+
+
+def test_residual_training_saves_an_ordinary_prompt_and_resume_checks_the_reparam(
+    tmp_path: Path, tiny_dir: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from softprompt.checkpoint import load_prompt
+    from softprompt.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"w{i}", "label": "ab"[i % 2]}) + "\n" for i in range(8)))
+    out = tmp_path / "r.safetensors"
+    argv = ["train", "--model", str(tiny_dir("llama")), "--train", str(data), "--eval", str(data), "--out", str(out)]
+    argv += ["--labels", "a=yes,b=no", "--device", "cpu", "--no-progress", "--num-tokens", "3", "--batch-size", "4"]
+    argv += ["--max-steps", "2", "--save-every", "1", "--reparam", "residual", "--reparam-hidden", "8"]
+    assert main(argv) == 0, capsys.readouterr().err
+    ck = load_prompt(out)
+    assert ck.meta["method"] == "prompt" and ck.meta["reparam"] == "residual" and set(ck.extra) == set()
+    assert main(["eval", "--prompt", str(out), "--data", str(data), "--device", "cpu"]) == 0  # served as any prompt
+    capsys.readouterr()
+    more = [a if a != "2" else "3" for a in argv]
+    resume = [*more[: more.index("--reparam")], "--resume", str(out) + ".state"]  # same run, reparam dropped
+    assert main(resume) == 2
+    assert "--prompt.reparam was 'residual' in the interrupted run, now 'none'" in capsys.readouterr().err
