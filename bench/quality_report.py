@@ -211,7 +211,7 @@ def _target_lines(results: dict[str, Any], mode: str) -> list[str]:
 
 
 def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: Path) -> None:
-    cmd = "python bench/quality.py" + (" --quick" if mode == "quick" else "")
+    cmd = "python -m bench.quality" + (" --quick" if mode == "quick" else "")
     wall = sum(v.get("wall_s", 0) for v in results.values())
     lines = [
         "# Results: does it learn?",
@@ -377,7 +377,7 @@ def update_readme(results: dict[str, Any], mode: str, readme: Path) -> None:
         acc = " / ".join(f"{100 * r['accuracy']:.1f}" for r in runs if r)
         last = runs[-1] or {}
         rows.append(f"| {data} | {label} | {acc} | {last.get('trainable', 0):,} | {last.get('steps', 0)} |")
-    cmd = "python bench/quality.py" + (" --quick" if mode == "quick" else "")
+    cmd = "python -m bench.quality" + (" --quick" if mode == "quick" else "")
     body = [START, f"Measured by `{cmd}` ({mode} budget; full tables, budgets and targets in docs/results.md):", ""]
     body += rows if len(rows) > 2 else ["(no run measured yet)"]
     new = text[: text.index(START)] + "\n".join(body + [END]) + text[text.index(END) + len(END) :]

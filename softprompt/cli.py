@@ -15,8 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from softprompt.config import (
-    ConfigError,
+from softprompt.commands import (
     EvalConfig,
     GenerateConfig,
     InfoConfig,
@@ -24,9 +23,9 @@ from softprompt.config import (
     PredictConfig,
     PromptCommandConfig,
     ServeConfig,
-    build_config,
     from_args,
 )
+from softprompt.config import ConfigError, build_config
 from softprompt.parsers import build_parser
 
 __all__ = ["COMMANDS", "build_config", "build_parser", "main"]

@@ -63,7 +63,8 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.checkpoint import save_prompt
-from softprompt.config import DataConfig, RunConfig, TrainMultiConfig, apply_options, load_yaml, to_dict
+from softprompt.commands import TrainMultiConfig
+from softprompt.config import DataConfig, RunConfig, apply_options, load_yaml, to_dict
 from softprompt.data import DataError, Encoded
 from softprompt.evaluate import evaluate_examples
 from softprompt.models import Backbone, load_backbone

@@ -17,8 +17,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import (
-    SECTIONS,
+from softprompt.commands import (
     SKIP_CHECK_HELP,
     EvalConfig,
     ExportConfig,
@@ -31,8 +30,8 @@ from softprompt.config import (
     SimilarityConfig,
     TrainCommandConfig,
     TrainMultiConfig,
-    field_docs,
 )
+from softprompt.config import SECTIONS, field_docs
 
 __all__ = [
     "COMMANDS",

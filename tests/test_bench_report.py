@@ -48,7 +48,7 @@ def test_targets_met_and_missed_are_stated(tmp_path: Path) -> None:
     assert "90.5% (gap 4.5 points, 0.06% of the parameters) — MISSED" in page
     assert "| RTE prompt tuning (2,240 examples, seed 0) (n=2 seeds) | 52.0 ± 2.8 |" in page
     assert "- x failed: boom" in page
-    assert "Command: `python bench/quality.py --only pairs` (cached runs are skipped) · run on 2026-11-28, " in page
+    assert "Command: `python -m bench.quality --only pairs` (cached runs are skipped) · run on 2026-11-28, " in page
     assert "2026-11-29 · wall 21 min" in page
     assert (docs / "img" / "curves.png").stat().st_size > 0 and (docs / "img" / "ablations.png").exists()
 

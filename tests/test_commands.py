@@ -11,13 +11,9 @@ import re
 
 import pytest
 
-from softprompt import cli, config, parsers
-from softprompt.config import (
-    RunConfig,
-    ServeConfig,
-    TrainMultiConfig,
-    field_docs,
-)
+from softprompt import cli, commands, config, parsers
+from softprompt.commands import ServeConfig, TrainMultiConfig
+from softprompt.config import RunConfig, field_docs
 
 NAMES = list(parsers.COMMANDS)
 
@@ -81,7 +77,7 @@ def test_flag_defaults_are_the_field_defaults(name: str) -> None:
 
 def test_serve_config_from_the_parsed_flags() -> None:
     args = parsers.build_parser().parse_args(["serve", "--prompts", "d", "--max-inputs", "7", "--port", "9"])
-    cfg = config.from_args(ServeConfig, args)
+    cfg = commands.from_args(ServeConfig, args)
     assert cfg == ServeConfig(prompts="d", max_inputs=7, port=9)
     assert vars(args).keys() - {"cmd"} == {f.name for f in dataclasses.fields(ServeConfig)}
 
@@ -92,7 +88,7 @@ def test_serve_config_is_one_class() -> None:
     from softprompt.serve.server import ServeConfig as B
 
     assert A is B is ServeConfig
-    assert tuple(MODES) == config.SCHEDULER_MODES
+    assert tuple(MODES) == commands.SCHEDULER_MODES
 
 
 def _named_flags(fn) -> set[str]:
@@ -124,7 +120,7 @@ def test_serve_errors_name_a_flag_that_parses(tmp_path, field: str, bad: int) ->
     assert flag == "--" + field.replace("_", "-")
     args = parsers.build_parser().parse_args(["serve", "--prompts", str(tmp_path), flag, str(bad)])
     with pytest.raises(config.ConfigError):
-        config.from_args(ServeConfig, args).validate()
+        commands.from_args(ServeConfig, args).validate()
 
 
 def test_train_multi_overrides_are_run_config_fields() -> None:

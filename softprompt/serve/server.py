@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from softprompt.checkpoint import CheckpointError, load_prompt
-from softprompt.config import ConfigError, ModelConfig, ServeConfig  # ServeConfig: one field per `serve` flag
+from softprompt.commands import ServeConfig  # ServeConfig: one field per `serve` flag
+from softprompt.config import ConfigError, ModelConfig
 from softprompt.models import Backbone, load_backbone
 from softprompt.serve.app import create_app
 from softprompt.serve.limits import ConnLimits, install_flood_filters, protocol_class

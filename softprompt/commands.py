@@ -1,0 +1,319 @@
+"""The typed configs of every command but `train` (whose sections are softprompt.config's RunConfig): one
+dataclass field per flag, with its docstring as the flag's help; `softprompt.parsers` builds each command's flags
+from them and `softprompt.cli` hands each handler its instance (`from_args`). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from softprompt.config import ConfigError, flag
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    """An instance of the command dataclass `cls` from the parsed flags (one attribute per field)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# ---- the other commands' flags: one field per flag -----------------------------------------------------------
+SKIP_CHECK_HELP = "skip the load-time check that softprompt's forward equals the model's own (exit 2 on a mismatch)"
+SCHEDULER_MODES = ("mixed", "per-task")  # softprompt.serve.scheduler.MODES (a test keeps the two equal)
+
+
+@dataclass(kw_only=True)
+class TrainCommandConfig:
+    """`softprompt train`'s flags besides RunConfig's: the YAML file and the data-parallel launch."""
+
+    config: str | None = None
+    """YAML file with any of the options below (flags given here win)"""
+    distributed: bool = flag(False, group="distributed")
+    """data-parallel training: re-run this command under `accelerate launch` (see docs/distributed.md)"""
+    nproc_per_node: int | None = flag(None, group="distributed")
+    """processes for --distributed; when not given: the number of GPUs, or 2 on a CPU-only machine"""
+    accelerate_config: str | None = flag(None, group="distributed")
+    """an `accelerate config` YAML for --distributed (e.g. FSDP or DeepSpeed; see docs/distributed.md)"""
+
+
+@dataclass(kw_only=True)
+class TrainMultiConfig:
+    """`softprompt train-multi`: the YAML file and the flags that override its top-level options (None: the
+    file's value, else the `softprompt train` default)."""
+
+    config: str = flag(required=True)
+    """YAML file with top-level options and a `tasks:` list"""
+    shared_tokens: int | None = None
+    """tokens of the shared prompt (default 10)"""
+    num_tokens: int | None = None
+    """tokens of each task's own prompt"""
+    out: str | None = None
+    """output directory (default: `out` in the config, else multitask/)"""
+    model: str | None = None
+    """backbone: an alias from `softprompt models`, a local directory or a hub name (overrides `model`)"""
+    max_steps: int | None = None
+    """optimiser steps (overrides `max_steps`)"""
+    lr: float | None = None
+    """peak learning rate (overrides `lr`)"""
+    batch_size: int | None = None
+    """rows per optimiser step, drawn over the tasks (overrides `batch_size`)"""
+    seed: int | None = None
+    """random seed: init and batch draws (overrides `seed`)"""
+    device: str | None = None
+    """device: auto, cpu, cuda, cuda:N (overrides `device`)"""
+    resume: str | None = None
+    """state directory to resume from (default OUT/state)"""
+    progress: bool | None = None
+    """show a progress bar (overrides `progress`)"""
+    overwrite: bool | None = None
+    """replace a file in the output directory that is not a softprompt prompt (overrides `overwrite`)"""
+
+
+@dataclass(kw_only=True)
+class PromptCommandConfig:
+    """What eval, predict and generate share: the prompt(s) and the backbone they run on."""
+
+    prompt: list[str] = flag(action="append", required=True)
+    """prompt .safetensors (repeat for an ensemble)"""
+    model: str | None = None
+    """backbone (default: the base model recorded in the prompt)"""
+    allow_other_model: bool = False
+    """skip the base-model fingerprint check"""
+    skip_equivalence_check: bool = False
+    """skip the load-time check that softprompt's forward equals the model's own (exit 2 on a mismatch)"""
+    combine: str = flag("mean", choices=["mean", "vote"])
+    """ensemble combination"""
+    batch_size: int = 32
+    """inputs per forward pass"""
+    device: str = "auto"
+    """device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"""
+
+
+@dataclass(kw_only=True)
+class EvalConfig(PromptCommandConfig):
+    """`softprompt eval`: evaluate a prompt on a labelled file; prints one JSON object."""
+
+    data: str = flag(required=True)
+    """labelled file (jsonl/csv/tsv)"""
+    max_new_tokens: int = 32
+    """tokens generated per input (generation tasks)"""
+    columns: str | None = None
+    """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+
+
+@dataclass(kw_only=True)
+class PredictConfig(PromptCommandConfig):
+    """`softprompt predict`: labels and probabilities per input, JSONL out."""
+
+    data: str = flag(required=True)
+    """file, or - for JSONL on stdin"""
+    output: str | None = None
+    """write JSONL here (atomically) instead of stdout"""
+    columns: str | None = None
+    """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(PromptCommandConfig):
+    """`softprompt generate`: generate text with a prompt."""
+
+    input: str | None = flag(None, one_of="source")
+    """one input text (the filled template, or the value of its single field)"""
+    data: str | None = flag(None, one_of="source")
+    """file, or - for JSONL on stdin"""
+    max_new_tokens: int = 32
+    """largest number of tokens generated per input"""
+    do_sample: bool = False
+    """sample (with --temperature, --top-p, --top-k) instead of greedy / beam search"""
+    temperature: float = 1.0
+    """sampling temperature (with --do-sample)"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set of tokens of this total probability (with --do-sample)"""
+    top_k: int = 0
+    """keep the k most likely tokens (with --do-sample; 0: all)"""
+    num_beams: int = 1
+    """beam search with this many beams (1: greedy)"""
+    seed: int = 0
+    """random seed of the sampling"""
+
+
+@dataclass(kw_only=True)
+class InfoConfig:
+    """`softprompt info`: metadata and size of a prompt file (JSON)."""
+
+    path: str = flag(positional=True)
+    """the prompt file (.safetensors)"""
+
+
+@dataclass(kw_only=True)
+class ModelsConfig:
+    """`softprompt models`: the built-in model aliases and whether each is installed."""
+
+    architectures: bool = False
+    """the supported-architectures table instead"""
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """`softprompt export --to peft|prompt-table PROMPT [PROMPT ...] DIR`."""
+
+    export_to: str = flag(flags=("--to",), required=True, choices=["peft", "prompt-table"])
+    """the format written: a PEFT prompt-tuning adapter or a TensorRT-LLM/NeMo prompt table"""
+    paths: list[str] = flag(positional=True, nargs="+", metavar="PATH")
+    """prompt file(s), then the output directory"""
+    model: str | None = None
+    """base model (default: the one recorded in the prompt)"""
+    allow_other_model: bool = False
+    """skip the base-model fingerprint check"""
+    base_model: str | None = None
+    """peft: base_model_name_or_path to write (default: a loadable path/name)"""
+    fold_bos: bool = False
+    """peft: a --position auto prompt behind a BOS/CLS gets that token as virtual token 0 (exact)"""
+    force: bool = False
+    """peft: export even when PEFT's outputs would differ"""
+    task_names: str | None = None
+    """prompt-table: comma-separated task names (default: the file stems)"""
+    dtype: str = flag("float32", choices=["float32", "float16"])
+    """prompt-table: array dtype"""
+
+
+@dataclass(kw_only=True)
+class ImportConfig:
+    """`softprompt import --from peft DIR PROMPT`."""
+
+    import_from: str = flag(flags=("--from",), required=True, choices=["peft"])
+    """the format read: a PEFT prompt-tuning adapter directory"""
+    adapter_dir: str = flag(positional=True, metavar="DIR")
+    """the adapter directory"""
+    out: str = flag(positional=True, metavar="PROMPT")
+    """the .safetensors prompt file to write"""
+    model: str | None = None
+    """base model (default: the adapter's base_model_name_or_path)"""
+    allow_other_model: bool = False
+    """skip the base-model fingerprint check"""
+    task: str | None = flag(None, choices=["classify", "generate"])
+    """task of a PEFT-trained adapter"""
+    template: str | None = None
+    """input template of a PEFT-trained adapter (default {text})"""
+    labels: str | None = None
+    """verbalizer "label=word,..." of a PEFT-trained classification adapter"""
+
+
+@dataclass(kw_only=True)
+class SimilarityConfig:
+    """`softprompt similarity`: rank source prompts by cosine similarity to a target prompt (SPoT)."""
+
+    sources: list[str] = flag(positional=True, nargs="+", metavar="PROMPT")
+    """source prompt files"""
+    to: str = flag(required=True, metavar="PROMPT")
+    """the target task's prompt"""
+    by: str = flag("mean", choices=["mean", "flat"])
+    """rank by the cosine of the mean token (any lengths) or of the flattened prompt"""
+    json: bool = False
+    """one JSON object per source instead of a table"""
+
+
+@dataclass
+class ServeConfig:
+    """`softprompt serve`: every prompt in `prompts` is a task on one model (softprompt.serve)."""
+
+    prompts: str = flag(".", required=True, metavar="DIR")
+    """directory of prompt files (task = file name)"""
+    model: str | None = None
+    """backbone (default: the base model recorded in the first prompt)"""
+    host: str = "127.0.0.1"
+    """bind address (default: 127.0.0.1, loopback only)"""
+    port: int = 8000
+    """TCP port to listen on"""
+    admin_token: str | None = None
+    """bearer token of the admin endpoints (default: $SOFTPROMPT_ADMIN_TOKEN; neither: admin endpoints disabled)"""
+    max_batch_size: int = 32
+    """rows per forward pass"""
+    max_wait_ms: float = 5.0
+    """longest wait for a batch to fill"""
+    max_queue: int = 1024
+    """queued requests before 429"""
+    timeout_s: float = 60.0
+    """request timeout, 504"""
+    kv_cache_mb: float = 1024.0
+    """memory for per-task prompt keys/values"""
+    max_input_tokens: int | None = None
+    """longest input, 413 (default: each task's own limit)"""
+    max_new_tokens: int = 512
+    """largest max_new_tokens allowed"""
+    max_upload_mb: float = 16.0
+    """largest prompt upload"""
+    max_inputs: int = 256
+    """most inputs in one request, 413"""
+    max_body_mb: float = 8.0
+    """largest request body of the inference endpoints, chunked or not, 413"""
+    max_input_chars: int | None = None
+    """longest input in characters, 413 before tokenising (default: the task's token limit x the tokenizer's
+    longest token)"""
+    max_connections: int = 1000
+    """open connections; beyond, the longest-idle one is closed (408) or the new one refused (503)"""
+    header_timeout_s: float = 10.0
+    """a request's headers must arrive within this, 408"""
+    body_timeout_s: float = 30.0
+    """its body must arrive within this after them, 408"""
+    keep_alive_s: float = 5.0
+    """idle kept-alive connections are closed after this"""
+    scheduler: str = flag("mixed", choices=list(SCHEDULER_MODES))
+    """mixed-task batches or one task per batch"""
+    no_kv_cache: bool = False
+    """run the prompt with every request (the PEFT way)"""
+    device: str = "auto"
+    """device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"""
+    dtype: str = "float32"
+    """weight dtype of the backbone: float32, bfloat16 or float16"""
+    allow_other_model: bool = False
+    """skip the base-model fingerprint check"""
+    skip_equivalence_check: bool = False
+    """skip the load-time check that softprompt's forward equals the model's own (exit 2 on a mismatch)"""
+    log_level: str = flag("info", choices=["debug", "info", "warning", "error"])
+    """log level of the server (softprompt and uvicorn loggers)"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice)"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for out-of-range values."""
+        if self.scheduler not in SCHEDULER_MODES:
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULER_MODES)}, got {self.scheduler!r}")
+        for flag_, v in (
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-queue", self.max_queue),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--max-inputs", self.max_inputs),
+            ("--max-connections", self.max_connections),
+        ):
+            if v < 1:
+                raise ConfigError(f"{flag_} must be >= 1, got {v}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.max_input_tokens is not None and self.max_input_tokens < 1:
+            raise ConfigError(f"--max-input-tokens must be >= 1, got {self.max_input_tokens}")
+        if self.max_input_chars is not None and self.max_input_chars < 1:
+            raise ConfigError(f"--max-input-chars must be >= 1, got {self.max_input_chars}")
+        for flag_, x in (
+            ("--max-body-mb", self.max_body_mb),
+            ("--header-timeout-s", self.header_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+            ("--keep-alive-s", self.keep_alive_s),
+        ):
+            if not (math.isfinite(x) and x > 0):
+                raise ConfigError(f"{flag_} must be > 0, got {x}")
+        values = (self.max_wait_ms, self.timeout_s, self.kv_cache_mb, self.max_upload_mb)
+        if (
+            not all(math.isfinite(v) for v in values)
+            or self.max_wait_ms < 0
+            or self.timeout_s <= 0
+            or (self.kv_cache_mb < 0 or self.max_upload_mb <= 0)
+        ):
+            raise ConfigError("--max-wait-ms and --kv-cache-mb must be >= 0, --timeout-s and --max-upload-mb > 0")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if not Path(self.prompts).is_dir():
+            raise ConfigError(f"--prompts: {self.prompts} is not a directory")
