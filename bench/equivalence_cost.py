@@ -1,4 +1,4 @@
-"""What the load-time equivalence guard costs, side by side with what it guards (softprompt.equivalence).
+"""What the load-time equivalence guard costs, side by side with what it guards (softprompt.arch).
 
     python -m bench.equivalence_cost [--model smollm2-135m] [--rounds 5] [--threads 2]
 
@@ -27,8 +27,8 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from softprompt.arch import PROBE_TEXTS, tolerance
     from softprompt.config import ModelConfig
-    from softprompt.equivalence import PROBE_TEXTS, tolerance
     from softprompt.models import load_backbone
     from softprompt.prompted import PromptedModel
 

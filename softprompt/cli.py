@@ -91,7 +91,7 @@ def _similarity(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     cfg: ModelsConfig = from_args(ModelsConfig, args)
     if cfg.architectures:
-        from softprompt.support import markdown
+        from softprompt.arch import markdown
 
         print(markdown())
         return 0

@@ -51,7 +51,7 @@ class ModelConfig:
     quantize: str = "none"
     """Frozen-weight quantization: none, int8 or int4 (optimum-quanto; CPU/GPU), bnb8 or bnb4 (bitsandbytes; CUDA)."""
     skip_equivalence_check: bool = False
-    """Skip the load-time check that softprompt's forward path equals the model's own (softprompt.equivalence)."""
+    """Skip the load-time check that softprompt's forward path equals the model's own (softprompt.arch)."""
 
 
 @dataclass
@@ -71,7 +71,7 @@ class PromptConfig:
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
     reparam: str = "none"
     """--method prompt: none, or residual (Residual Prompt Tuning: the prompt passes through a residual bottleneck MLP
-    while training; folded into an ordinary prompt at save, softprompt.plain)."""
+    while training; folded into an ordinary prompt at save, softprompt.prompt)."""
     reparam_hidden: int = 400
     """--reparam residual: the bottleneck width of its MLP."""
 

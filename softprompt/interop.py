@@ -36,7 +36,6 @@ import argparse
 import base64
 import io
 import json
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,7 +57,6 @@ from softprompt.checkpoint import (
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.methods import check_export
 from softprompt.models import ALIASES, Backbone, load_backbone
-from softprompt.parsers import add_interop_parsers
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -592,19 +590,3 @@ def run(args: argparse.Namespace) -> int | None:
         )
         return 0
     return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m softprompt.interop export|import ...` (the same commands as the CLI)."""
-    p = argparse.ArgumentParser(prog="softprompt")
-    add_interop_parsers(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(argv)
-    try:
-        return run(args) or 0
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"softprompt: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
-from softprompt.heads import PerPromptHeads
 from softprompt.methods import checkpoint_prefix
 from softprompt.models import Backbone
+from softprompt.prefix import PerPromptHeads
 from softprompt.prompt import tensor_digest
 from softprompt.prompted import Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec

@@ -4,8 +4,8 @@ A method is one module that defines `METHOD` (the `Method` protocol below), plus
 (softprompt.train, softprompt.trainer), evaluation, prediction, generation, ensembles, transfer similarity and
 serving reach every method through `get` / `of` and `checkpoint_prefix`; no other module names a method.
 
-  prompt  softprompt.plain  input-embedding soft prompt (Lester et al. 2021)
-  deep    softprompt.deep   learned keys/values at every layer (prefix tuning, P-tuning v2)
+  prompt  softprompt.prompt  input-embedding soft prompt (Lester et al. 2021)
+  deep    softprompt.deep    learned keys/values at every layer (prefix tuning, P-tuning v2)
 
 This module imports no torch at import time (the CLI parser and the config validation read REGISTRY).
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from softprompt.prefix import Prefix
     from softprompt.prompted import PromptedModel
 
-REGISTRY: dict[str, str] = {"prompt": "softprompt.plain", "deep": "softprompt.deep"}  # name -> module with METHOD
+REGISTRY: dict[str, str] = {"prompt": "softprompt.prompt", "deep": "softprompt.deep"}  # name -> module with METHOD
 
 
 class Trainable(Protocol):

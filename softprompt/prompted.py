@@ -20,7 +20,7 @@ concatenated with its input embeddings ("concat path"), as PEFT does.
 Only the hidden states that are scored go through the LM head: the verbalizer positions or the target
 positions, never the whole vocabulary at every position; they go through the model's own output path, and the
 input embeddings and sliding-window masks follow the model's own rules (softprompt.arch). Before a PromptedModel
-is used, softprompt.equivalence checks this path against the model's own forward (once per backbone).
+is used, softprompt.arch's load-time guard checks this path against the model's own forward (once per backbone).
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ from transformers import DynamicCache
 
 from softprompt import arch
 from softprompt.data import pad_left, pad_right
-from softprompt.heads import LinearHead, PerPromptHeads, SimilarityHead, VerbalizerHead, scores_by_head
 from softprompt.models import Backbone
-from softprompt.prefix import Batch, Prefix
+from softprompt.prefix import Batch, LinearHead, PerPromptHeads, Prefix, SimilarityHead, VerbalizerHead, scores_by_head
 
 __all__ = ["Batch", "LinearHead", "PerPromptHeads", "Prefix", "PromptedModel", "SimilarityHead", "VerbalizerHead"]
 
@@ -74,9 +73,7 @@ class PromptedModel(nn.Module):
         self.output = arch.OutputPath(self.model) if self.family == "causal" else None
         self.windows = arch.windows_of(self.model.config) if self.family == "causal" else None
         if not backbone.skip_equivalence_check:
-            from softprompt.equivalence import ensure_equivalent
-
-            ensure_equivalent(self, position)
+            arch.ensure_equivalent(self, position)
 
     # ----- text -> ids --------------------------------------------------------------------------------
     def _pad_id(self) -> int:

@@ -2,7 +2,8 @@
 
 For each architecture (decoder-only incl. MoE, ALiBi, parallel-attention, multi-query, sliding-window and
 scaled-logit families; encoder-decoders; encoders incl. factorized embeddings):
-- the load-time guard passes and measures the difference (softprompt.equivalence);
+- the load-time guard passes and measures the difference (softprompt.arch);
+- the supported-architectures table (`softprompt models --architectures`, the README) lists exactly this matrix;
 - label scores of a padded batch behind a prompt of real-token embeddings equal the model's own `input_ids`
   forward of each row alone with those tokens in the prompt's place (so embedding scales, output scaling and
   sliding windows are checked against the model itself, not against softprompt's idea of it);
@@ -340,3 +341,17 @@ def test_beam_search_equals_model_generate(arch_id: str, arch_backbone: Backbone
             ids = own_ids(pm, pids, t)
             want = bb.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0, ids.shape[1] :]
             assert got[: len(want)] == want.tolist(), (arch_id, t)
+
+
+def test_supported_table_lists_exactly_the_matrix(capsys: pytest.CaptureFixture[str]) -> None:
+    """`softprompt models --architectures` and the README show one table, and it claims what the matrix runs."""
+    assert arch_mod.model_types() == {a.model_type for a in ARCHS}
+    refused = {t for f in arch_mod.FAMILIES if f.path == "refused" for t in f.model_types}
+    assert refused == {next(a.model_type for a in ARCHS if a.id == r) for r in REFUSED}
+    assert main(["models", "--architectures"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == arch_mod.markdown()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert out in readme, (
+        "README's supported-architectures table is out of date: paste `softprompt models --architectures`"
+    )

@@ -1,4 +1,4 @@
-"""softprompt.equivalence: the load-time guard refuses architectures softprompt cannot run exactly, refuses each
+"""softprompt.arch, the load-time equivalence guard: refuses architectures softprompt cannot run exactly, refuses each
 defect of the architecture matrix when its fix is undone, refuses a deliberately broken model in every command,
 and runs once per backbone and forward path."""
 
@@ -13,8 +13,8 @@ import pytest
 from archs import REFUSED, arch_model_dir
 
 from softprompt import arch as arch_mod
+from softprompt.arch import EquivalenceError
 from softprompt.cli import main
-from softprompt.equivalence import EquivalenceError
 from softprompt.models import Backbone
 from softprompt.prompted import PromptedModel
 
@@ -97,13 +97,11 @@ def test_deliberately_broken_model_is_refused_in_the_cli(
 
 
 def test_guard_runs_once_per_backbone_and_path(arch_backbone: BackboneFn, monkeypatch: pytest.MonkeyPatch) -> None:
-    from softprompt import equivalence
-
     bb = copy.copy(arch_backbone("llama"))
     bb.verified = {}
     calls: list[int] = []
-    real = equivalence.measure
-    monkeypatch.setattr(equivalence, "measure", lambda pm: calls.append(1) or real(pm))
+    real = arch_mod.measure
+    monkeypatch.setattr(arch_mod, "measure", lambda pm: calls.append(1) or real(pm))
     PromptedModel(bb)
     PromptedModel(bb)
     assert len(calls) == 1

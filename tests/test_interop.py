@@ -12,6 +12,7 @@ import torch
 from tiny import tiny_model_dir  # pytest puts tests/ on sys.path
 
 from softprompt.checkpoint import CheckpointError, load_prompt, save_prompt
+from softprompt.cli import main
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.interop import (
     PEFT_KEY,
@@ -23,7 +24,6 @@ from softprompt.interop import (
     export_prompt_table,
     import_peft,
     load_prompt_table,
-    main,
     prompt_embeds_for,
     table_input_ids,
 )

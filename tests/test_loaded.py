@@ -16,8 +16,8 @@ from test_ensemble import root as root  # noqa: F401  (the module-scoped fixture
 
 from softprompt.api import Predictor
 from softprompt.checkpoint import CheckpointError, load_prompt, save_prompt
-from softprompt.heads import LinearHead, PerPromptHeads, SimilarityHead
 from softprompt.loaded import LoadedPrompt, TaskCache, ensemble_head, load
+from softprompt.prefix import LinearHead, PerPromptHeads, SimilarityHead
 from softprompt.prompted import PromptedModel
 from softprompt.serve import Registry
 
