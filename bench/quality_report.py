@@ -29,6 +29,13 @@ def _fmt(r: dict[str, Any] | None) -> tuple[str, str, str, str, str, str]:
     )
 
 
+EXTRA_SECTIONS = (  # appended to docs/results.md in this order, where present
+    "results-findings.md",
+    "results-methods.md",
+    "results-dynamic.md",
+    "results-vision.md",
+    "results-compile.md",
+)
 _SEED = re.compile(r"-s(\d+)$")  # a run repeated with another seed: `<key>-s<seed>` (seed 0 has no suffix)
 
 
@@ -321,7 +328,9 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
         lines.append("- minilm-l6 linear-head prompt tuning within 4 points of full fine-tuning: not measured.")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    for extra in ("results-findings.md", "results-methods.md"):  # hand-written reading of the numbers; methods
+    # hand-written reading of the numbers; the other studies' sections (bench.methods, bench.dynamic,
+    # bench.vision, bench.compile each write their own file)
+    for extra in EXTRA_SECTIONS:
         if (docs / extra).exists():
             lines += ["", (docs / extra).read_text()]
     tmp = docs / ".results.md.tmp"
