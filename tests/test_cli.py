@@ -487,7 +487,7 @@ def test_help_and_config_import_without_torch() -> None:
 
 # ---- hardening: refused at once, one error line, never a hang or a traceback ----------------------------------
 def _gen_prompt(tiny_dir: Callable[[str], Path], path: Path) -> Path:
-    from test_serve_support import load, make_prompt
+    from serve_support import load, make_prompt
 
     d = tiny_dir("llama")
     return make_prompt(path, load(d), d, task="generate", template="Q: {text} A:")

@@ -364,7 +364,7 @@ def test_encoder_server_mixes_deep_and_plain_prompts(
     import logging
     import shutil
 
-    from test_serve_support import served
+    from serve_support import served
 
     from softprompt.serve.registry import Registry
 

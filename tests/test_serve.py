@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_serve_support import ADMIN, lively_model_dir, load, make_prompt, served, sse_events
+from serve_support import ADMIN, lively_model_dir, load, make_prompt, served, sse_events
 from tiny import tiny_model_dir
 
 from softprompt import cli

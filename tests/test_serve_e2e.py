@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_serve_support import ADMIN, load, make_prompt
+from serve_support import ADMIN, load, make_prompt
 from tiny import tiny_model_dir
 
 

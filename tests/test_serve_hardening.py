@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from test_serve_support import ADMIN, lively_model_dir, load, make_prompt, served
+from serve_support import ADMIN, lively_model_dir, load, make_prompt, served
 
 from softprompt.checkpoint import load_prompt, save_prompt
 from softprompt.serve import Registry

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from test_serve_support import load, make_prompt
+from serve_support import load, make_prompt
 from tiny import tiny_model_dir
 
+from softprompt.prefix import Prefix
 from softprompt.serve import pipeline as pl
 from softprompt.serve.errors import BadRequest, TooLarge, Unprocessable
+from softprompt.serve.pipeline import Item, collate, stack_prefixes, unbatch
 from softprompt.serve.registry import Registry
 
 PACKAGE = Path(__file__).resolve().parent.parent / "softprompt"
@@ -182,3 +184,51 @@ def test_scheduler_kv_cache_setting_reaches_the_decoder(reg: Registry) -> None:
     assert not s.kv_cache and not s.decoder.kv_cache
     s.kv_cache = True
     assert s.decoder.kv_cache
+
+
+# collate / unbatch / stack_prefixes: the pure stages, on hand-made items and prefixes
+
+
+def test_collate_left_pads_and_indexes_tasks_in_first_seen_order() -> None:
+    items = [Item("b", [5, 6, 7]), Item("a", [1]), Item("b", [8, 9]), Item("c", [2, 3, 4, 5])]
+    batch, rows, tasks = collate(items, pad_id=0, left=True)
+    assert tasks == ["b", "a", "c"]
+    assert rows.tolist() == [0, 1, 0, 2]
+    assert batch.ids.tolist() == [[0, 5, 6, 7], [0, 0, 0, 1], [0, 0, 8, 9], [2, 3, 4, 5]]
+    assert batch.mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_collate_right_pads_for_encoders_and_is_pure() -> None:
+    items = [Item(1, [5, 6, 7]), Item(2, [1])]
+    before = [list(i.input_ids) for i in items]
+    batch, rows, tasks = collate(items, pad_id=9, left=False)
+    assert batch.ids.tolist() == [[5, 6, 7], [1, 9, 9]] and batch.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert rows.tolist() == [0, 1] and tasks == [1, 2]
+    assert [list(i.input_ids) for i in items] == before
+    again, _, _ = collate(items, pad_id=9, left=False)
+    assert torch.equal(again.ids, batch.ids)
+    with pytest.raises(ValueError):
+        collate([], pad_id=0, left=True)
+
+
+def test_unbatch_splits_rows_back_per_request() -> None:
+    assert unbatch(list("abcdef"), [2, 1, 3]) == [["a", "b"], ["c"], ["d", "e", "f"]]
+    assert unbatch([], []) == []
+    with pytest.raises(ValueError):
+        unbatch([1, 2], [3])
+
+
+def _prefix(width: int, fill: float, layers: int = 2) -> Prefix:
+    kv = [(torch.full((1, 2, width, 4), fill), torch.full((1, 2, width, 4), -fill)) for _ in range(layers)]
+    return Prefix(torch.full((1, width, 3), fill), torch.ones(1, width, dtype=torch.long),
+                  torch.zeros(1, width, dtype=torch.long), torch.tensor([width]), kv)  # fmt: skip
+
+
+def test_stack_prefixes_left_pads_per_task_caches() -> None:
+    a, b = _prefix(2, 1.0), _prefix(4, 2.0)
+    assert stack_prefixes([a]) is a  # one task: its own prefix, broadcast without a copy
+    s = stack_prefixes([a, b])
+    assert s.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]] and s.lengths.tolist() == [2, 4]
+    assert s.kv is not None and s.kv[0][0].shape == (2, 2, 4, 4)
+    assert s.kv[0][0][0, 0, :, 0].tolist() == [0, 0, 1, 1]
+    assert s.nbytes() == a.nbytes() + b.nbytes() + 2 * 3 * 4 + 2 * 2 * (2 * 2 * 4) * 4  # plus the padding
