@@ -87,7 +87,7 @@ def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
 
 
 _JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep",
-              "distill")  # fmt: skip
+              "distill", "routed", "conditioned")  # fmt: skip
 
 
 def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
