@@ -25,6 +25,7 @@ from torch import nn
 from softprompt.checkpoint import PromptCheckpoint, load_prompt
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Encoded
+from softprompt.dynamic import PromptSet
 from softprompt.evaluate import (
     class_probs,
     classification_metrics,
@@ -34,7 +35,6 @@ from softprompt.evaluate import (
     generation_metrics,
 )
 from softprompt.loaded import LoadedPrompt, ensemble_head, load
-from softprompt.dynamic import PromptSet
 from softprompt.methods import checkpoint_prompts
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompted import Prefix, PromptedModel

@@ -57,7 +57,7 @@ class ConditionedPrompt(nn.Module):
         self.up = nn.Parameter(torch.zeros(rank, d))  # zero: step 0 is the --init prompt
 
     def trainable(self) -> list[nn.Parameter]:
-        return [self.shared, self.down.weight, self.down.bias, self.up]
+        return [self.shared, *self.down.parameters(), self.up]  # S, A, a, V
 
     def prefix(self, pm: PromptedModel) -> Prefix:
         raise ValueError("--method conditioned: the prefix depends on the input (row_prefix)")
@@ -112,7 +112,8 @@ class _Conditioned:
         self, pm: PromptedModel, ckpt: PromptCheckpoint, ids: torch.Tensor, mask: torch.Tensor, *, kv: bool
     ) -> tuple[Prefix | None, torch.Tensor]:
         """One entry per row; kv=True (joining a batch of cached prompts): its keys/values in one batched pass."""
-        prompts = generate(*(t.to(ids.device) for t in checkpoint_generator(ckpt)), input_summary(pm, ids, mask))
+        s, a_w, a_b, v = (t.to(ids.device) for t in checkpoint_generator(ckpt))
+        prompts = generate(s, a_w, a_b, v, input_summary(pm, ids, mask))  # (n, P, d)
         prefix = pm.build_prefix(list(prompts), kv=kv, together=True)
         return prefix, torch.arange(len(prompts), device=ids.device)
 

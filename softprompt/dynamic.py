@@ -121,7 +121,8 @@ def resolve(
         sel = (member == j).nonzero()[:, 0]
         if sel.numel() == 0:
             continue
-        more, local = m.rows(pm, ckpts[j], ids[sel], mask[sel], kv=kv)
+        dyn: Any = m  # a per_row method (Method.rows)
+        more, local = dyn.rows(pm, ckpts[j], ids[sel], mask[sel], kv=kv)
         if more is None:  # routed: an entry among the prompt's own static ones
             rows[sel] = offsets[j] + local
             routes[sel] = local
@@ -165,6 +166,6 @@ class PromptSet:
         rp = resolve(self.pm, self.ms, self.ckpts, self.statics, member, ids, mask, stacked=self.stacked)
         assert rp.routes is not None
         for j, m in enumerate(self.ms):
-            k = int(getattr(m, "num_routes")(self.ckpts[j])) if hasattr(m, "num_routes") else 0
+            k = int(m.num_routes(self.ckpts[j])) if hasattr(m, "num_routes") else 0
             self.routes[j] = _count(self.routes[j], rp.routes.masked_fill(member != j, -1), k)
         return rp.prefix, rp.rows

@@ -13,7 +13,6 @@ import torch
 from softprompt.data import Encoded, sorted_batches
 from softprompt.prompted import Prefix, PromptedModel
 
-
 # What class_probs runs rows behind: a Prefix, or an input-dependent prompt's source (softprompt.dynamic: a PromptSet
 # or TrainableSource), called per batch with (ids, mask, each row's prompt or None) -> (Prefix, each row's entry).
 PrefixSource = Prefix | Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[Prefix, Any]]

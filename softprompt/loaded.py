@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
 from softprompt import methods
+from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
 from softprompt.methods import checkpoint_prefix
 from softprompt.models import Backbone
 from softprompt.prefix import PerPromptHeads

@@ -83,7 +83,7 @@ class RoutedPrompt(nn.Module):
         return int(self.routes.shape[0])
 
     def trainable(self) -> list[nn.Parameter]:
-        return [self.routes, self.router.weight, self.router.bias]
+        return [self.routes, *self.router.parameters()]  # routes, router weight, router bias
 
     def prefix(self, pm: PromptedModel) -> Prefix:
         raise ValueError("--method routed: the prefix depends on the input (row_prefix)")
