@@ -4,6 +4,8 @@ Tensors: `prompt` (P, d); optionally `head.linear.weight` (L, d) and `head.linea
 linear head on an encoder.
 A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and `deep.keys`, `deep.values`
 (layers, kv heads, tokens, head dim): learned keys/values at every layer; num_tokens counts their tokens.
+A routed prompt (softprompt.routed) stacks its K routes in `prompt` (K*P, d) and adds `routed.router.*`; a
+conditioned prompt (softprompt.conditioned) has its shared prompt in `prompt` and adds `conditioned.*`.
 Header metadata (all strings; JSON where structured):
     format            "softprompt"
     format_version    "1"

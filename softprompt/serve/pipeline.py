@@ -15,7 +15,9 @@ Each stage is a small function, unit-tested without HTTP (tests/test_serve_pipel
   `generate_event`, `completion`, `completion_chunk`).
 
 Each row sits behind its own task's prefix (`rows[i]` indexes the stacked Prefix), so a row's scores equal what
-`softprompt predict` computes for that input and prompt alone (up to float rounding of the padded matmuls).
+`softprompt predict` computes for that input and prompt alone (up to float rounding of the padded matmuls). An
+input-dependent task (softprompt.dynamic) puts each row behind its own route (routed) or its own prompt
+(conditioned): `collate_rows` maps them.
 """
 
 from __future__ import annotations
