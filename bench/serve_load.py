@@ -16,6 +16,12 @@ interleaved windows (a b c a b c ...) on one server, its scheduler switched betw
 other processes on a shared machine does not favour one setting; each window includes the drain of the requests
 still in flight when it ends.
 
+    python -m bench.serve_load --quick --routes 4   # only: a routed task (4 routes) vs one static prompt, T=1
+
+--routes K: a routed task (softprompt.routed: K routes of --prompt-tokens tokens, a random router, so requests
+take every route) against a single static prompt of --prompt-tokens tokens, both setting (a), interleaved; the
+final line's routed_vs_static_throughput is their ratio (target >= 0.9).
+
 stdout: one JSON line per scenario, then a final JSON line with mixed_vs_single_task_throughput (T=8 / T=1, (a)),
 mixed_vs_per_task_batches ((a) / (b) at T=8), cache_speedup ((a) / (c) at T=8), errors and p99_ms, for
 classification (top level) and generation ("generate"). stderr: progress.
@@ -77,6 +83,19 @@ def write_prompts(bb: Backbone, out: Path, n: int, tokens: int) -> None:
                     "template": "Question: {text}\nAnswer:"})  # fmt: skip
 
 
+def write_routed(bb: Backbone, out: Path, k: int, tokens: int) -> None:
+    """A routed classification task rtd-00: K vocab-initialised routes and a random router (routes all taken)."""
+    embed = bb.model.get_input_embeddings().weight
+    routes = torch.cat([init_prompt("vocab", tokens, embed, bb.tokenizer, seed=100 + j) for j in range(k)])
+    g = torch.Generator().manual_seed(0)
+    router = {"routed.router.weight": torch.randn(k, bb.embed_dim, generator=g), "routed.router.bias": torch.zeros(k)}
+    meta = {"base_model": bb.model_id, "architecture": bb.architecture, "family": bb.family, "fingerprint":
+            bb.fingerprint, "position": "auto", "head": "lm", "init": "vocab", "task": "classify",
+            "template": "Review: {text}\nSentiment:", "method": "routed", "routed": {"routes": k, "tokens": tokens},
+            "labels": {"labels": ["negative", "positive"], "words": ["negative", "positive"]}}  # fmt: skip
+    save_prompt(out / "rtd-00.safetensors", routes, meta, router)
+
+
 # ---- server --------------------------------------------------------------------------------------------
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
@@ -130,7 +149,7 @@ async def run_load(base: str, kind: str, tasks: list[str], texts: list[str], cli
             task = tasks[(cid + i * clients) % len(tasks)]
             text = texts[(cid * 7919 + i) % len(texts)]
             i += 1
-            if kind == "classify":
+            if kind in ("classify", "routed"):
                 url, body = "/v1/classify", {"task": task, "inputs": [text]}
             else:
                 url, body = "/v1/generate", {"task": task, "input": text, "max_new_tokens": new_tokens}
@@ -165,7 +184,7 @@ async def warm(base: str, kind: str, tasks: list[str], new_tokens: int) -> None:
     """One request per task (computes and caches each task's prompt K/V before timing starts)."""
     async with httpx.AsyncClient(base_url=base, timeout=600) as c:
         for t in tasks:
-            if kind == "classify":
+            if kind in ("classify", "routed"):
                 r = await c.post("/v1/classify", json={"task": t, "inputs": ["warm up"]})
             else:
                 r = await c.post("/v1/generate", json={"task": t, "input": "warm up", "max_new_tokens": new_tokens})
@@ -237,7 +256,7 @@ def measure(registry: Registry, plan: list[Config], rounds: int, window: float, 
 
 
 def task_names(kind: str, T: int) -> list[str]:
-    prefix = "cls" if kind == "classify" else "gen"
+    prefix = {"classify": "cls", "routed": "rtd"}.get(kind, "gen")
     return [f"{prefix}-{i:02d}" for i in range(T)]
 
 
@@ -265,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak-clients", type=int, default=64, help="clients of the full run's 60 s soak")
     ap.add_argument("--soak-s", type=float, default=60.0)
     ap.add_argument("--json-out", help="also write the final JSON object here")
+    ap.add_argument("--routes", type=int, default=0, help="only: a routed task of K routes vs one static prompt")
     args = ap.parse_args(argv)
     Ts = [int(t) for t in (args.tasks or ("1,8" if args.quick else "1,8,64")).split(",")]
     window = args.window or (8.0 if args.quick else 20.0)
@@ -278,9 +298,20 @@ def main(argv: list[str] | None = None) -> int:
     C = args.clients
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        write_prompts(bb, Path(tmp), max(*Ts, 8), args.prompt_tokens)
+        write_prompts(bb, Path(tmp), 1 if args.routes else max(*Ts, 8), args.prompt_tokens)
+        if args.routes:
+            write_routed(bb, Path(tmp), args.routes, args.prompt_tokens)
         registry = Registry(bb, tmp, kv_cache_mb=args.kv_cache_mb)
         log(f"{args.model}: {len(registry)} tasks of {args.prompt_tokens} prompt tokens, torch threads {args.threads}")
+        if args.routes:  # the routed task against the single static prompt, interleaved, and nothing else
+            results = measure(registry, [("a", "classify", 1, C), ("a", "routed", 1, C)], rounds, window, args, texts)
+            fin = {"routed_vs_static_throughput": ratio(results[1]["throughput_rps"], results[0]["throughput_rps"]),
+                   "errors": sum(r["errors"] for r in results), "target": ">= 0.9",
+                   "config": {"model": args.model, "routes": args.routes, "prompt_tokens": args.prompt_tokens,
+                              "clients": C, "window_s": window, "rounds": rounds, "threads": args.threads,
+                              "wall_s": round(time.monotonic() - t_all, 1)}, "scenarios": results}  # fmt: skip
+            print(json.dumps(fin), flush=True)
+            return 0
         cls: list[Config] = [("a", "classify", T, C) for T in Ts] + [("b", "classify", 8, C), ("c", "classify", 8, C)]
         gen: list[Config] = [("a", "generate", 8, C), ("c", "generate", 8, C)]
         if not args.quick:

@@ -25,6 +25,7 @@ from torch import nn
 from softprompt.checkpoint import PromptCheckpoint, load_prompt
 from softprompt.config import DataConfig, ModelConfig
 from softprompt.data import Encoded
+from softprompt.dynamic import PromptSet
 from softprompt.evaluate import (
     class_probs,
     classification_metrics,
@@ -34,7 +35,7 @@ from softprompt.evaluate import (
     generation_metrics,
 )
 from softprompt.loaded import LoadedPrompt, ensemble_head, load
-from softprompt.methods import checkpoint_prefix
+from softprompt.methods import checkpoint_prompts
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompted import Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
@@ -46,7 +47,7 @@ class Predictor:
 
     pm: PromptedModel
     task: BoundTask
-    prefix: Prefix
+    prefix: Prefix | PromptSet  # a PromptSet when a member is input-dependent (softprompt.dynamic)
     checkpoints: list[PromptCheckpoint]
     combine: str = "mean"  # mean (probabilities) | vote (majority of argmax)
     batch_size: int = 32
@@ -92,8 +93,8 @@ class Predictor:
         members = [first] + [
             load(c, backbone, pm, allow_other_model=allow_other_model, task=first.task) for c in ckpts[1:]
         ]  # one task; each member may score with its own head
-        with torch.no_grad():
-            prefix = checkpoint_prefix(pm, ckpts).detach()  # once per prompt, any method (softprompt.methods)
+        with torch.no_grad():  # once per prompt, any method (softprompt.methods); input-dependent: a PromptSet
+            prefix = checkpoint_prompts(pm, ckpts)
         return cls(pm, first.task, prefix, ckpts, combine, batch_size, ensemble_head(members), members)
 
     @property
@@ -148,6 +149,8 @@ class Predictor:
         if not gen_kwargs.get("do_sample"):
             gen_kwargs["do_sample"] = False
         check_generation(gen_kwargs)
+        if not isinstance(self.prefix, Prefix):
+            raise ValueError("an input-dependent prompt (routed, conditioned) serves classification tasks only")
         limit = position_limit(self.pm)
         if limit is not None and examples:
             need = int(self.prefix.lengths.max()) + max(len(e.input_ids) for e in examples)

@@ -4,6 +4,8 @@ Tensors: `prompt` (P, d); optionally `head.linear.weight` (L, d) and `head.linea
 linear head on an encoder.
 A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and `deep.keys`, `deep.values`
 (layers, kv heads, tokens, head dim): learned keys/values at every layer; num_tokens counts their tokens.
+A routed prompt (softprompt.routed) stacks its K routes in `prompt` (K*P, d) and adds `routed.router.*`; a
+conditioned prompt (softprompt.conditioned) has its shared prompt in `prompt` and adds `conditioned.*`.
 Header metadata (all strings; JSON where structured):
     format            "softprompt"
     format_version    "1"
@@ -87,7 +89,7 @@ def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
 
 
 _JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep",
-              "distill")  # fmt: skip
+              "distill", "routed", "conditioned")  # fmt: skip
 
 
 def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:

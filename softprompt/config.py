@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +66,8 @@ class PromptConfig:
     position: str = "auto"
     """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
     method: str = "prompt"
-    """Prompt method (softprompt.methods): prompt (input-embedding soft prompt) or deep (learned keys/values at every
-    layer, softprompt.deep)."""
+    """Prompt method (softprompt.methods): prompt (input-embedding soft prompt), deep (learned keys/values at every
+    layer, softprompt.deep), routed (K prompts and a router) or conditioned (a prompt generated from the input)."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
     reparam: str = "none"
@@ -74,6 +75,12 @@ class PromptConfig:
     while training; folded into an ordinary prompt at save, softprompt.prompt)."""
     reparam_hidden: int = 400
     """--reparam residual: the bottleneck width of its MLP."""
+    routes: int = 4
+    """--method routed: K, the number of prompts (routes) of --num-tokens tokens each; every input takes one."""
+    balance_weight: float = 0.01
+    """--method routed: weight of the load-balancing loss (Switch-Transformer style) added to the training loss."""
+    rank: int = 1
+    """--method conditioned: rank r of the input-dependent part of the prompt (softprompt.conditioned)."""
 
 
 @dataclass
@@ -212,6 +219,9 @@ class RunConfig:
             (p.reparam in ("none", "residual"), f"--reparam must be none or residual, got {p.reparam!r}"),
             (p.reparam == "none" or p.method == "prompt", "--reparam residual is for --method prompt"),
             (p.reparam_hidden >= 1, "--reparam-hidden must be >= 1"),
+            (p.routes >= 1, "--routes must be >= 1"),
+            (p.balance_weight >= 0 and math.isfinite(p.balance_weight), "--balance-weight must be a number >= 0"),
+            (p.rank >= 1, "--rank must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

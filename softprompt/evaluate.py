@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,11 +13,15 @@ import torch
 from softprompt.data import Encoded, sorted_batches
 from softprompt.prompted import Prefix, PromptedModel
 
+# What class_probs runs rows behind: a Prefix, or an input-dependent prompt's source (softprompt.dynamic: a PromptSet
+# or TrainableSource), called per batch with (ids, mask, each row's prompt or None) -> (Prefix, each row's entry).
+PrefixSource = Prefix | Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[Prefix, Any]]
+
 
 @torch.no_grad()
 def class_probs(
     pm: PromptedModel,
-    prefix: Prefix,
+    prefix: PrefixSource,
     examples: list[Encoded],
     label_ids: list[list[int]],
     *,
@@ -29,11 +34,12 @@ def class_probs(
     head, a --head linear prompt's; None: the verbalizer, or the deprecated pm.head)."""
     head = head if head is not None else pm.head
     out = torch.zeros(len(examples), max(len(label_ids), int(getattr(head, "num_labels", 0))))
-    device = prefix.mask.device
+    device = pm.backbone.device
     for idx in sorted_batches([len(e.input_ids) for e in examples], batch_size):  # similar lengths: little padding
         batch = pm.collate([examples[i].input_ids for i in idx]).to(device)
         r = None if rows is None else torch.tensor([rows[i] for i in idx], device=device)
-        out[idx] = pm.label_scores(prefix, r, batch, label_ids, head).float().softmax(-1).cpu()
+        p, r = (prefix, r) if isinstance(prefix, Prefix) else prefix(batch.ids, batch.mask, r)
+        out[idx] = pm.label_scores(p, r, batch, label_ids, head).float().softmax(-1).cpu()
     return out
 
 
@@ -130,7 +136,7 @@ def generation_metrics(preds: list[str], golds: list[str]) -> dict[str, Any]:
 
 def evaluate_examples(
     pm: PromptedModel,
-    prefix: Prefix,
+    prefix: PrefixSource,
     examples: list[Encoded],
     *,
     task: str,
@@ -151,6 +157,8 @@ def evaluate_examples(
         logp = probs.clamp(min=1e-12).log()
         m["loss"] = float(-logp[torch.arange(len(examples)), torch.tensor(gold)].mean())
         return m
+    if not isinstance(prefix, Prefix):
+        raise ValueError("an input-dependent prompt (routed, conditioned) serves classification tasks only")
     gen = generate_ids(pm, prefix, examples, batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=False)
     preds = [pm.decode(g) for g in gen]
     golds = [pm.decode(e.target_ids or []) for e in examples]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from softprompt import methods
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint, check_compatible, load_prompt
 from softprompt.methods import checkpoint_prefix
 from softprompt.models import Backbone
@@ -67,13 +68,23 @@ class LoadedPrompt:
     @property
     def prefix_key(self) -> tuple[str, ...]:
         """What identifies its Prefix: position rule and the digest of every prompt tensor (equal keys, one Prefix)."""
-        extra = [tensor_digest(self.ckpt.extra[k]) for k in ("deep.keys", "deep.values") if k in self.ckpt.extra]
+        # every tensor of the method (deep keys/values, a router, a generator), the head's excepted
+        extra = [tensor_digest(v) for k, v in sorted(self.ckpt.extra.items()) if not k.startswith("head.")]
         return (self.spec.position, tensor_digest(self.ckpt.prompt), *extra)
+
+    @property
+    def per_row(self) -> bool:
+        """Its prompt depends on the input (softprompt.dynamic): prefix() is then its input-independent entries."""
+        return bool(methods.of(self.ckpt).per_row)
 
     @torch.no_grad()
     def prefix(self, *, kv: bool | None = None) -> Prefix:
         """Its Prefix, any method (softprompt.methods); kv=False: concatenated in front of the input where the
-        method allows (a deep prompt is keys/values whatever kv says)."""
+        method allows (a deep prompt is keys/values whatever kv says). An input-dependent prompt: its static
+        entries (a routed prompt's K routes; none for a conditioned one), which softprompt.dynamic.resolve maps
+        each row onto."""
+        if self.per_row:
+            return methods.of(self.ckpt).load_prefix(self.pm, self.ckpt, kv=kv).detach()
         return checkpoint_prefix(self.pm, [self.ckpt], kv=kv).detach()
 
     def member_head(self) -> nn.Module:
@@ -129,6 +140,8 @@ def load(
         raise CheckpointError(f"{ckpt.path}: unknown task {spec.task!r} in its metadata")
     if spec.position not in ("auto", "start"):
         raise CheckpointError(f"{ckpt.path}: unknown prompt position {spec.position!r} in its metadata")
+    if methods.of(ckpt).per_row and spec.task != "classify":
+        raise CheckpointError(f"{ckpt.path}: a {methods.of(ckpt).name} prompt serves classification tasks only")
     if task is None:
         model = pm if isinstance(pm, PromptedModel) else pm(spec.position)
         n = ckpt.num_tokens if num_tokens is None else num_tokens

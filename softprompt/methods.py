@@ -6,6 +6,11 @@ serving reach every method through `get` / `of` and `checkpoint_prefix`; no othe
 
   prompt  softprompt.prompt  input-embedding soft prompt (Lester et al. 2021)
   deep    softprompt.deep    learned keys/values at every layer (prefix tuning, P-tuning v2)
+  routed       softprompt.routed       K prompts and a router: each input runs under one of them (SMoP-style)
+  conditioned  softprompt.conditioned  a shared prompt plus a low-rank part generated from the input
+
+Input-dependent methods (`per_row`: routed, conditioned) add `Trainable.row_prefix` and `Method.rows`: a batch's
+Prefix plus each row's entry in it (softprompt.dynamic, which every consumer goes through for them).
 
 This module imports no torch at import time (the CLI parser and the config validation read REGISTRY).
 
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
     from softprompt.prompted import PromptedModel
 
 REGISTRY: dict[str, str] = {"prompt": "softprompt.prompt", "deep": "softprompt.deep"}  # name -> module with METHOD
+REGISTRY["routed"] = "softprompt.routed"
+REGISTRY["conditioned"] = "softprompt.conditioned"
 
 
 class Trainable(Protocol):
@@ -49,6 +56,10 @@ class Trainable(Protocol):
         """What a prompt file holds: the `prompt` tensor (P, d), other tensors, metadata (`method` included)."""
         ...
 
+    # per_row methods only, instead of prefix / eval_prefix (softprompt.dynamic.step_prefix calls it):
+    # def row_prefix(self, pm, ids (N, T), mask (N, T), *, train: bool) -> softprompt.dynamic.RowPrefix
+    #     the batch's Prefix and each row's entry; train=True: gradients flow (and RowPrefix.aux, an extra loss term)
+
 
 class Method(Protocol):
     name: str
@@ -68,6 +79,11 @@ class Method(Protocol):
     def vectors(self, ckpt: PromptCheckpoint) -> torch.Tensor:
         """(P, features) float64: what prompt-transfer similarity compares (softprompt.transfer)."""
         ...
+
+    # per_row methods only (load_prefix gives their input-independent entries: the K routes; none when conditioned):
+    # def rows(self, pm, ckpt, ids (n, T), mask (n, T), *, kv: bool) -> tuple[Prefix | None, Tensor (n,)]
+    #     (None, r): row i runs under entry r[i] of load_prefix's Prefix (routed); (extra, r): under entry r[i] of
+    #     `extra`, a Prefix built for these rows (conditioned; kv: with per-layer keys/values, to join a K/V batch)
 
 
 class MethodError(ValueError):
@@ -99,9 +115,22 @@ def checkpoint_prefix(pm: PromptedModel, ckpts: Sequence[PromptCheckpoint], *, k
     from softprompt.prefix import Prefix
 
     ms = [of(c) for c in ckpts]
+    for m, c in zip(ms, ckpts, strict=True):
+        if m.per_row:  # its Prefix alone would run every row under its first entry
+            raise MethodError(f"{c.path}: a {m.name} prompt depends on the input (use checkpoint_prompts)")
     kv = True if any(m.needs_kv for m in ms) else kv
     parts = [m.load_prefix(pm, c, kv=kv) for m, c in zip(ms, ckpts, strict=True)]
     return parts[0] if len(parts) == 1 else Prefix.stack(parts)
+
+
+def checkpoint_prompts(pm: PromptedModel, ckpts: Sequence[PromptCheckpoint], *, kv: bool | None = None) -> Any:
+    """checkpoint_prefix's Prefix when every prompt is static; else a softprompt.dynamic.PromptSet, the prefix
+    source class_probs calls per batch (input-dependent prompts need the batch's inputs)."""
+    if not any(of(c).per_row for c in ckpts):
+        return checkpoint_prefix(pm, ckpts, kv=kv).detach()
+    from softprompt.dynamic import PromptSet
+
+    return PromptSet(pm, ckpts, kv=kv)
 
 
 def check_export(ckpt: PromptCheckpoint, fmt: str) -> None:

@@ -168,11 +168,13 @@ class PromptedModel(nn.Module):
         impl = str(self.model.config._attn_implementation)
         return arch.attention_mask(attn, q_len, self.windows, impl, dtype, self.backbone.architecture)
 
-    def build_prefix(self, prompts: Sequence[torch.Tensor | None], *, kv: bool | None = None) -> Prefix:
+    def build_prefix(self, prompts: Sequence[torch.Tensor | None], *, kv: bool | None = None,
+                     together: bool = False) -> Prefix:  # fmt: skip
         """Prefixes for G prompts (each (P_g, d) or None for no prompt), left-padded to one width.
 
         With kv (default: decoder-only and not naive) each prefix is run alone through the model once and its
-        per-layer keys/values are kept; gradients flow back to prompts that require grad.
+        per-layer keys/values are kept; gradients flow back to prompts that require grad. together=True: prefixes
+        of one length run as one batch instead (no padding: each as alone, up to float rounding; per-row prompts).
         """
         device = self.backbone.device
         dtype = self.embed(torch.zeros(1, 1, dtype=torch.long, device=device)).dtype
@@ -195,7 +197,12 @@ class PromptedModel(nn.Module):
         prefix = Prefix(embeds, mask, pool, lengths)
         use_kv = (not self.naive) if kv is None else kv
         if use_kv and self.family == "causal" and width > 0:
-            prefix.kv = self._prefix_kv(seqs, width)
+            if together and len(seqs) > 1 and bool((lengths == width).all()):
+                pos = torch.arange(width, device=device)[None].expand(len(seqs), -1)
+                out = self.model.base_model(inputs_embeds=embeds, position_ids=pos, use_cache=True)  # (G, P, d) in
+                prefix.kv = [(layer.keys, layer.values) for layer in out.cache.layers]  # (G, H, P, dh) each
+            else:
+                prefix.kv = self._prefix_kv(seqs, width)
         return prefix
 
     def _prefix_kv(self, seqs: list[torch.Tensor], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -478,15 +485,16 @@ class PromptedModel(nn.Module):
         return tok * valid, valid
 
     def loss(
-        self, prefix: Prefix, batch: Batch, label_ids: list[list[int]] | None, head: nn.Module | None = None
-    ) -> torch.Tensor:
+        self, prefix: Prefix, batch: Batch, label_ids: list[list[int]] | None, head: nn.Module | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Mean training loss: cross-entropy over class scores (`head` as in label_scores), or token-level CE on
-        generation targets."""
+        generation targets; `rows` (N,): each row's prompt in `prefix` (input-dependent prompts), None: prompt 0."""
         if batch.targets is not None:
-            tok, valid = self.target_logp(prefix, None, batch)
+            tok, valid = self.target_logp(prefix, rows, batch)
             return -tok.sum() / valid.sum().clamp(min=1)
         assert batch.labels is not None
-        scores = self.label_scores(prefix, None, batch, label_ids or [], head)
+        scores = self.label_scores(prefix, rows, batch, label_ids or [], head)
         return F.cross_entropy(scores, batch.labels)
 
     # ----- generation ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from softprompt import methods
 from softprompt.checkpoint import save_prompt
 from softprompt.config import ConfigError, RunConfig, to_dict
 from softprompt.data import Encoded, length_grouped_batches
+from softprompt.dynamic import TrainableSource, step_prefix
 from softprompt.evaluate import evaluate_examples
 from softprompt.methods import Trainable
 from softprompt.models import Backbone, load_backbone
@@ -142,21 +143,30 @@ class PromptObjective:
             labels=[int(e.label) for e in rows] if kind == "classify" else None,  # type: ignore[arg-type]
             targets=[e.target_ids or [] for e in rows] if kind == "generate" else None,
         )
-        # the prefix (prompt keys/values) is built once per micro-batch and shared by its rows
-        return pm.loss(self.prompt.prefix(pm), batch.to(self.bb.device), self.task.label_ids, self.head)
+        batch = batch.to(self.bb.device)
+        # the prefix (prompt keys/values) is built once per micro-batch and shared by its rows; an input-dependent
+        # prompt's (softprompt.dynamic) maps each row to its own entry and may add a loss term (routed: balance)
+        rp = step_prefix(self.prompt, pm, batch, train=True)
+        loss = pm.loss(rp.prefix, batch, self.task.label_ids, self.head, rows=rp.rows)
+        return loss if rp.aux is None else loss + rp.aux
 
     def evaluate(self) -> Evaluation:
         pm, t = self.pm, self.cfg.train
         pm.eval()
+        per_row = hasattr(self.prompt, "row_prefix")
+        source = TrainableSource(self.prompt, pm) if per_row else self.prompt.eval_prefix(pm)
         m = evaluate_examples(
             pm,
-            self.prompt.eval_prefix(pm),
+            source,
             self.eval_set,
             task=self.spec.task,
             label_ids=self.task.label_ids,
             labels=self.spec.verbalizer.labels if self.spec.verbalizer else None,
             head=self.head,
         )
+        if isinstance(source, TrainableSource) and source.routes is not None:  # rows per route: into its file
+            m["routes"] = source.routes.tolist()
+            self.prompt.eval_routes = m["routes"]  # type: ignore[attr-defined]
         pm.train(self.cfg.model.dropout)  # back to training mode: --dropout stays active after an evaluation
         score = float(m.get(t.metric, m.get("loss", 0.0)))
         return Evaluation(score, {f"eval_{k}": v for k, v in scalars(m).items()}, m)
@@ -209,7 +219,10 @@ def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
         label_words=task.label_words() if spec.task == "classify" and spec.verbalizer else None,
     )
     head = task.make_head(seed=t.seed)
-    prompt = methods.get(cfg.prompt.method).create(pm, init, cfg.prompt)  # started from the --init embeddings
+    method = methods.get(cfg.prompt.method)
+    if method.per_row and spec.task != "classify":
+        raise ConfigError(f"--method {method.name}: classification tasks only (--task classify)")
+    prompt = method.create(pm, init, cfg.prompt)  # started from the --init embeddings
     meta = {
         "base_model": bb.model_id,
         "architecture": bb.architecture,

@@ -164,6 +164,7 @@ def server_metrics() -> Metrics:
     m.gauge("softprompt_active_generations", "Generations being decoded.")
     m.counter("softprompt_generated_tokens_total", "Tokens generated, per task.")
     m.counter("softprompt_rows_total", "Inputs processed, per task.")
+    m.counter("softprompt_routes_total", "Inputs of a routed task (--method routed) per route taken.")
     m.gauge("softprompt_tasks", "Registered tasks.")
     m.gauge("softprompt_kv_cache_bytes", "Bytes held by cached per-task prompt prefixes (keys/values).")
     m.gauge("softprompt_kv_cache_entries", "Per-task prefixes in the cache.")

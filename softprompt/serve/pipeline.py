@@ -15,19 +15,23 @@ Each stage is a small function, unit-tested without HTTP (tests/test_serve_pipel
   `generate_event`, `completion`, `completion_chunk`).
 
 Each row sits behind its own task's prefix (`rows[i]` indexes the stacked Prefix), so a row's scores equal what
-`softprompt predict` computes for that input and prompt alone (up to float rounding of the padded matmuls).
+`softprompt predict` computes for that input and prompt alone (up to float rounding of the padded matmuls). An
+input-dependent task (softprompt.dynamic) puts each row behind its own route (routed) or its own prompt
+(conditioned): `collate_rows` maps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from softprompt import methods
 from softprompt.data import pad_left, pad_right
+from softprompt.dynamic import resolve
 from softprompt.evaluate import combine_probs
 from softprompt.prompted import Batch, Prefix, PromptedModel
 from softprompt.serve.errors import BadRequest, TooLarge, Unprocessable
@@ -218,18 +222,35 @@ def stack_key(pm: PromptedModel, entry: TaskEntry) -> tuple[str, int]:
     return ("deep", entry.ckpt.num_tokens)
 
 
+RouteCounter = Callable[[TaskEntry, torch.Tensor], None]  # (task, (n,) the route each of its rows took)
+
+
 def collate_rows(
-    registry: Registry, rows: Sequence[tuple[TaskEntry, list[int]]], *, kv: bool = True
-) -> tuple[Batch, torch.Tensor, Prefix]:
+    registry: Registry, rows: Sequence[tuple[TaskEntry, list[int]]], *, kv: bool = True,
+    routes: RouteCounter | None = None,
+) -> tuple[Batch, torch.Tensor, Prefix]:  # fmt: skip
     """The Batch (on the model's device), each row's prompt index and the stacked Prefix of their tasks (rows of
-    tasks sharing a prompt share its prefix, cached in the registry's LRU unless kv=False)."""
+    tasks sharing a prompt share its prefix, cached in the registry's LRU unless kv=False). Input-dependent tasks
+    (softprompt.dynamic.resolve): a routed task's K routes join the stack and each of its rows indexes the route its
+    router picks (told to `routes`); a conditioned task adds one entry per row."""
     pm = registry.pm
     by_key = {e.prefix_key: e for e, _ in rows}
     batch, prow, keys = collate([Item(e.prefix_key, ids) for e, ids in rows], pad_id=pm.pad_id,
                                 left=pm.family == "causal")  # fmt: skip
-    prefix = stack_prefixes([registry.prefix(by_key[k], kv=kv) for k in keys])  # type: ignore[index]
+    entries = [by_key[k] for k in keys]  # type: ignore[index]
+    statics = [registry.prefix(e, kv=kv) for e in entries]
     dev = registry.backbone.device
-    return batch.to(dev), prow.to(dev), prefix
+    batch, prow = batch.to(dev), prow.to(dev)
+    if not any(e.prompt.per_row for e in entries):
+        return batch, prow, stack_prefixes(statics)
+    ms = [methods.of(e.ckpt) for e in entries]
+    rp = resolve(pm, ms, [e.ckpt for e in entries], statics, prow, batch.ids, batch.mask)
+    assert rp.rows is not None and rp.routes is not None
+    if routes is not None:
+        for j, e in enumerate(entries):
+            if hasattr(ms[j], "num_routes"):
+                routes(e, rp.routes[prow == j])
+    return batch, rp.rows, rp.prefix
 
 
 # ---- predict -------------------------------------------------------------------------------------------
@@ -256,8 +277,9 @@ def to_results(entries: Sequence[TaskEntry], scores: Sequence[torch.Tensor]) -> 
 
 
 def classify_rows(
-    registry: Registry, rows: Sequence[tuple[TaskEntry, list[int]]], *, max_batch_size: int, kv: bool = True
-) -> list[dict[str, Any]]:
+    registry: Registry, rows: Sequence[tuple[TaskEntry, list[int]]], *, max_batch_size: int, kv: bool = True,
+    routes: RouteCounter | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """collate -> predict -> to_results for rows of any tasks, in forward passes of at most max_batch_size rows
     (one group of passes, unless an encoder serves deep and plain prompts)."""
     pm = registry.pm
@@ -269,7 +291,7 @@ def classify_rows(
         for at in range(0, len(idx), max_batch_size):
             part = idx[at : at + max_batch_size]
             chunk = [rows[i] for i in part]
-            batch, prow, prefix = collate_rows(registry, chunk, kv=kv)
+            batch, prow, prefix = collate_rows(registry, chunk, kv=kv, routes=routes)
             entries = [e for e, _ in chunk]
             for i, res in zip(part, to_results(entries, predict(pm, prefix, prow, batch, entries)), strict=True):
                 out[i] = res

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -403,11 +403,18 @@ class Scheduler:
             self.metrics.observe("softprompt_batch_size", rows, {"kind": kind})
             self.metrics.observe("softprompt_batch_tasks", tasks, {"kind": kind})
 
+    def _count_routes(self, entry: TaskEntry, routes: Any) -> None:
+        """A routed task's rows per route (softprompt_routes_total); `routes` (n,) a tensor of route indices."""
+        assert self.metrics is not None
+        for k, n in sorted(Counter(routes.tolist()).items()):
+            self.metrics.inc("softprompt_routes_total", {"task": entry.name, "route": str(k)}, n)
+
     # ---- model thread ----------------------------------------------------------------------------------
     def _classify_batch(self, reqs: list[Request]) -> list[list[dict[str, Any]] | BaseException]:
         try:
             rows = [(r.entry, ids) for r in reqs for ids in r.inputs]
-            flat = classify_rows(self.registry, rows, max_batch_size=self.max_batch_size, kv=self.kv_cache)
+            flat = classify_rows(self.registry, rows, max_batch_size=self.max_batch_size, kv=self.kv_cache,
+                                 routes=self._count_routes if self.metrics else None)  # fmt: skip
             if self.metrics:
                 for e, _ in rows:
                     self.metrics.inc("softprompt_rows_total", {"task": e.name})

@@ -1,0 +1,187 @@
+"""Measurements behind docs/results-dynamic.md: plain vs routed vs conditioned prompts on smollm2-135m.
+
+    OMP_NUM_THREADS=1 python -m bench.dynamic [--out runs/dynamic] [--eval-rows 200] [--only sst2 agnews serve]
+
+Side by side in one run, per dataset (SST-2, AG News): the three methods trained with the settings of the plain
+smollm2 row of docs/results-methods.md (60 steps x batch 8, --init labels, AdamW lr 0.01, 5 warm-up steps, seed 0,
+same data and order), at about equal trainable parameters:
+  plain        10 tokens                               10 x 576                      =  5,760
+  routed       K = 2 routes x 5 tokens + router        2 x 5 x 576 + 2 x 576 + 2     =  6,914
+  conditioned  5 tokens, rank 1                        5 x 576 + (5 + 1) x 576 + 5   =  6,341
+Training runs without evaluation (so the time per step is the step's own); each prompt is then evaluated with
+Predictor on the first --eval-rows rows of the evaluation set, timed (inference throughput: rows per second,
+batch 32, the best of two interleaved rounds). `serve`: the server's forward path (pipeline.classify_rows on a
+Registry, no HTTP) on 64 SST-2 rows of one task: the routed task against the single static prompt, and the
+conditioned one, interleaved rounds.
+
+Each finished run is appended to OUT/results.jsonl and skipped when the script runs again. Data: fixed-seed samples
+of ../shared/data (bench.methods.data); skips with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.methods import ROOT, SHARED, data
+
+MODEL = "smollm2-135m"
+COMMON = {"max_steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 0.01, "init": "labels", "seed": 0}
+METHODS = {
+    "plain": {"method": "prompt", "num_tokens": 10},
+    "routed": {"method": "routed", "num_tokens": 5, "routes": 2},
+    "conditioned": {"method": "conditioned", "num_tokens": 5, "rank": 1},
+}
+TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}
+
+
+class Study:
+    def __init__(self, out: Path, eval_rows: int) -> None:
+        self.out, self.eval_rows = out, eval_rows
+        out.mkdir(parents=True, exist_ok=True)
+        self.results = out / "results.jsonl"
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.results.exists():
+            for line in self.results.read_text().splitlines():
+                r = json.loads(line)
+                self.done[r["name"]] = r
+        self._bb: Any = None
+
+    @property
+    def bb(self) -> Any:
+        if self._bb is None:
+            from softprompt import load_backbone
+
+            self._bb = load_backbone(MODEL, progress=False)
+        return self._bb
+
+    def record(self, r: dict[str, Any]) -> dict[str, Any]:
+        self.done[r["name"]] = r
+        with open(self.results, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+        return r
+
+    def train(self, ds: str, method: str, task: dict[str, str]) -> dict[str, Any]:
+        name = f"{ds}-{method}"
+        if name in self.done:
+            return self.done[name]
+        from softprompt import RunConfig, train
+        from softprompt.config import apply_options
+
+        cfg = RunConfig()
+        cfg.model.model = MODEL
+        cfg.data.train, cfg.data.labels, cfg.data.template = task["train"], task["labels"], TEMPLATES[ds]
+        cfg.train.out, cfg.train.progress, cfg.train.overwrite = str(self.out / f"{name}.safetensors"), False, True
+        apply_options(cfg, {**COMMON, **METHODS[method]}, name)
+        t0 = time.perf_counter()
+        res = train(cfg, backbone=self.bb, log=lambda s: print(s, file=sys.stderr))
+        wall = time.perf_counter() - t0
+        import torch
+
+        from softprompt import methods
+        from softprompt.prompted import PromptedModel
+
+        state = methods.get(cfg.prompt.method).create(  # the trainable parameter count, from the method's own state
+            PromptedModel(self.bb), torch.zeros(cfg.prompt.num_tokens, self.bb.embed_dim), cfg.prompt
+        )
+        n_params = sum(p.numel() for p in state.trainable() if p.requires_grad)
+        return self.record({"name": name, "kind": "train", "dataset": ds, "method": method, "params": n_params,
+                            "steps": res.steps, "train_s": round(wall, 1),
+                            "s_per_step": round(wall / max(res.steps, 1), 3), "out": res.out})  # fmt: skip
+
+    def evaluate(self, ds: str, task: dict[str, str], tmp: Path) -> None:
+        """Accuracy and throughput of the three prompts of `ds` on the same rows, interleaved."""
+        todo = [m for m in METHODS if f"{ds}-{m}-eval" not in self.done]
+        if not todo:
+            return
+        from softprompt import Predictor
+
+        rows = Path(task["eval"]).read_text(encoding="utf-8").splitlines()
+        src = tmp / f"{ds}-eval{self.eval_rows}.tsv"
+        src.write_text("\n".join(rows[: self.eval_rows + 1]) + "\n", encoding="utf-8")  # header + first rows
+        preds = {m: Predictor.load(str(self.out / f"{ds}-{m}.safetensors"), backbone=self.bb) for m in todo}
+        best: dict[str, float] = {}
+        metrics: dict[str, dict[str, Any]] = {}
+        for _ in range(2):  # interleaved rounds: load from other processes hits every method alike
+            for m, pred in preds.items():
+                t0 = time.perf_counter()
+                metrics[m] = pred.evaluate(str(src))
+                dt = time.perf_counter() - t0
+                best[m] = min(best.get(m, dt), dt)
+        for m in todo:
+            pset = preds[m].prefix
+            routes = getattr(pset, "routes", None)
+            self.record({"name": f"{ds}-{m}-eval", "kind": "eval", "dataset": ds, "method": m,
+                         "accuracy": metrics[m]["accuracy"], "macro_f1": metrics[m]["macro_f1"], "n": metrics[m]["n"],
+                         "eval_s": round(best[m], 2), "rows_per_s": round(metrics[m]["n"] / best[m], 1),
+                         "routes": None if not routes or routes[0] is None else routes[0].tolist()})  # fmt: skip
+
+    def serve(self, task: dict[str, str], tmp: Path) -> None:
+        """The server's forward path: 64 rows of one task (SST-2 dev), plain vs routed vs conditioned."""
+        if "serve" in self.done:
+            return
+        import shutil
+
+        import torch
+
+        from softprompt.serve import pipeline as pl
+        from softprompt.serve.registry import Registry
+
+        folder = tmp / "prompts"
+        folder.mkdir()
+        for m in METHODS:
+            shutil.copy(self.out / f"sst2-{m}.safetensors", folder / f"{m}.safetensors")
+        reg = Registry(self.bb, folder)
+        texts = [line.rpartition("\t")[0] for line in Path(task["eval"]).read_text().splitlines()[1:65]]
+        batches = {m: [(reg.get(m), reg.encode(reg.get(m), t, "input")) for t in texts] for m in METHODS}
+        best: dict[str, float] = {}
+        with torch.no_grad():
+            for m in METHODS:  # warm: the prefixes cached, as a running server has them
+                pl.classify_rows(reg, batches[m], max_batch_size=32)
+            for _ in range(3):
+                for m in METHODS:
+                    t0 = time.perf_counter()
+                    pl.classify_rows(reg, batches[m], max_batch_size=32)
+                    dt = time.perf_counter() - t0
+                    best[m] = min(best.get(m, dt), dt)
+        rps = {m: round(len(texts) / best[m], 1) for m in METHODS}
+        self.record({"name": "serve", "kind": "serve", "rows": len(texts), "max_batch_size": 32, "rows_per_s": rps,
+                     "routed_vs_plain": round(rps["routed"] / rps["plain"], 3),
+                     "conditioned_vs_plain": round(rps["conditioned"] / rps["plain"], 3)})  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "dynamic"))
+    ap.add_argument("--eval-rows", type=int, default=200)
+    ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve"])
+    args = ap.parse_args(argv)
+    if not SHARED.is_dir():
+        print(f"skipped: the benchmark data folder {SHARED} is absent", file=sys.stderr)
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    st = Study(Path(args.out), args.eval_rows)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        d = data(tmp)
+        for ds in ("sst2", "agnews"):
+            if ds in args.only or ("serve" in args.only and ds == "sst2"):
+                for m in METHODS:
+                    st.train(ds, m, d[ds])
+            if ds in args.only:
+                st.evaluate(ds, d[ds], tmp)
+        if "serve" in args.only:
+            st.serve(d["sst2"], tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""Routed prompts (softprompt.routed, `--method routed`): K prompts and a router, each input under exactly one.
+
+Independent reference: each row by hand, alone: its summary (the mean of its token embeddings read off the model's
+embedding matrix, float64, layer-normalised), its route (argmax of W x + b), then the model's own forward on
+`inputs_embeds` = [lead token][that route's prompt, unscaled][input tokens], scored as the family scores (decoder:
+next-token log-probs of the verbalizer; encoder: mean-pooled output through the linear head; encoder-decoder: the
+decoder's mean log-prob of each label). The helpers here are shared with tests/test_conditioned.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_train import assert_cli_error, run
+
+from softprompt import methods
+from softprompt.api import Predictor
+from softprompt.checkpoint import load_prompt, save_prompt
+from softprompt.config import DataConfig, ModelConfig, PromptConfig, RunConfig, TrainConfig
+from softprompt.models import Backbone
+from softprompt.prompted import PromptedModel
+from softprompt.routed import RoutedPrompt
+from softprompt.train import train
+
+TEXTS = ["the film was a delight from start to finish", "dull", "an honest quiet story", "not good", "fine i guess"]
+WORDS = ["good", "bad"]
+BackboneFn = Callable[[str], Backbone]
+
+
+# ---- independent reference --------------------------------------------------------------------------------
+def input_ids(bb: Backbone, text: str) -> list[int]:
+    """The input's tokens after the lead token: decoders without special tokens, encoders without [CLS]."""
+    if bb.family == "causal":
+        return list(bb.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(bb.tokenizer(text)["input_ids"])[1:]
+
+
+def summary(bb: Backbone, ids: list[int]) -> torch.Tensor:
+    """(d,) layer-normalised float64 mean of the rows of the embedding matrix for `ids`."""
+    w = bb.model.get_input_embeddings().weight.detach().double()
+    m = w[torch.tensor(ids)].mean(0)
+    return F.layer_norm(m, m.shape).float()
+
+
+def ref_probs(
+    bb: Backbone, prompt: torch.Tensor, text: str, head: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """(L,) class probabilities of one input alone behind [lead][prompt]: the model's own forward on embeddings."""
+    emb = bb.model.get_input_embeddings()
+    lead = torch.tensor([bb.tokenizer.cls_token_id])
+    ids = input_ids(bb, text)
+    x = torch.cat([emb(lead), prompt.float(), emb(torch.tensor(ids))])[None]  # (1, 1+P+T, d)
+    P = prompt.shape[0]
+    if bb.family == "encoder":
+        h = bb.model(inputs_embeds=x).last_hidden_state[0]  # (1+P+T, d)
+        keep = torch.ones(h.shape[0], dtype=torch.bool)
+        keep[1 : 1 + P] = False  # pooling: [CLS] and the input, not the prompt slots
+        assert head is not None
+        return (head[0] @ h[keep].mean(0) + head[1]).softmax(-1)
+    words = [list(bb.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in WORDS]
+    if bb.family == "causal":
+        logp = bb.model(inputs_embeds=x).logits[0, -1].float().log_softmax(-1)
+        assert all(len(w) == 1 for w in words)
+        return torch.stack([logp[w[0]] for w in words]).softmax(-1)
+    scores = []  # encoder-decoder: mean log-prob of the label's tokens then EOS
+    for w in words:
+        lab = torch.tensor([w + [bb.tokenizer.eos_token_id]])
+        logp = bb.model(inputs_embeds=x, labels=lab).logits[0].float().log_softmax(-1)
+        scores.append(torch.stack([logp[j, t] for j, t in enumerate(lab[0].tolist())]).mean())
+    return torch.stack(scores).softmax(-1)
+
+
+def file_meta(bb: Backbone, head: str = "lm") -> dict:
+    return {
+        "base_model": "tiny",
+        "family": bb.family,
+        "fingerprint": bb.fingerprint,
+        "template": "{text}",
+        "head": head,
+        "labels": {"labels": ["p", "n"], "words": WORDS},
+    }
+
+
+def random_head(bb: Backbone, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, bb.embed_dim, generator=g), torch.randn(2, generator=g)
+
+
+def routed_file(
+    bb: Backbone, path: Path, k: int = 3, p: int = 3, seed: int = 0
+) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A routed prompt file with random routes (K, P, d) and router (K, d), (K,); its head for an encoder."""
+    g = torch.Generator().manual_seed(seed)
+    d = bb.embed_dim
+    routes = torch.randn(k, p, d, generator=g) * 0.5
+    w, b = torch.randn(k, d, generator=g) * 3, torch.randn(k, generator=g) * 0.1
+    extra = {"routed.router.weight": w, "routed.router.bias": b}
+    head = "lm"
+    if bb.family == "encoder":
+        hw, hb = random_head(bb, seed + 1)
+        extra |= {"head.linear.weight": hw, "head.linear.bias": hb}
+        head = "linear"
+    meta = {**file_meta(bb, head), "method": "routed", "routed": {"routes": k, "tokens": p}}
+    save_prompt(path, routes.reshape(k * p, d), meta, extra)
+    return path, routes, w, b
+
+
+# ---- the forward is exact ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["llama", "bert", "t5"])
+def test_scores_match_the_hand_built_route(kind: str, tiny_backbone: BackboneFn, tmp_path: Path) -> None:
+    bb = tiny_backbone(kind)
+    path, routes, w, b = routed_file(bb, tmp_path / "r.safetensors")
+    pred = Predictor.load(str(path), backbone=bb)
+    enc, _ = pred.task.encode_texts(TEXTS)
+    assert [e.input_ids for e in enc] == [input_ids(bb, t) for t in TEXTS]
+    with torch.no_grad():
+        got = pred.probs(enc)  # one batch, padded, several routes
+        chosen = [int((w @ summary(bb, input_ids(bb, t)) + b).argmax()) for t in TEXTS]
+        head = (
+            (load_prompt(path).extra["head.linear.weight"], load_prompt(path).extra["head.linear.bias"])
+            if kind == "bert"
+            else None
+        )
+        want = torch.stack([ref_probs(bb, routes[k], t, head) for k, t in zip(chosen, TEXTS, strict=True)])
+    assert len(set(chosen)) >= 2  # the batch mixes routes
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert pred.prefix.routes[0].tolist() == [chosen.count(k) for k in range(3)]  # type: ignore[union-attr]
+    # each row alone: the same probabilities (the route does not depend on the batch)
+    for i, e in enumerate(enc):
+        torch.testing.assert_close(pred.probs([e])[0], got[i], rtol=0, atol=1e-5)
+
+
+def test_an_ensemble_mixes_routed_and_plain_prompts(tiny_backbone: BackboneFn, tmp_path: Path) -> None:
+    bb = tiny_backbone("llama")
+    routed, *_ = routed_file(bb, tmp_path / "r.safetensors", seed=3)
+    plain = tmp_path / "p.safetensors"
+    save_prompt(plain, torch.randn(5, bb.embed_dim, generator=torch.Generator().manual_seed(4)), file_meta(bb))
+    alone = []
+    for p in (routed, plain):
+        one = Predictor.load(str(p), backbone=bb)
+        alone.append(one.probs(one.task.encode_texts(TEXTS)[0]))
+    both = Predictor.load([str(routed), str(plain)], backbone=bb)
+    torch.testing.assert_close(both.probs(both.task.encode_texts(TEXTS)[0]), (alone[0] + alone[1]) / 2)
+    assert not torch.allclose(alone[0], alone[1])
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+def test_training_forward_is_the_route_and_gradients_reach_only_prompt_and_router(tiny_backbone: BackboneFn) -> None:
+    bb = tiny_backbone("llama")
+    pm = PromptedModel(bb)
+    torch.manual_seed(0)
+    rp_mod = RoutedPrompt(torch.randn(3, bb.embed_dim) * 0.3, 4, balance_weight=0.5)
+    with torch.no_grad():  # distinct routes and a non-trivial router
+        rp_mod.routes.add_(torch.randn_like(rp_mod.routes) * 0.3)
+        rp_mod.router.weight.normal_()
+    batch = pm.collate([pm.encode_input(t) for t in TEXTS], labels=[0, 1, 0, 1, 0])
+    out = rp_mod.row_prefix(pm, batch.ids, batch.mask, train=True)
+    assert out.routes is not None and out.rows is not None and out.aux is not None
+    lead = len(pm.prefix_ids)
+    # value: exactly the chosen route's prompt (no gate scaling)
+    assert torch.equal(out.prefix.embeds[:, lead:].float(), rp_mod.routes.detach()[out.routes])
+    label_ids = [[bb.tokenizer.convert_tokens_to_ids(w)] for w in WORDS]
+    loss = pm.loss(out.prefix, batch, label_ids, rows=out.rows) + out.aux
+    loss.backward()
+    assert all(p.grad is None for p in bb.model.parameters())  # the backbone stays frozen
+    g = rp_mod.routes.grad
+    assert g is not None
+    taken = set(out.routes.tolist())
+    for k in range(4):  # a route's tensor learns only from the rows that took it
+        assert (g[k].abs().sum() > 0) == (k in taken)
+    assert rp_mod.router.weight.grad is not None and rp_mod.router.weight.grad.abs().sum() > 0
+
+
+def run_config(model: Path, data: Path, out: Path, **prompt: object) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(model=str(model), device="cpu"),
+        data=DataConfig(train=str(data), eval=str(data), template="{text}", labels="p=good,n=bad"),
+        prompt=PromptConfig(num_tokens=3, init="vocab", method="routed", routes=2, **prompt),  # type: ignore[arg-type]
+        train=TrainConfig(
+            max_steps=4, batch_size=4, lr=0.05, warmup_steps=0, progress=False, save_every=2, eval_every=2, out=str(out)
+        ),  # fmt: skip
+    )
+
+
+def write_data(path: Path) -> Path:
+    rows = [{"text": t, "label": "p" if i % 2 == 0 else "n"} for i, t in enumerate(TEXTS * 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_resume_gives_the_uninterrupted_prompt(
+    tiny_dir: Callable[[str], Path], tiny_backbone: BackboneFn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tr = importlib.import_module("softprompt.train")
+    data = write_data(tmp_path / "d.jsonl")
+    bb = tiny_backbone("llama")
+    full = train(run_config(tiny_dir("llama"), data, tmp_path / "full.safetensors"), backbone=bb, log=lambda s: None)
+    orig = tr.batch_schedule
+
+    def killed(lengths, batch_size, seed, step, accum, *rest):  # type: ignore[no-untyped-def]
+        if step >= 3:
+            raise KeyboardInterrupt
+        return orig(lengths, batch_size, seed, step, accum, *rest)
+
+    cfg = run_config(tiny_dir("llama"), data, tmp_path / "part.safetensors")
+    monkeypatch.setattr(tr, "batch_schedule", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, backbone=bb, log=lambda s: None)
+    monkeypatch.setattr(tr, "batch_schedule", orig)
+    cfg.train.resume = cfg.train.out + ".state"
+    part = train(cfg, backbone=bb, log=lambda s: None)
+    a, b = load_prompt(full.out), load_prompt(part.out)
+    torch.testing.assert_close(b.prompt, a.prompt)
+    for k in ("routed.router.weight", "routed.router.bias"):
+        torch.testing.assert_close(b.extra[k], a.extra[k])
+    assert not torch.equal(a.prompt[:3], a.prompt[3:])  # the two routes trained apart
+
+
+def test_cli_train_eval_predict_info_and_export(
+    tiny_dir: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_data(tmp_path / "d.jsonl")
+    out = tmp_path / "r.safetensors"
+    argv = ["train", "--model", str(tiny_dir("bert")), "--train", str(data), "--eval", str(data), "--out", str(out),
+            "--labels", "p=good,n=bad", "--head", "linear", "--method", "routed", "--routes", "3",
+            "--balance-weight", "0.1", "--num-tokens", "2", "--max-steps", "3", "--batch-size", "4",
+            "--warmup-steps", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    rc, _, err = run(capsys, argv)
+    assert rc == 0, err
+    ck = load_prompt(out)
+    assert ck.meta["method"] == "routed" and ck.prompt.shape == (6, ck.embed_dim)
+    assert ck.meta["routed"]["routes"] == 3 and ck.meta["routed"]["balance_weight"] == 0.1
+    rc, info, _ = run(capsys, ["info", str(out)])
+    routes = json.loads(info)["routed"]["eval_routes"]  # rows per route in the evaluation at save
+    assert rc == 0 and sum(routes) == len(TEXTS) * 2 and len(routes) == 3
+    rc, ev, err = run(capsys, ["eval", "--prompt", str(out), "--data", str(data)])
+    assert rc == 0, err
+    assert json.loads(ev)["accuracy"] == pytest.approx(ck.meta["metrics"]["accuracy"])
+    rc, pr, err = run(capsys, ["predict", "--prompt", str(out), "--data", str(data)])
+    assert rc == 0, err
+    want = [r["label"] for r in Predictor.load(str(out)).predict(str(data))]
+    assert [json.loads(line)["label"] for line in pr.splitlines()] == want
+    for fmt in ("peft", "prompt-table"):
+        rc, o, e = run(capsys, ["export", "--to", fmt, str(out), str(tmp_path / f"x-{fmt}")])
+        assert_cli_error(rc, o, e, f"a routed prompt cannot be exported to {fmt} (formats for routed: none)")
+    assert methods.get("routed").exports == frozenset()
+
+
+def test_generation_tasks_are_refused(tiny_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    from softprompt.config import ConfigError
+
+    data = tmp_path / "g.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "target": "x"}) + "\n" for t in TEXTS))
+    cfg = run_config(tiny_dir("llama"), data, tmp_path / "g.safetensors")
+    cfg.data.task, cfg.data.labels, cfg.data.eval = "generate", None, None
+    with pytest.raises(ConfigError, match="--method routed: classification tasks only"):
+        train(cfg, log=lambda s: None)
+
+
+# ---- served in a mixed batch -----------------------------------------------------------------------------------
+def test_served_in_a_batch_mixed_with_a_plain_prompt(tiny_backbone: BackboneFn, tmp_path: Path) -> None:
+    from softprompt.serve import pipeline as pl
+    from softprompt.serve.registry import Registry
+
+    bb = tiny_backbone("llama")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    routed_file(bb, prompts / "routed.safetensors", seed=5)
+    save_prompt(prompts / "plain.safetensors", torch.randn(4, bb.embed_dim, generator=torch.Generator().manual_seed(6)),
+                {**file_meta(bb), "labels": {"labels": ["x", "y"], "words": ["bad", "good"]}})  # fmt: skip
+    reg = Registry(bb, prompts)
+    rows = [(reg.get(n), reg.encode(reg.get(n), t, "input")) for t in TEXTS for n in ("routed", "plain")]
+    counted: list[tuple[str, list[int]]] = []
+    got = pl.classify_rows(reg, rows, max_batch_size=64, routes=lambda e, r: counted.append((e.name, r.tolist())))
+    for name in ("routed", "plain"):
+        pred = Predictor.load(str(prompts / f"{name}.safetensors"), backbone=bb)
+        alone = pred.predict(TEXTS)
+        mine = [g for g, (e, _) in zip(got, rows, strict=True) if e.name == name]
+        for g, a in zip(mine, alone, strict=True):
+            assert g["label"] == a["label"]
+            for lab, v in a["probs"].items():
+                assert abs(g["probabilities"][lab] - v) <= 1e-5
+    assert [n for n, _ in counted] == ["routed"] and len(counted[0][1]) == len(TEXTS)
+    assert len(set(counted[0][1])) >= 2
