@@ -65,8 +65,8 @@ class PromptConfig:
     position: str = "auto"
     """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
     method: str = "prompt"
-    """Prompt method (softprompt.methods): prompt (input-embedding soft prompt) or deep (learned keys/values at every
-    layer, softprompt.deep)."""
+    """Prompt method (softprompt.methods): prompt (input-embedding soft prompt), deep (learned keys/values at every
+    layer, softprompt.deep) or late (hidden states entering at --layer, softprompt.late)."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
     reparam: str = "none"
@@ -74,6 +74,12 @@ class PromptConfig:
     while training; folded into an ordinary prompt at save, softprompt.prompt)."""
     reparam_hidden: int = 400
     """--reparam residual: the bottleneck width of its MLP."""
+    layer: int = 0
+    """--method late: the layer L the prompt enters at (0 < L < the model's layers; layers below L run on the input
+    alone, softprompt.late)."""
+    late_cache_mb: int = 2048
+    """--method late: memory (MiB) for what enters --layer per training example, kept across epochs so a step runs
+    only the layers from --layer up (0: no cache)."""
 
 
 @dataclass
@@ -212,6 +218,9 @@ class RunConfig:
             (p.reparam in ("none", "residual"), f"--reparam must be none or residual, got {p.reparam!r}"),
             (p.reparam == "none" or p.method == "prompt", "--reparam residual is for --method prompt"),
             (p.reparam_hidden >= 1, "--reparam-hidden must be >= 1"),
+            (p.method != "late" or p.layer >= 1, "--layer L (0 < L < the model's layers) is required by --method late"),
+            (p.method == "late" or p.layer == 0, "--layer is for --method late"),
+            (p.late_cache_mb >= 0, "--late-cache-mb must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

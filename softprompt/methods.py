@@ -6,6 +6,7 @@ serving reach every method through `get` / `of` and `checkpoint_prefix`; no othe
 
   prompt  softprompt.prompt  input-embedding soft prompt (Lester et al. 2021)
   deep    softprompt.deep    learned keys/values at every layer (prefix tuning, P-tuning v2)
+  late    softprompt.late    hidden states entering at layer --layer (late prompt tuning)
 
 This module imports no torch at import time (the CLI parser and the config validation read REGISTRY).
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from softprompt.prompted import PromptedModel
 
 REGISTRY: dict[str, str] = {"prompt": "softprompt.prompt", "deep": "softprompt.deep"}  # name -> module with METHOD
+REGISTRY["late"] = "softprompt.late"
 
 
 class Trainable(Protocol):
@@ -48,6 +50,9 @@ class Trainable(Protocol):
     def saved(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         """What a prompt file holds: the `prompt` tensor (P, d), other tensors, metadata (`method` included)."""
         ...
+
+    # Optional: start_states(pm, prefix, batch, label_ids, head) -> Batch.start or None: a training step's cached
+    # hidden states entering some layer (softprompt.late; PromptObjective.loss calls it where it exists).
 
 
 class Method(Protocol):

@@ -143,7 +143,11 @@ class PromptObjective:
             targets=[e.target_ids or [] for e in rows] if kind == "generate" else None,
         )
         # the prefix (prompt keys/values) is built once per micro-batch and shared by its rows
-        return pm.loss(self.prompt.prefix(pm), batch.to(self.bb.device), self.task.label_ids, self.head)
+        prefix, batch = self.prompt.prefix(pm), batch.to(self.bb.device)
+        cached = getattr(self.prompt, "start_states", None)  # a late prompt's per-example cache (softprompt.late)
+        if cached is not None:
+            batch.start = cached(pm, prefix, batch, self.task.label_ids, self.head)
+        return pm.loss(prefix, batch, self.task.label_ids, self.head)
 
     def evaluate(self) -> Evaluation:
         pm, t = self.pm, self.cfg.train
