@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from softprompt import arch
 from softprompt.checkpoint import CheckpointError, PromptCheckpoint
 from softprompt.data import pad_left
 from softprompt.layers import decoder_layers, replace_at, stop_before
@@ -70,14 +71,46 @@ def check(pm: PromptedModel, layer: int) -> None:
     n = n_layers(pm)
     if not 0 < layer < n:
         raise ValueError(f"--layer must satisfy 0 < L < {n} (the model's layers) for --method late, got {layer}")
+    key = f"late-parts:{layer}"
+    if key not in pm.backbone.verified:
+        pm.backbone.verified[key] = parts_error(pm, layer)
+    if not pm.backbone.verified[key] <= arch.tolerance(pm.model):  # NaN fails too
+        raise arch.ArchitectureError(
+            f"--method late: {pm.backbone.architecture} run from layer {layer} on differs from its whole forward by"
+            f" {pm.backbone.verified[key]:.3g} (relative); late prompts are refused on it"
+        )
+
+
+def parts_error(pm: PromptedModel, layer: int) -> float:
+    """The load-time check: probe rows (two lengths, one batch) behind a random late prompt, run whole and in parts
+    (what enters `layer`, then layers >= `layer` only, as a cached training step runs); their largest relative
+    difference."""
+    dev = pm.backbone.device
+    d = pm.embedding_matrix().shape[1]
+    was = pm.model.training
+    pm.model.eval()
+    try:
+        with torch.no_grad():
+            prefix = late_prefix(
+                pm, torch.randn(2, d, generator=torch.Generator().manual_seed(0)).to(dev), layer, False
+            )
+            b = pm.collate([pm.encode_input(t) for t in arch.PROBE_TEXTS]).to(dev)
+            whole = pm.run_decoder(prefix, None, b.ids, b.mask, keep_cache=False).hidden
+            entering = layer_input(pm, prefix, b.ids, b.mask, layer)
+            parts = pm.run_decoder(prefix, None, b.ids, b.mask, keep_cache=False, start=(layer, entering)).hidden
+    finally:
+        pm.model.train(was)
+    real = b.mask.bool()
+    return float((whole - parts)[real].abs().max() / whole[real].abs().max().clamp(min=1e-30))
 
 
 # ---- prefixes ---------------------------------------------------------------------------------------------------
-def late_prefix(pm: PromptedModel, states: torch.Tensor, layer: int) -> Prefix:
+def late_prefix(pm: PromptedModel, states: torch.Tensor, layer: int, checked: bool = True) -> Prefix:
     """The Prefix of a late prompt: hidden states (P, d) entering at `layer` (see the module docstring): layout
     [lead][P slots]; layers >= `layer` hold the keys/values the model computes for [lead; states] from that layer up
     (the lead token's own below it), layers below hold zeros in the slot columns, hidden by `starts`."""
-    check(pm, layer)
+    if checked:
+        check(pm, layer)
     dev, P = pm.backbone.device, int(states.shape[0])
     lead = pm.embed(torch.tensor(pm.prefix_ids, dtype=torch.long, device=dev))  # (p0, d)
     p0 = lead.shape[0]
@@ -90,7 +123,8 @@ def late_prefix(pm: PromptedModel, states: torch.Tensor, layer: int) -> Prefix:
         if i >= layer:
             kv.append((c.keys, c.values))
         else:  # below `layer` the slots do not exist: zero columns (what the lower layers computed there is unused)
-            kv.append(tuple(torch.cat([t[:, :, :p0], torch.zeros_like(t[:, :, p0:])], 2) for t in (c.keys, c.values)))
+            k, v = (torch.cat([t[:, :, :p0], torch.zeros_like(t[:, :, p0:])], 2) for t in (c.keys, c.values))
+            kv.append((k, v))
     ones = torch.ones(1, p0 + P, dtype=torch.long, device=dev)
     pool = torch.nn.functional.pad(torch.ones(1, p0, dtype=torch.long, device=dev), (0, P))
     starts = torch.nn.functional.pad(torch.zeros(1, p0, dtype=torch.long, device=dev), (0, P), value=layer)

@@ -105,7 +105,7 @@ def hidden_keys(base: nn.Module, starts: torch.Tensor | None) -> Iterator[None]:
 
 
 class _Stop(Exception):
-    def __init__(self, hidden: torch.Tensor) -> None:
+    def __init__(self, hidden: Any) -> None:
         self.hidden = hidden
 
 

@@ -339,3 +339,15 @@ def test_bad_layer_and_families_are_refused(root: Path) -> None:
         other = PromptedModel(load_backbone(str(tiny_model_dir(kind, root / "tiny")), progress=False))
         with pytest.raises(ValueError, match=f"--method late: supported for decoder-only models, not {family}"):
             late.make_late_prompt(other, init, 1)
+
+
+def test_an_architecture_that_cannot_run_in_parts_is_refused(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPT-2 entered at layer 1 without zeroing its position embeddings would add them twice: the load-time check
+    sees the parts differ from the whole and refuses, naming the architecture."""
+    from softprompt import layers
+    from softprompt.arch import ArchitectureError
+
+    pm = PromptedModel(backbone("gpt2", root))
+    monkeypatch.setattr(layers, "ABSOLUTE_POSITIONS", ())
+    with pytest.raises(ArchitectureError, match="--method late: GPT2LMHeadModel run from layer 1 on differs"):
+        late.make_late_prompt(pm, pm.embedding_matrix()[:3].detach(), 1)
