@@ -91,6 +91,10 @@ class Prefix:
         return Prefix(self.embeds[g : g + 1, sl], self.mask[g : g + 1, sl], self.pool[g : g + 1, sl],
                       self.lengths[g : g + 1], kv, self.deep, starts)  # fmt: skip
 
+    def row_starts(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """(N, P) the first layer of each row's slots (`starts` of the prompt of each row), or None."""
+        return None if self.starts is None else self.starts[rows]
+
     def nbytes(self) -> int:
         """Memory held by this prefix (embeddings and K/V)."""
         n = self.embeds.numel() * self.embeds.element_size()

@@ -14,6 +14,9 @@ broadcast to every row (`expand`, no copy). Rows are left-padded, so position id
 through the single shared prefix computation. Several prefixes (mixed-task batches) are left-padded to one
 length with masked slots and gathered per row.
 
+Late prompts (softprompt.late) are K/V prefixes whose slots are keys only from their layer up (Prefix.starts, masked
+below it by softprompt.layers); a training step may enter at that layer with cached states (Batch.start).
+
 Encoder and encoder-decoder models (and decoder-only with naive=True): each row's prefix embeddings are
 concatenated with its input embeddings ("concat path"), as PEFT does.
 
@@ -259,19 +262,16 @@ class PromptedModel(nn.Module):
         start: tuple[int, torch.Tensor] | None = None) -> Prefilled:  # fmt: skip
         """Left-padded rows `ids` (N, T) behind their prefixes through the decoder: THE causal forward. Prefix K/V
         (when built) are read from a cache, else the prefix embeddings are concatenated in front; positions are
-        each row's own (prefix lengths + real tokens before it), masks per softprompt.arch; slots with `starts` (late
-        prompts) are keys from their layer up (softprompt.layers). start (l, states (N, T, d)): what enters layer l
-        is given, only layers >= l run (K/V path)."""
+        each row's own (prefix lengths + real tokens before it), masks per softprompt.arch; late slots are keys from
+        their layer up (softprompt.layers). start (l, (N, T, d)): what enters layer l; only layers >= l run."""
         n, T = ids.shape
         rows = self._rows(prefix, rows, n)
         emb = self.embed(ids) if start is None else start[1]  # (N, T, d)
         attn = torch.cat([prefix.mask[rows], mask], 1)  # (N, P+T)
         base = self.model.base_model
-        late = None if prefix.starts is None else prefix.starts[rows]  # (N, P)
+        late = prefix.row_starts(rows)  # (N, P) or None
         if (late is not None or start is not None) and (prefix.kv is None or keep_cache):
-            raise ValueError(
-                "a late prompt needs the K/V path and no decode-loop cache (generate: PromptedModel.generate)"
-            )
+            raise ValueError("a late prompt needs the K/V path, not a decode loop's cache (use PromptedModel.generate)")
         if prefix.kv is not None:
             shared = prefix.mask.shape[0] == 1
             layers = [
@@ -521,8 +521,7 @@ class PromptedModel(nn.Module):
                 (k[rows].repeat_interleave(copies, 0), v[rows].repeat_interleave(copies, 0)) for k, v in prefix.kv
             ]
             ids = torch.cat([torch.full((n, prefix.width), self.pad_id, device=batch.ids.device), batch.ids], 1)
-            late = None if prefix.starts is None else prefix.starts[rows].repeat_interleave(copies, 0)  # (N*c, P)
-            with hidden_keys(self.model.base_model, late):
+            with hidden_keys(self.model.base_model, prefix.row_starts(rows.repeat_interleave(copies, 0))):
                 out = self.model.generate(  # type: ignore[operator]
                     input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers), **gen_kwargs
                 )
