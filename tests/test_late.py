@@ -80,7 +80,7 @@ def reference_hidden(bb: Backbone, lead: list[int], S: torch.Tensor, ids: list[i
     return base.norm(h)[0, p0 + P :]
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
 def test_hidden_states_match_the_hand_built_reference(kind: str, root: Path) -> None:
     bb = backbone(kind, root)
     pm = PromptedModel(bb)
@@ -190,6 +190,20 @@ def test_cached_training_loss_equals_uncached(head: str, root: Path) -> None:
     assert all(p.grad is None for p in bb.model.parameters())
 
 
+def test_cached_generation_loss_equals_uncached(root: Path) -> None:
+    """--task generate: the cache holds input + target rows; the token-level loss is the same."""
+    gen = root / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"text": t, "target": y}) + "\n" for t, y in ROWS))
+    cfg = run_config(root, "gen.safetensors")
+    cfg.data.task, cfg.data.train, cfg.data.eval, cfg.data.labels = "generate", str(gen), None, None
+    obj = build_objective(cfg, backbone("llama", root), log=lambda s: None)
+    rows = obj.batches(0)[0]
+    cached = obj.loss(rows)
+    assert obj.prompt.cache is not None and len(obj.prompt.cache.states) == len(rows)
+    obj.prompt.cache = None
+    torch.testing.assert_close(cached, obj.loss(rows), atol=1e-6, rtol=1e-5)
+
+
 def test_cache_budget_bounds_memory(root: Path) -> None:
     bb = backbone("llama", root)
     pm = PromptedModel(bb)
@@ -219,6 +233,9 @@ def test_cli_train_eval_predict_round_trip(root: Path, tmp_path: Path, capsys: p
     assert main(["eval", "--prompt", str(out), "--data", str(root / "train.jsonl")]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["accuracy"] == pytest.approx(summary["accuracy"])
+    for fmt, dst in (("peft", tmp_path / "adapter"), ("prompt-table", tmp_path / "table")):
+        assert main(["export", "--to", fmt, str(out), str(dst)]) == 2
+        assert f"a late prompt cannot be exported to {fmt} (formats for late: none)" in capsys.readouterr().err
     assert main(["predict", "--prompt", str(out), "--data", str(root / "train.jsonl")]) == 0
     preds = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     pred = Predictor.load(str(out))
@@ -335,6 +352,10 @@ def test_bad_layer_and_families_are_refused(root: Path) -> None:
     for bad in (0, 2, 5):
         with pytest.raises(ValueError, match=f"--layer must satisfy 0 < L < 2 .* got {bad}"):
             late.make_late_prompt(pm, init, bad)
+    prefix = late.late_prefix(pm, states(), 1)
+    b = pm.collate([pm.encode_input(TEXTS[0])])
+    with pytest.raises(ValueError, match="a late prompt needs the K/V path, not a decode loop's cache"):
+        pm.run_decoder(prefix, None, b.ids, b.mask, keep_cache=True)  # the serving decode loop's prefill
     for kind, family in (("bert", "encoder"), ("t5", "seq2seq")):
         other = PromptedModel(load_backbone(str(tiny_model_dir(kind, root / "tiny")), progress=False))
         with pytest.raises(ValueError, match=f"--method late: supported for decoder-only models, not {family}"):
