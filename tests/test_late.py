@@ -80,10 +80,11 @@ def reference_hidden(bb: Backbone, lead: list[int], S: torch.Tensor, ids: list[i
     return base.norm(h)[0, p0 + P :]
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
-def test_hidden_states_match_the_hand_built_reference(kind: str, root: Path) -> None:
+@pytest.mark.parametrize("kind, position", [("llama", "auto"), ("gpt2", "auto"), ("qwen2", "auto"), ("llama", "start")])
+def test_hidden_states_match_the_hand_built_reference(kind: str, position: str, root: Path) -> None:
+    """--position auto: [BOS][S][input]; start: no lead token, the BOS stays with the input ([S][BOS input])."""
     bb = backbone(kind, root)
-    pm = PromptedModel(bb)
+    pm = PromptedModel(bb, position=position)
     S = states()
     prefix = late.late_prefix(pm, S, 1)
     for text in TEXTS:
