@@ -6,6 +6,7 @@ A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and 
 (layers, kv heads, tokens, head dim): learned keys/values at every layer; num_tokens counts their tokens.
 A routed prompt (softprompt.routed) stacks its K routes in `prompt` (K*P, d) and adds `routed.router.*`; a
 conditioned prompt (softprompt.conditioned) has its shared prompt in `prompt` and adds `conditioned.*`.
+A late prompt (method "late", softprompt.late) has an empty `prompt` and `late.states` (tokens, hidden size).
 Header metadata (all strings; JSON where structured):
     format            "softprompt"
     format_version    "1"
@@ -89,7 +90,7 @@ def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
 
 
 _JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep",
-              "distill", "routed", "conditioned")  # fmt: skip
+              "distill", "routed", "conditioned", "late")  # fmt: skip
 
 
 def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
@@ -156,7 +157,7 @@ def save_prompt(
 
 MAX_FILE = 2**30  # a prompt file is kilobytes to megabytes; nothing larger is read into memory
 TENSOR_NAMES = ("prompt", "head.linear.weight", "head.linear.bias", "head.weight", "head.bias", "deep.keys",
-                "deep.values")  # fmt: skip
+                "deep.values", "late.states")  # fmt: skip
 # metadata fields with a closed set of values (absent: the reader's default)
 ALLOWED_META = {
     "method": METHODS,  # softprompt.methods.REGISTRY (its keys; read at each check, so a new method is one line)
@@ -275,7 +276,7 @@ def _check_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     if prompt.shape[1] < 1:
         raise CheckpointError(f"{path}: 'prompt' has dim 0")
     _check_deep(path, tensors)
-    if prompt.shape[0] < 1 and "deep.keys" not in tensors:
+    if prompt.shape[0] < 1 and "deep.keys" not in tensors and "late.states" not in tensors:
         raise CheckpointError(f"{path}: 'prompt' has 0 rows (a prompt needs at least one token)")
     for prefix in ("head.linear.", "head."):  # a head reads hidden states: its width is the model's hidden size,
         w, b = tensors.get(prefix + "weight"), tensors.get(prefix + "bias")  # not always the prompt's (ALBERT), so
@@ -333,8 +334,8 @@ def _check_meta(path: str, ckpt: PromptCheckpoint) -> None:
 
 def _deep_tokens(tensors: dict[str, torch.Tensor]) -> int:
     """Slots of a deep prompt (deep.keys/deep.values (layers, kv heads, tokens, head dim)); 0 for a plain prompt."""
-    k = tensors.get("deep.keys")
-    return int(k.shape[2]) if k is not None and k.ndim == 4 else 0
+    k, s = tensors.get("deep.keys"), tensors.get("late.states")  # a late prompt's (tokens, d): softprompt.late
+    return int(k.shape[2]) if k is not None and k.ndim == 4 else int(s.shape[0]) if s is not None and s.ndim == 2 else 0
 
 
 def _check_deep(path: str, tensors: dict[str, torch.Tensor]) -> None:

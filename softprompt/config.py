@@ -67,7 +67,8 @@ class PromptConfig:
     """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
     method: str = "prompt"
     """Prompt method (softprompt.methods): prompt (input-embedding soft prompt), deep (learned keys/values at every
-    layer, softprompt.deep), routed (K prompts and a router) or conditioned (a prompt generated from the input)."""
+    layer, softprompt.deep), routed (K prompts and a router), conditioned (a prompt generated from the input) or
+    late (hidden states entering at --layer, softprompt.late)."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
     reparam: str = "none"
@@ -81,6 +82,12 @@ class PromptConfig:
     """--method routed: weight of the load-balancing loss (Switch-Transformer style) added to the training loss."""
     rank: int = 1
     """--method conditioned: rank r of the input-dependent part of the prompt (softprompt.conditioned)."""
+    layer: int = 0
+    """--method late: the layer L the prompt enters at (0 < L < the model's layers; layers below L run on the input
+    alone, softprompt.late)."""
+    late_cache_mb: int = 2048
+    """--method late: memory (MiB) for what enters --layer per training example, kept across epochs so a step runs
+    only the layers from --layer up (0: no cache)."""
 
 
 @dataclass
@@ -222,6 +229,9 @@ class RunConfig:
             (p.routes >= 1, "--routes must be >= 1"),
             (p.balance_weight >= 0 and math.isfinite(p.balance_weight), "--balance-weight must be a number >= 0"),
             (p.rank >= 1, "--rank must be >= 1"),
+            (p.method != "late" or p.layer >= 1, "--layer L (0 < L < the model's layers) is required by --method late"),
+            (p.method == "late" or p.layer == 0, "--layer is for --method late"),
+            (p.late_cache_mb >= 0, "--late-cache-mb must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -4,10 +4,11 @@ A method is one module that defines `METHOD` (the `Method` protocol below), plus
 (softprompt.train, softprompt.trainer), evaluation, prediction, generation, ensembles, transfer similarity and
 serving reach every method through `get` / `of` and `checkpoint_prefix`; no other module names a method.
 
-  prompt  softprompt.prompt  input-embedding soft prompt (Lester et al. 2021)
-  deep    softprompt.deep    learned keys/values at every layer (prefix tuning, P-tuning v2)
+  prompt       softprompt.prompt       input-embedding soft prompt (Lester et al. 2021)
+  deep         softprompt.deep         learned keys/values at every layer (prefix tuning, P-tuning v2)
   routed       softprompt.routed       K prompts and a router: each input runs under one of them (SMoP-style)
   conditioned  softprompt.conditioned  a shared prompt plus a low-rank part generated from the input
+  late         softprompt.late         hidden states entering at layer --layer (late prompt tuning)
 
 Input-dependent methods (`per_row`: routed, conditioned) add `Trainable.row_prefix` and `Method.rows`: a batch's
 Prefix plus each row's entry in it (softprompt.dynamic, which every consumer goes through for them).
@@ -32,9 +33,13 @@ if TYPE_CHECKING:
     from softprompt.prefix import Prefix
     from softprompt.prompted import PromptedModel
 
-REGISTRY: dict[str, str] = {"prompt": "softprompt.prompt", "deep": "softprompt.deep"}  # name -> module with METHOD
-REGISTRY["routed"] = "softprompt.routed"
-REGISTRY["conditioned"] = "softprompt.conditioned"
+REGISTRY: dict[str, str] = {  # name -> module with METHOD
+    "prompt": "softprompt.prompt",
+    "deep": "softprompt.deep",
+    "routed": "softprompt.routed",
+    "conditioned": "softprompt.conditioned",
+    "late": "softprompt.late",
+}
 
 
 class Trainable(Protocol):
@@ -59,6 +64,8 @@ class Trainable(Protocol):
     # per_row methods only, instead of prefix / eval_prefix (softprompt.dynamic.step_prefix calls it):
     # def row_prefix(self, pm, ids (N, T), mask (N, T), *, train: bool) -> softprompt.dynamic.RowPrefix
     #     the batch's Prefix and each row's entry; train=True: gradients flow (and RowPrefix.aux, an extra loss term)
+    # Optional: start_states(pm, prefix, batch, label_ids, head) -> Batch.start or None: a training step's cached
+    # hidden states entering some layer (softprompt.late; PromptObjective.loss calls it where it exists).
 
 
 class Method(Protocol):

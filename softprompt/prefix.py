@@ -34,6 +34,8 @@ class Prefix:
     lengths: torch.Tensor  # (G,) real slots per prefix
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (G, H, P, dh); causal fast path
     deep: bool = False  # kv holds learned slots (softprompt.deep); an encoder's kv is then wider than the mask
+    starts: torch.Tensor | None = None  # (G, P) the first layer at which each slot is a key (late prompts,
+    # softprompt.late: L for its slots, 0 for the lead token); None: every slot at every layer
 
     @property
     def width(self) -> int:
@@ -41,7 +43,7 @@ class Prefix:
 
     def detach(self) -> Prefix:
         kv = None if self.kv is None else [(k.detach(), v.detach()) for k, v in self.kv]
-        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv, self.deep)
+        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv, self.deep, self.starts)
 
     @staticmethod
     def stack(parts: list[Prefix]) -> Prefix:
@@ -66,6 +68,10 @@ class Prefix:
             ]
         elif deep:  # its embeddings are placeholders: without keys/values the deep prompt would silently vanish
             raise ValueError("a deep prompt cannot share a batch with a prefix that holds no keys/values")
+        starts = None
+        if any(p.starts is not None for p in parts):  # a late prompt among them: every other slot starts at layer 0
+            starts = torch.cat([left_pad(p.starts if p.starts is not None else torch.zeros_like(p.mask), width, 1)
+                                for p in parts])  # fmt: skip
         return Prefix(
             torch.cat([left_pad(p.embeds, width, 2) for p in parts]),
             torch.cat([left_pad(p.mask, width, 1) for p in parts]),
@@ -73,6 +79,7 @@ class Prefix:
             torch.cat([p.lengths for p in parts]),
             kv,
             deep,
+            starts,
         )
 
     def only(self, g: int) -> Prefix:
@@ -80,8 +87,13 @@ class Prefix:
         n, P = int(self.lengths[g]), self.width
         kv = None if self.kv is None else [(k[g : g + 1, :, P - n :], v[g : g + 1, :, P - n :]) for k, v in self.kv]
         sl = slice(P - n, P)
+        starts = None if self.starts is None else self.starts[g : g + 1, sl]
         return Prefix(self.embeds[g : g + 1, sl], self.mask[g : g + 1, sl], self.pool[g : g + 1, sl],
-                      self.lengths[g : g + 1], kv, self.deep)  # fmt: skip
+                      self.lengths[g : g + 1], kv, self.deep, starts)  # fmt: skip
+
+    def row_starts(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """(N, P) the first layer of each row's slots (`starts` of the prompt of each row), or None."""
+        return None if self.starts is None else self.starts[rows]
 
     def nbytes(self) -> int:
         """Memory held by this prefix (embeddings and K/V)."""
@@ -100,12 +112,16 @@ class Batch:
     labels: torch.Tensor | None = None  # (B,) class index
     targets: torch.Tensor | None = None  # (B, M) target ids (generate), pad = -100
     target_pos: torch.Tensor | None = None  # (B, M) causal: positions whose hidden state predicts targets[:, j]
+    start: tuple[int, torch.Tensor] | None = None  # (l, (B, T, d)) what enters layer l for these rows (a late prompt's
+    # training cache, softprompt.late): only layers >= l run (decoder K/V path; multi-token verbalizers recompute)
 
     def to(self, device: torch.device) -> Batch:
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Batch(self.ids.to(device), self.mask.to(device), mv(self.labels), mv(self.targets), mv(self.target_pos))
+        st = None if self.start is None else (self.start[0], self.start[1].to(device))
+        return Batch(self.ids.to(device), self.mask.to(device), mv(self.labels), mv(self.targets), mv(self.target_pos),
+                     st)  # fmt: skip
 
 
 class LinearHead(nn.Module):

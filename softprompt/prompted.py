@@ -14,6 +14,9 @@ broadcast to every row (`expand`, no copy). Rows are left-padded, so position id
 through the single shared prefix computation. Several prefixes (mixed-task batches) are left-padded to one
 length with masked slots and gathered per row.
 
+Late prompts (softprompt.late) are K/V prefixes whose slots are keys only from their layer up (Prefix.starts, masked
+below it by softprompt.layers); a training step may enter at that layer with cached states (Batch.start).
+
 Encoder and encoder-decoder models (and decoder-only with naive=True): each row's prefix embeddings are
 concatenated with its input embeddings ("concat path"), as PEFT does.
 
@@ -36,6 +39,7 @@ from transformers import DynamicCache
 
 from softprompt import arch
 from softprompt.data import pad_left, pad_right
+from softprompt.layers import forward_from, hidden_keys
 from softprompt.models import Backbone
 from softprompt.prefix import Batch, LinearHead, PerPromptHeads, Prefix, SimilarityHead, VerbalizerHead, scores_by_head
 
@@ -261,16 +265,20 @@ class PromptedModel(nn.Module):
         return rows
 
     def run_decoder(
-        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, *, keep_cache: bool
-    ) -> Prefilled:
+        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, *, keep_cache: bool,
+        start: tuple[int, torch.Tensor] | None = None) -> Prefilled:  # fmt: skip
         """Left-padded rows `ids` (N, T) behind their prefixes through the decoder: THE causal forward. Prefix K/V
         (when built) are read from a cache, else the prefix embeddings are concatenated in front; positions are
-        each row's own (prefix lengths + real tokens before it), masks per softprompt.arch."""
+        each row's own (prefix lengths + real tokens before it), masks per softprompt.arch; late slots are keys from
+        their layer up (softprompt.layers). start (l, (N, T, d)): what enters layer l; only layers >= l run."""
         n, T = ids.shape
         rows = self._rows(prefix, rows, n)
-        emb = self.embed(ids)  # (N, T, d)
+        emb = self.embed(ids) if start is None else start[1]  # (N, T, d)
         attn = torch.cat([prefix.mask[rows], mask], 1)  # (N, P+T)
         base = self.model.base_model
+        late = prefix.row_starts(rows)  # (N, P) or None
+        if (late is not None or start is not None) and (prefix.kv is None or keep_cache):
+            raise ValueError("a late prompt needs the K/V path, not a decode loop's cache (use PromptedModel.generate)")
         if prefix.kv is not None:
             shared = prefix.mask.shape[0] == 1
             layers = [
@@ -281,10 +289,9 @@ class PromptedModel(nn.Module):
             ]  # (N, H, P, dh): a view when one prompt serves the batch (index_select: ~5x faster than k[rows] on CPU)
             pos = (prefix.lengths[rows][:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
             am = self.attention_mask(attn, T, emb.dtype)
-            out = base(
-                inputs_embeds=emb, attention_mask=am, position_ids=pos, cache=DynamicCache(ddp_cache_data=layers),
-                use_cache=True,
-            )  # fmt: skip
+            kw = dict(attention_mask=am, position_ids=pos, cache=DynamicCache(ddp_cache_data=layers), use_cache=True)
+            with hidden_keys(base, late):
+                out = base(inputs_embeds=emb, **kw) if start is None else forward_from(base, start[0], emb, **kw)
             h = out[0]
         else:
             x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)  # (N, P+T, d)
@@ -312,10 +319,10 @@ class PromptedModel(nn.Module):
         return F.pad(mask, (0, 1), value=1)
 
     def causal_hidden(
-        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Hidden states (N, K, d) at `positions` (N, K) of left-padded rows `ids` (N, T) behind their prefix."""
-        h = self.run_decoder(prefix, rows, ids, mask, keep_cache=False).hidden
+        self, prefix: Prefix, rows: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+        start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """Hidden states (N, K, d) at `positions` (N, K) of rows `ids` (N, T) behind the prefix (start: run_decoder)."""
+        h = self.run_decoder(prefix, rows, ids, mask, keep_cache=False, start=start).hidden
         return torch.gather(h, 1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (N, K, d)
 
     def encoder_hidden(
@@ -344,7 +351,8 @@ class PromptedModel(nn.Module):
         if self.family == "causal":
             n, T = batch.ids.shape
             last = torch.full((n, 1), T - 1, dtype=torch.long, device=batch.ids.device)  # rows are left-padded
-            return self.causal_hidden(prefix, self._rows(prefix, rows, n), batch.ids, batch.mask, last)[:, 0]
+            rows = self._rows(prefix, rows, n)
+            return self.causal_hidden(prefix, rows, batch.ids, batch.mask, last, batch.start)[:, 0]
         h, _, pool = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
         w = pool.to(h.dtype)[..., None]
         return (h * w).sum(1) / w.sum(1).clamp(min=1)
@@ -381,8 +389,8 @@ class PromptedModel(nn.Module):
         rows_ = self._rows(prefix, rows, B)
         if tgt.shape[1] == 1:  # every verbalizer is one token: one row per example, one scored position
             pos = torch.full((B, 1), batch.ids.shape[1] - 1, dtype=torch.long, device=batch.ids.device)
-            logp = self.lm_logits(self.causal_hidden(prefix, rows_, batch.ids, batch.mask, pos)).log_softmax(-1)
-            return logp[:, 0, tgt[:, 0]]  # (B, L)
+            h = self.causal_hidden(prefix, rows_, batch.ids, batch.mask, pos, batch.start)
+            return self.lm_logits(h).log_softmax(-1)[:, 0, tgt[:, 0]]  # (B, L)
         owners = torch.arange(B, device=batch.ids.device).repeat_interleave(L)  # row (i, l): input i, word l
         return self._word_scores(prefix, rows_, batch, owners, tgt.repeat(B, 1)).view(B, L)
 
@@ -474,7 +482,8 @@ class PromptedModel(nn.Module):
         valid = batch.targets != -100
         if self.family == "causal":
             assert batch.target_pos is not None
-            logp = self.lm_logits(self.causal_hidden(prefix, rows, batch.ids, batch.mask, batch.target_pos))
+            h = self.causal_hidden(prefix, rows, batch.ids, batch.mask, batch.target_pos, batch.start)
+            logp = self.lm_logits(h)
         elif self.family == "seq2seq":
             h, attn, _ = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
             logp = self._decoder_logp(h, attn, batch.targets)
@@ -520,9 +529,10 @@ class PromptedModel(nn.Module):
                 (k[rows].repeat_interleave(copies, 0), v[rows].repeat_interleave(copies, 0)) for k, v in prefix.kv
             ]
             ids = torch.cat([torch.full((n, prefix.width), self.pad_id, device=batch.ids.device), batch.ids], 1)
-            out = self.model.generate(  # type: ignore[operator]
-                input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers), **gen_kwargs
-            )
+            with hidden_keys(self.model.base_model, prefix.row_starts(rows.repeat_interleave(copies, 0))):
+                out = self.model.generate(  # type: ignore[operator]
+                    input_ids=ids, attention_mask=attn, cache=DynamicCache(ddp_cache_data=layers), **gen_kwargs
+                )
             return out[:, prefix.width + T :]
         x = torch.cat([prefix.embeds[rows], self.embed(batch.ids)], 1)
         return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)  # type: ignore[operator]

@@ -147,6 +147,9 @@ class PromptObjective:
         # the prefix (prompt keys/values) is built once per micro-batch and shared by its rows; an input-dependent
         # prompt's (softprompt.dynamic) maps each row to its own entry and may add a loss term (routed: balance)
         rp = step_prefix(self.prompt, pm, batch, train=True)
+        cached = getattr(self.prompt, "start_states", None)  # a late prompt's per-example cache (softprompt.late)
+        if cached is not None:
+            batch.start = cached(pm, rp.prefix, batch, self.task.label_ids, self.head)
         loss = pm.loss(rp.prefix, batch, self.task.label_ids, self.head, rows=rp.rows)
         return loss if rp.aux is None else loss + rp.aux
 

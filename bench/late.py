@@ -1,0 +1,147 @@
+"""Measurements behind docs/results-late.md: late prompts (`--method late --layer L`) against a plain prompt.
+
+    OMP_NUM_THREADS=1 python -m bench.late [--exp sst2 sst2-epochs agnews] [--layer 15] [--out runs/late]
+
+smollm2-135m (30 layers), 10-token prompts, 60 steps x batch 8, AdamW lr 0.01, warm-up 5, seed 0: the settings of the
+plain-prompt rows of docs/results-methods.md (bench/methods.py exp_deep_smollm). Each pair (plain, late) runs in one
+process on one loaded backbone, one after the other, so the two step times are measured side by side:
+
+  sst2         the 2,000-sentence SST-2 sample of bench/methods.py; 60 x 8 = 480 rows, all distinct (less than one
+               epoch), so the cache of what enters layer L never hits: the speed-up is the backward pass stopping at L
+  sst2-epochs  a 64-sentence sample of it, 60 steps = 7.5 epochs: every row after the first epoch comes from the cache,
+               so a step runs layers >= L only (forward and backward)
+  agnews       the 2,000 / 500 AG News split of bench/methods.py
+
+Per run: accuracy (on the first 200 SST-2 dev sentences, the plain rows' training-time evaluation, and on 100 of the
+500 held-out AG News articles: fewer rows than docs/results-methods.md, for the one-core budget), trainable
+parameters, training time per
+step (the median over steps 2..60 of the trainer's own step clock; evaluation happens after step 60 only), and
+inference throughput (rows/s of the evaluation, batch 32). Each finished run is appended to OUT/results.jsonl and
+skipped when the script runs again. Data: ../shared/data (never copied into the repository); skipped with a reason
+when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.methods import SHARED, data, read_tsv, write_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+SETTINGS = {"num_tokens": 10, "max_steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 0.01, "seed": 0}
+TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}
+
+
+class Bench:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.results = out / "results.jsonl"
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.results.exists():
+            for line in self.results.read_text().splitlines():
+                r = json.loads(line)
+                self.done[r["name"]] = r
+        self._bb: Any = None
+
+    def backbone(self) -> Any:
+        from softprompt import load_backbone
+
+        if self._bb is None:
+            self._bb = load_backbone(MODEL, progress=False)
+        return self._bb
+
+    def run(self, name: str, task: dict[str, str], template: str, eval_rows: int, **opts: Any) -> dict[str, Any]:
+        """Train one prompt (no evaluation while training), then evaluate it; record the figures."""
+        if name in self.done:
+            return self.done[name]
+        from softprompt import Predictor, RunConfig, train
+        from softprompt.checkpoint import load_prompt
+        from softprompt.config import apply_options
+
+        cfg = RunConfig()
+        cfg.model.model = MODEL
+        cfg.data.train, cfg.data.labels, cfg.data.template = task["train"], task["labels"], template
+        cfg.train.out, cfg.train.progress = str(self.out / f"{name}.safetensors"), False
+        apply_options(cfg, {**SETTINGS, **opts}, name)
+        bb = self.backbone()
+        res = train(cfg, backbone=bb, log=lambda s: print(s, file=sys.stderr))
+        clock = [h["time_s"] for h in res.history]
+        step_s = statistics.median(b - a for a, b in zip(clock, clock[1:]))
+        ck = load_prompt(res.out)
+        params = sum(t.numel() for t in [ck.prompt, *ck.extra.values()])
+        pred = Predictor.load(res.out, backbone=bb, batch_size=32)
+        examples, _, _ = pred.task.encode_file(task["eval"])
+        examples = examples[:eval_rows]
+        t0 = time.perf_counter()
+        probs = pred.probs(examples)
+        eval_s = time.perf_counter() - t0
+        acc = sum(int(p.argmax()) == e.label for p, e in zip(probs, examples)) / len(examples)
+        r = {"name": name, "method": cfg.prompt.method, "layer": cfg.prompt.layer, "opts": opts,
+             "accuracy": round(acc, 4), "eval_rows": len(examples), "params": params, "step_s": round(step_s, 3),
+             "train_s": round(res.wall_s, 1), "rows_per_s": round(len(examples) / eval_s, 1)}  # fmt: skip
+        self.done[name] = r
+        with open(self.results, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+        return r
+
+
+def small_sst2(tmp: Path, n: int) -> dict[str, str]:
+    sst = read_tsv(SHARED / "sst2" / "train.tsv")[1:]
+    random.Random(0).shuffle(sst)
+    return {"train": write_tsv(sst[:n], ["sentence", "label"], tmp / f"sst2_train{n}.tsv"),
+            "eval": str(SHARED / "sst2" / "dev.tsv"), "labels": "0=negative,1=positive"}  # fmt: skip
+
+
+def pair(b: Bench, prefix: str, task: dict[str, str], template: str, eval_rows: int, layer: int) -> list[dict]:
+    return [
+        b.run(f"{prefix}-plain", task, template, eval_rows, method="prompt"),
+        b.run(f"{prefix}-late{layer}", task, template, eval_rows, method="late", layer=layer),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--exp", nargs="*", default=["sst2", "sst2-epochs", "agnews"])
+    ap.add_argument("--layer", type=int, default=15, help="the late prompt's entry layer (smollm2-135m has 30)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "late"))
+    args = ap.parse_args(argv)
+    if not (SHARED / "sst2" / "train.tsv").is_file() or not (SHARED / "agnews" / "train10k.tsv").is_file():
+        print(f"skipped: the benchmark data is not at {SHARED}", file=sys.stderr)
+        return 0
+    b = Bench(Path(args.out))
+    tmp = b.out / "data"
+    tmp.mkdir(exist_ok=True)
+    d = data(tmp)
+    L = args.layer
+    for exp in args.exp:
+        if exp == "sst2":
+            pair(b, "sst2", d["sst2"], TEMPLATES["sst2"], 200, L)
+        elif exp == "sst2-epochs":
+            pair(b, "sst2-64rows", small_sst2(tmp, 64), TEMPLATES["sst2"], 200, L)
+        elif exp == "agnews":
+            pair(b, "agnews", d["agnews"], TEMPLATES["agnews"], 100, L)
+        else:
+            raise SystemExit(f"--exp: unknown experiment {exp!r}")
+    rows = [r for r in b.done.values()]
+    for r in rows:
+        if r["method"] == "late":
+            plain = b.done.get(r["name"].rsplit("-late", 1)[0] + "-plain")
+            if plain:
+                print(f"{r['name']}: step {plain['step_s']:.3f} s (plain) / {r['step_s']:.3f} s (late) ="
+                      f" {plain['step_s'] / r['step_s']:.2f}x; accuracy {plain['accuracy']:.3f} / {r['accuracy']:.3f};"
+                      f" {plain['rows_per_s']} / {r['rows_per_s']} rows/s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
