@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the names for type checkers (`as X`: an explicit re-export)
     from softprompt.config import PromptConfig as PromptConfig
     from softprompt.config import RunConfig as RunConfig
     from softprompt.config import TrainConfig as TrainConfig
+    from softprompt.icl import icl_evaluate as icl_evaluate
     from softprompt.models import load_backbone as load_backbone
     from softprompt.prompt import SoftPrompt as SoftPrompt
     from softprompt.prompt import init_prompt as init_prompt
@@ -35,6 +36,7 @@ _EXPORTS = {
     "RunConfig": "config",
     "SoftPrompt": "prompt",
     "TrainConfig": "config",
+    "icl_evaluate": "icl",
     "info": "api",
     "init_prompt": "prompt",
     "load_backbone": "models",

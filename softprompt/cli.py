@@ -1,4 +1,5 @@
-"""Command line: `softprompt train|eval|predict|generate|info|models|serve|export|import|similarity|train-multi`.
+"""Command line: `softprompt train|eval|predict|generate|info|models|serve|export|import|similarity|train-multi|
+distill`.
 
 Every command's flags come from typed config dataclasses (softprompt.config; the tree is softprompt.parsers):
 `train`'s fields are `--field-name` and `--section.field_name`, with their docstrings as help, and `--config
@@ -70,6 +71,12 @@ def _train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from softprompt import distill
+
+    return distill.run(args)
+
+
 def _train_multi(args: argparse.Namespace) -> int:
     from softprompt import multitask
 
@@ -136,7 +143,25 @@ def _eval(args: argparse.Namespace) -> int:
     from softprompt.api import dumps
 
     cfg: EvalConfig = from_args(EvalConfig, args)
-    m = _predictor(cfg).evaluate(cfg.data, max_new_tokens=cfg.max_new_tokens, columns=cfg.columns)
+    cfg.validate()
+    if cfg.icl_demos is not None:  # the in-context baseline: k demonstrations instead of a prompt
+        from pathlib import Path
+
+        from softprompt.config import DataConfig, ModelConfig
+        from softprompt.icl import icl_evaluate
+        from softprompt.models import load_backbone
+        from softprompt.task import TaskSpec
+
+        assert cfg.model is not None
+        mcfg = ModelConfig(model=cfg.model, device=cfg.device, skip_equivalence_check=cfg.skip_equivalence_check)
+        spec = TaskSpec.from_config(DataConfig(train=cfg.icl_demos, template=cfg.template, labels=cfg.labels,
+                                               columns=cfg.columns))  # fmt: skip
+        text = Path(cfg.icl_instructions).read_text(encoding="utf-8") if cfg.icl_instructions else ""
+        m = icl_evaluate(load_backbone(mcfg, progress=False), spec, cfg.data, cfg.icl_demos, cfg.k,
+                         seed=cfg.icl_seed, balanced=cfg.icl_balanced, batch_size=cfg.batch_size,
+                         columns=cfg.columns, instructions=text)  # fmt: skip
+    else:
+        m = _predictor(cfg).evaluate(cfg.data, max_new_tokens=cfg.max_new_tokens, columns=cfg.columns)
     print(dumps(m))
     return 0
 
@@ -190,6 +215,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "import": _interop,
     "train-multi": _train_multi,
     "similarity": _similarity,
+    "distill": _distill,
     "eval": _eval,
     "predict": _predict,
     "generate": _generate,

@@ -94,14 +94,93 @@ class PromptCommandConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig(PromptCommandConfig):
-    """`softprompt eval`: evaluate a prompt on a labelled file; prints one JSON object."""
+    """`softprompt eval`: evaluate a prompt on a labelled file; prints one JSON object. With --icl-demos instead of
+    --prompt: the in-context baseline (the frozen model with k demonstrations in context, softprompt.icl)."""
 
+    prompt: list[str] | None = flag(None, action="append")  # type: ignore[assignment]  # optional here
+    """prompt .safetensors (repeat for an ensemble); required unless --icl-demos"""
     data: str = flag(required=True)
     """labelled file (jsonl/csv/tsv)"""
     max_new_tokens: int = 32
     """tokens generated per input (generation tasks)"""
     columns: str | None = None
     """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+    icl_demos: str | None = None
+    """labelled file: score the frozen --model with --k of its examples in context instead of a prompt (ICL)"""
+    k: int = 8
+    """demonstrations in context (--icl-demos)"""
+    icl_seed: int = 0
+    """seed of the demonstrations' draw (--icl-demos)"""
+    icl_balanced: bool = False
+    """draw the demonstrations round-robin over the classes (--icl-demos)"""
+    icl_instructions: str | None = None
+    """text file put before the demonstrations (--icl-demos)"""
+    template: str = "{text}"
+    """input template (--icl-demos; a prompt file brings its own)"""
+    labels: str | None = None
+    """verbalizer "label=word,..." (--icl-demos; a prompt file brings its own; default: each label its own word)"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag: a prompt or --icl-demos (not both), existing files, k >= 0."""
+        if self.icl_demos is None:
+            if not self.prompt:
+                raise ConfigError("--prompt: a prompt file is required (or --icl-demos FILE for the ICL baseline)")
+            return
+        if self.prompt:
+            raise ConfigError("--icl-demos: scores the model with demonstrations in context; drop --prompt")
+        if not self.model:
+            raise ConfigError("--icl-demos: --model is required (no prompt file names the base model)")
+        if self.k < 0:
+            raise ConfigError(f"--k must be >= 0, got {self.k}")
+        for flag_, path in (("--icl-demos", self.icl_demos), ("--icl-instructions", self.icl_instructions)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag_}: file not found: {path}")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """`softprompt distill`'s flags besides RunConfig's (the student prompt's training, as `softprompt train`'s):
+    the hard prompt to compile (the teacher) and where the student's inputs come from (softprompt.distill)."""
+
+    config: str | None = None
+    """YAML file with any of the training options below (flags given here win)"""
+    teacher_prompt: str | None = None
+    """text file: the hard prompt to compile (instructions and/or demonstrations), put in context as it is"""
+    demos: str | None = None
+    """labelled file: --k demonstrations drawn from it (template filled, then the label word), after the
+    --teacher-prompt text if one is given"""
+    k: int = 8
+    """demonstrations drawn from --demos"""
+    demo_seed: int = 0
+    """seed of the demonstrations' draw"""
+    balanced: bool = False
+    """draw the demonstrations round-robin over the classes"""
+    alpha: float = 0.0
+    """weight of the labelled cross-entropy next to the KL term (0: --train needs no labels)"""
+    self_study: int = 0
+    """inputs the model writes itself behind the hard prompt (seeded sampling; added to --train's rows)"""
+    self_study_seed: int = 0
+    """seed of the self-study sampling"""
+    self_study_tokens: int = 48
+    """longest sampled template field, in tokens (self-study)"""
+    self_study_temperature: float = 1.0
+    """sampling temperature of self-study"""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag for a missing hard prompt, a missing file or an out-of-range value."""
+        if not self.teacher_prompt and not self.demos:
+            raise ConfigError("--teacher-prompt or --demos: the hard prompt to compile is required")
+        for flag_, path in (("--teacher-prompt", self.teacher_prompt), ("--demos", self.demos)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag_}: file not found: {path}")
+        if self.demos and self.k < 1:
+            raise ConfigError(f"--k must be >= 1 with --demos, got {self.k}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ConfigError(f"--alpha must be >= 0, got {self.alpha}")
+        if self.self_study < 0 or self.self_study_tokens < 1:
+            raise ConfigError("--self-study must be >= 0 and --self-study-tokens >= 1")
+        if not (math.isfinite(self.self_study_temperature) and self.self_study_temperature > 0):
+            raise ConfigError(f"--self-study-temperature must be > 0, got {self.self_study_temperature}")
 
 
 @dataclass(kw_only=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from softprompt.commands import (
     SKIP_CHECK_HELP,
+    DistillConfig,
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -79,6 +80,12 @@ COMMANDS: dict[str, Command] = {
         raw_description=True,
     ),
     "similarity": Command(SimilarityConfig, "rank source prompts by cosine similarity to a target prompt (SPoT)"),
+    "distill": Command(
+        DistillConfig,
+        "compile a long hard prompt (instructions, demonstrations) into a soft prompt of a few tokens",
+        "distill",  # the module whose docstring is the --help text
+        raw_description=True,
+    ),
     "eval": Command(EvalConfig, "evaluate a prompt on a labelled file; prints one JSON object"),
     "predict": Command(PredictConfig, "labels and probabilities per input, JSONL out"),
     "generate": Command(GenerateConfig, "generate text with a prompt"),
@@ -91,7 +98,10 @@ COMMANDS: dict[str, Command] = {
 def command_dataclasses(name: str) -> list[type]:
     """Every dataclass whose fields are `name`'s flags (train: its own and RunConfig's sections)."""
     own = [COMMANDS[name].config]
-    return [*own, *SECTIONS.values()] if name == "train" else own
+    return [*own, *SECTIONS.values()] if name in TRAINING else own
+
+
+TRAINING = ("train", "distill")  # the commands that take RunConfig's sections (a prompt is trained)
 
 
 _TYPES: dict[str, Any] = {"int": int, "float": float}
@@ -192,6 +202,9 @@ def _add_command(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
         add_fields(p, TrainCommandConfig, only=("config",))
         _add_config_flags(p)
         add_train_flags(p)
+    elif name == "distill":  # its own flags, then the student's training flags (train's)
+        add_fields(p, cmd.config)
+        _add_config_flags(p)
     else:
         add_fields(p, cmd.config)
     return p

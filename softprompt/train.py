@@ -189,14 +189,22 @@ class PromptObjective:
         return run_identity(self.cfg, self.bb.fingerprint)
 
 
-def build_objective(cfg: RunConfig, bb: Backbone, log=print) -> PromptObjective:
-    """Task, encoded data, the initial prompt and head: everything fit() trains."""
+def build_objective(
+    cfg: RunConfig, bb: Backbone, log=print, *, train_set: list[Encoded] | None = None
+) -> PromptObjective:
+    """Task, encoded data, the initial prompt and head: everything fit() trains. `train_set`: rows already encoded
+    (softprompt.distill: unlabelled and self-study inputs) instead of the --train file's."""
     t = cfg.train
-    assert cfg.data.train
+    assert cfg.data.train or train_set is not None
     spec = TaskSpec.from_config(cfg.data, position=cfg.prompt.position)
     pm = PromptedModel(bb, position=cfg.prompt.position, naive=t.naive)
     task = BoundTask(spec, pm, num_tokens=cfg.prompt.num_tokens)
-    train_set, n_cut, _ = task.encode_file(cfg.data.train, truncate=not cfg.data.no_truncate, columns=cfg.data.columns)
+    n_cut = 0
+    if train_set is None:
+        assert cfg.data.train
+        train_set, n_cut, _ = task.encode_file(
+            cfg.data.train, truncate=not cfg.data.no_truncate, columns=cfg.data.columns
+        )
     eval_set: list[Encoded] = []
     if cfg.data.eval:
         eval_set, _, _ = task.encode_file(cfg.data.eval, truncate=not cfg.data.no_truncate, columns=cfg.data.columns)

@@ -3,18 +3,23 @@ through the one trainer; the loss is the KL of the model's own forwards."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
+from softprompt import trainer as trainer_mod
 from softprompt.checkpoint import load_prompt
+from softprompt.cli import main
 from softprompt.config import RunConfig
 from softprompt.data import load_samples
 from softprompt.distill import DistillObjective
-from softprompt.icl import build_context, choose_demos
+from softprompt.icl import build_context, choose_demos, text_context
 from softprompt.models import Backbone
+from softprompt.prompted import PromptedModel
 from softprompt.task import BoundTask
 from softprompt.train import build_objective, run_files
 from softprompt.trainer import fit
@@ -78,3 +83,166 @@ def test_distillation_trains_through_the_one_trainer_and_records_its_teacher(
     assert d["k"] == 4 and d["context_tokens"] == len(obj.teacher.token_ids) and d["student_tokens"] == 3
     assert d["context_sha256"] == obj.teacher.sha256 and d["compression"] == round(d["context_tokens"] / 3, 2)
     assert 0.0 <= d["agreement"] <= 1.0 and "eval_agreement" in res.history[2]
+
+
+# ---- token-level KL (generation tasks) --------------------------------------------------------------------
+def test_generation_loss_is_the_token_level_kl_of_the_models_own_forwards(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
+) -> None:
+    bb = sharp_backbone("llama")
+    cfg = RunConfig()
+    cfg.model.model, cfg.model.device = str(tiny_models_root / "sharp-llama"), "cpu"
+    rows = [{"text": f"{WORDS[i % 8]} film {i}", "target": f"{WORDS[(i + 3) % 8]} {'plot ' * (i % 3)}end"}
+            for i in range(6)]  # fmt: skip
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg.data.train, cfg.data.task, cfg.data.template = str(tmp_path / "g.jsonl"), "generate", "Q: {text}\nA:"
+    cfg.prompt.num_tokens, cfg.prompt.init, cfg.train.progress = 3, "vocab", False
+    base = build_objective(cfg, bb, log=lambda *a: None)
+    ctx = text_context(base.pm, "Q: good film\nA: great end\n\nQ: bad film\nA: dull plot end\n\n")
+    obj = DistillObjective(base, ctx)
+    rows_ = obj.base.train_set[:4]
+    assert all(e.target_ids for e in rows_)  # the file's targets are the continuations
+    got = obj.loss(rows_)
+    pm, emb = obj.base.pm, bb.model.get_input_embeddings()
+    prompt = obj.base.prompt.embedding.detach()
+    kl_sum, n_tok = torch.zeros(()), 0
+    with torch.no_grad():
+        for e in rows_:  # teacher: [BOS][context][input][target] as ids; student: hand-built embeddings
+            y = e.target_ids or []
+            ids = pm.prefix_ids + ctx.token_ids + e.input_ids + y
+            t = bb.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            t = t[len(ids) - len(y) - 1 : len(ids) - 1]  # (M, V): the states that predict y
+            x = torch.cat([emb(torch.tensor(pm.prefix_ids)), prompt, emb(torch.tensor(e.input_ids + y))])[None]
+            s = bb.model(inputs_embeds=x).logits[0].float().log_softmax(-1)
+            s = s[x.shape[1] - len(y) - 1 : x.shape[1] - 1]
+            kl_sum += (t.exp() * (t - s)).sum()
+            n_tok += len(y)
+    torch.testing.assert_close(got.detach(), kl_sum / n_tok, rtol=1e-4, atol=1e-6)
+    m = obj.evaluate().metrics if obj.has_eval else obj._token_agreement()
+    assert 0.0 <= m["agreement"] <= 1.0
+
+
+# ---- `softprompt distill` on the command line ---------------------------------------------------------------
+TEMPLATE, LABELS = r"Review: {text}\nAnswer:", "a=yes,b=no"
+
+
+def unlabelled(path: Path, n: int, offset: int = 0) -> Path:
+    path.write_text("".join(json.dumps({"text": f"{WORDS[(i * 5) % 8]} film {i + offset}"}) + "\n" for i in range(n)))
+    return path
+
+
+def distill_argv(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "distill", "--model", str(model), "--device", "cpu", "--no-progress", "--template", TEMPLATE,
+        "--labels", LABELS, "--num-tokens", "3", "--init", "vocab", "--batch-size", "4", "--lr", "0.05",
+        "--warmup-steps", "0", "--max-steps", "4", "--eval", str(write(tmp_path / "e.jsonl", 6, 50)), *extra,
+    ]  # fmt: skip
+
+
+def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_distill_writes_an_ordinary_prompt_that_agrees_as_its_metadata_says(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, capsys
+) -> None:
+    model = tiny_models_root / "sharp-llama"
+    bb = sharp_backbone("llama")
+    teacher = "Say yes to good films and no to bad ones.\n\nReview: good film\nAnswer: yes\n\n"
+    (tmp_path / "teacher.txt").write_text(teacher)
+    out = tmp_path / "s.safetensors"
+    train = unlabelled(tmp_path / "u.jsonl", 12)  # no labels: --alpha 0 reads none
+    rc, _, err = cli(capsys, distill_argv(model, tmp_path, "--teacher-prompt", str(tmp_path / "teacher.txt"),
+                                          "--train", str(train), "--out", str(out)))  # fmt: skip
+    assert rc == 0, err
+    d = load_prompt(out).meta["distill"]
+    n_teacher = len(bb.tokenizer(teacher, add_special_tokens=False)["input_ids"])
+    assert d["context_sha256"] == hashlib.sha256(teacher.encode()).hexdigest() and d["context_tokens"] == n_teacher
+    assert d["student_tokens"] == 3 and d["compression"] == round(n_teacher / 3, 2)
+    # the file evals and predicts as any prompt; its predictions agree with the teacher's (the model's own
+    # input_ids forward of [BOS] teacher input) on the recorded share of the eval rows
+    rc, js, err = cli(capsys, ["predict", "--prompt", str(out), "--data", str(tmp_path / "e.jsonl"), "--device", "cpu"])
+    assert rc == 0, err
+    preds = [json.loads(line)["label"] for line in js.splitlines()]
+    pm = PromptedModel(bb)
+    words = [v[0] for v in pm.verbalizer_ids(["yes", "no"], "Review: {text}\nAnswer:")]
+    same = 0
+    with torch.no_grad():
+        for line, p in zip((tmp_path / "e.jsonl").read_text().splitlines(), preds):
+            text = "Review: " + json.loads(line)["text"] + "\nAnswer:"
+            ids = pm.prefix_ids + bb.tokenizer(teacher + text, add_special_tokens=False)["input_ids"]
+            scores = bb.model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)[words]
+            same += ["a", "b"][int(scores.argmax())] == p
+    assert d["agreement"] == pytest.approx(same / len(preds))
+    rc, js, err = cli(capsys, ["eval", "--prompt", str(out), "--data", str(tmp_path / "e.jsonl"), "--device", "cpu"])
+    assert rc == 0 and json.loads(js)["n"] == 6, err
+
+
+def test_cli_distill_from_demos_resumes_through_the_trainer(
+    tmp_path: Path, tiny_models_root: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_models_root / "sharp-llama"
+    demos = write(tmp_path / "demos.jsonl", 8, 100)
+    argv = distill_argv(model, tmp_path, "--demos", str(demos), "--k", "4", "--balanced",
+                        "--train", str(write(tmp_path / "t.jsonl", 12)), "--alpha", "0.5", "--save-every", "1")  # fmt: skip
+    ref, cut = tmp_path / "ref.safetensors", tmp_path / "cut.safetensors"
+    rc, _, err = cli(capsys, [*argv, "--out", str(ref)])
+    assert rc == 0, err
+    d = load_prompt(ref).meta["distill"]
+    assert d["k"] == 4 and d["alpha"] == 0.5 and d["context_tokens"] > 0
+
+    class Killed(Exception):
+        pass
+
+    save_state = trainer_mod.save_state
+
+    def killing(path, params, opt, sched, step, extra):
+        save_state(path, params, opt, sched, step, extra)
+        if step == 2:
+            raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer_mod, "save_state", killing)
+        with pytest.raises(Killed):
+            main([*argv, "--out", str(cut)])
+    state = str(cut) + ".state"
+    rc, _, err = cli(capsys, [*argv, "--k", "3", "--out", str(cut), "--resume", state])
+    assert rc == 2 and "--teacher" in err  # another hard prompt: refused, naming it
+    rc, _, err = cli(capsys, [*argv, "--out", str(cut), "--resume", state])
+    assert rc == 0 and "resumed from" in err, err
+    losses = [[json.loads(x)["loss"] for x in p.with_suffix(".log.jsonl").read_text().splitlines()] for p in (ref, cut)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert torch.equal(load_prompt(ref).prompt, load_prompt(cut).prompt)
+
+
+def test_cli_distill_bad_input_is_one_line_naming_the_flag(tmp_path: Path, tiny_models_root: Path, capsys) -> None:
+    model = tiny_models_root / "sharp-llama"
+    demos, train = write(tmp_path / "demos.jsonl", 8, 100), write(tmp_path / "t.jsonl", 8)
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text("good film " * 400)
+    out = str(tmp_path / "x.safetensors")
+    cases = [
+        (["--demos", str(tmp_path / "nope.jsonl")], f"--demos: file not found: {tmp_path / 'nope.jsonl'}"),
+        (["--demos", str(demos), "--k", "9"], f"--k 9: the --demos file {demos} has only 8 labelled examples"),
+        (["--teacher-prompt", str(long_prompt)], f"--teacher-prompt {long_prompt}: the hard prompt is"),
+        ([], "--teacher-prompt or --demos: the hard prompt to compile is required"),
+    ]
+    for extra, want in cases:
+        rc, _, err = cli(capsys, distill_argv(model, tmp_path, "--train", str(train), "--out", out, *extra))
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and want in lines[0], err
+    assert not Path(out).exists()
+
+
+def test_cli_distill_from_self_study_inputs(tmp_path: Path, tiny_models_root: Path, capsys) -> None:
+    model = tiny_models_root / "sharp-llama"
+    out = tmp_path / "ss.safetensors"
+    argv = distill_argv(model, tmp_path, "--demos", str(write(tmp_path / "d.jsonl", 8, 100)), "--k", "4",
+                        "--self-study", "6", "--self-study-tokens", "6", "--out", str(out))  # fmt: skip
+    rc, _, err = cli(capsys, argv)
+    assert rc == 0, err
+    assert "self-study: the model wrote 6 inputs" in err
+    assert load_prompt(out).meta["distill"]["k"] == 4

@@ -3,6 +3,7 @@ of [BOS] context input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from softprompt.cli import main
 from softprompt.config import DataConfig
 from softprompt.data import DataError, load_samples
-from softprompt.icl import build_context, choose_demos, context_prefix, icl_evaluate
+from softprompt.icl import build_context, choose_demos, context_prefix, icl_evaluate, self_study, text_context
 from softprompt.models import Backbone
 from softprompt.prompted import PromptedModel
 from softprompt.task import BoundTask, TaskSpec
@@ -71,3 +73,81 @@ def test_icl_evaluate_reports_the_context_and_refuses_shared_examples(
     assert zero["k"] == 0 and zero["context_tokens"] == 0
     with pytest.raises(DataError, match="shares examples"):
         icl_evaluate(tiny_backbone("llama"), spec(), str(demos), str(demos), 2)
+
+
+# ---- `softprompt eval --icl-demos` ----------------------------------------------------------------------------
+def test_cli_icl_eval_scores_each_row_as_the_models_own_forward(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, capsys
+) -> None:
+    bb = sharp_backbone("llama")
+    demos, evals = write(tmp_path / "d.jsonl", 8), write(tmp_path / "e.jsonl", 6, offset=100)
+    (tmp_path / "instr.txt").write_text("Answer yes for a good film.")
+    argv = ["eval", "--icl-demos", str(demos), "--k", "4", "--icl-balanced", "--icl-seed", "3", "--data",
+            str(evals), "--model", str(tiny_models_root / "sharp-llama"), "--device", "cpu",
+            "--template", r"Review: {text}\nAnswer:", "--labels", "a=yes,b=no",
+            "--icl-instructions", str(tmp_path / "instr.txt")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["k"] == 4 and m["balanced"] and m["seed"] == 3 and m["n"] == 6
+    # the context, rebuilt by hand: instructions, then the seeded balanced demonstrations with their label words
+    samples = load_samples(str(demos), spec().data_config(), spec().verbalizer)
+    shown = choose_demos(samples, 4, seed=3, balanced=True)
+    text = "Answer yes for a good film.\n\n" + "".join(f"{s.text} {'yes' if s.label == 0 else 'no'}\n\n" for s in shown)
+    assert m["context_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    pm = PromptedModel(bb)
+    words = [v[0] for v in BoundTask(spec(), pm, num_tokens=0).label_ids]
+    right = 0
+    with torch.no_grad():
+        for line in evals.read_text().splitlines():
+            r = json.loads(line)
+            ids = (
+                pm.prefix_ids
+                + bb.tokenizer(text + f"Review: {r['text']}\nAnswer:", add_special_tokens=False)["input_ids"]
+            )
+            pred = int(bb.model(input_ids=torch.tensor([ids])).logits[0, -1][words].argmax())
+            right += ["a", "b"][pred] == r["label"]
+    assert m["accuracy"] == pytest.approx(right / 6)
+
+
+def test_cli_icl_eval_bad_input_is_one_line_naming_the_flag(tmp_path: Path, tiny_models_root: Path, capsys) -> None:
+    demos, evals = write(tmp_path / "d.jsonl", 8), write(tmp_path / "e.jsonl", 6, offset=100)
+    model = str(tiny_models_root / "sharp-llama")
+    base = ["eval", "--data", str(evals), "--device", "cpu", "--labels", "a=yes,b=no"]
+    cases = [
+        ([], "--prompt: a prompt file is required (or --icl-demos FILE for the ICL baseline)"),
+        (["--icl-demos", str(demos)], "--icl-demos: --model is required"),
+        (["--icl-demos", str(demos), "--model", model, "--prompt", "p.safetensors"], "drop --prompt"),
+        (["--icl-demos", str(tmp_path / "no.jsonl"), "--model", model], "--icl-demos: file not found"),
+        (["--icl-demos", str(demos), "--model", model, "--k", "9"],
+         f"--k 9: the --icl-demos file {demos} has only 8 labelled examples"),
+    ]  # fmt: skip
+    for extra, want in cases:
+        capsys.readouterr()
+        rc = main([*base, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and want in err[0], err
+
+
+# ---- self-study ------------------------------------------------------------------------------------------
+def test_self_study_is_seeded_follows_the_template_and_feeds_the_distill_loss(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone]
+) -> None:
+    bb = sharp_backbone("llama")
+    pm = PromptedModel(bb)
+    two = TaskSpec.from_config(DataConfig(template="Premise: {a}\nClaim: {b}\nAnswer:", labels="a=yes,b=no"))
+    ctx = text_context(pm, "Premise: a good film\nClaim: it is good\nAnswer: yes\n\n")
+    before = torch.random.get_rng_state()
+    a = self_study(pm, ctx, two, 5, seed=1, max_new_tokens=6)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
+    assert a == self_study(pm, ctx, two, 5, seed=1, max_new_tokens=6)
+    assert a != self_study(pm, ctx, two, 5, seed=2, max_new_tokens=6)
+    for t in a:  # every field sampled, the literals in place
+        assert t.startswith("Premise: ") and t.endswith("\nAnswer:") and t.count("\n") == 2 and "\nClaim: " in t
+    # what the model writes is what the distillation objective trains on: [BOS][context][prefix of the row]
+    # continues as the model's own sampling from the same state would
+    task = BoundTask(two, pm, num_tokens=0)
+    rows, _ = task.encode_texts(a)
+    assert [r.input_ids for r in rows] == [pm.encode_input(t) for t in a] and all(r.label is None for r in rows)
+    with pytest.raises(DataError, match="--self-study"):
+        self_study(pm, text_context(pm, ""), two, 2)

@@ -1,0 +1,441 @@
+"""Prompts, ICL, prompt tuning, LoRA: the measurements behind docs/results-compile.md and docs/choosing.md.
+
+    python -m bench.compile [--tasks sst2,agnews,rte] [--methods zero,instr,icl4,...] [--steps 60] [--out runs/compile]
+    python -m bench.compile_report            # runs/compile/results.jsonl -> docs/results-compile.md
+
+On one fixed-seed sample per task (the same train rows, eval rows, batches, steps and seed for every method):
+zero-shot (the template alone); hand-written instructions (k = 0); ICL with k = 4, 8, 16 balanced demonstrations
+(after the same instructions; the context's keys/values computed once per evaluation, softprompt.icl); prompt
+tuning (20 tokens); a prompt distilled from the 16-shot context (softprompt.distill, 20 tokens, the train rows as
+unlabelled inputs); LoRA (PEFT LoraConfig, rank 8 on q/k/v/o) and full fine-tuning (AdamW on every weight).
+Prompt tuning, distillation, LoRA and full fine-tuning all train through the one trainer (softprompt.trainer.fit:
+the same optimiser code, lr schedule, clipping and batch schedule), LoRA and full fine-tuning on a copy of the model
+scored by the same forward path (softprompt.prompted) with no prompt.
+
+Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
+and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
+the same run (the ratio is the robust number on a shared machine); ICL and prompts also their per-task key/value
+bytes, ICL 16 the uncached latency (the model's own forward of [BOS] context input), the distilled prompt its
+agreement with its teacher. Each finished run is appended to OUT/results.jsonl and skipped on a rerun.
+Data: fixed-seed samples of ../shared/data (read there, written to a temporary directory, never into the
+repository); a task whose files are absent is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench._common import interleaved, note, peak_rss_bytes, rss_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+MODEL = "smollm2-135m"
+METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: str  # under SHARED
+    eval: str | None  # None: hold out the last HOLDOUT shuffled train rows
+    template: str
+    labels: str
+    instructions: str  # the hand-written part of the hard prompt (in front of the demonstrations)
+    columns: str | None = None
+
+
+HOLDOUT = 1000
+TASKS = {
+    "sst2": Task(
+        "SST-2", "sst2/train.tsv", "sst2/dev.tsv", "Review: {sentence}\nSentiment:", "0=negative,1=positive",
+        "You are a careful film critic. Below are short movie reviews, one per paragraph, each followed by its "
+        "sentiment. The sentiment is positive when the reviewer liked the film, its acting, its story or its "
+        "direction, and negative when the reviewer disliked it, found it dull, badly made or a waste of time. "
+        "Mixed reviews take the sentiment of their overall verdict. Answer with one word: positive or negative.",
+    ),
+    "agnews": Task(
+        "AG News", "agnews/train10k.tsv", None, "Article: {text}\nTopic:",
+        "World=world,Sports=sports,Business=business,Sci/Tech=technology",
+        "Classify each news article by its topic. The topic is world for international news and politics, sports "
+        "for sports, business for companies, markets and the economy, and technology for science and technology. "
+        "Answer with one word.",
+        columns="text,label",
+    ),
+    "rte": Task(
+        "RTE", "rte/train.jsonl", "rte/val.jsonl", "{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",
+        "entailment=true,not_entailment=false",
+        "Each passage is followed by a statement. Answer true when the passage implies the statement, false "
+        "otherwise.",
+    ),
+}  # fmt: skip
+
+
+def sample(t: Task, train_n: int, eval_n: int, tmp: Path) -> tuple[str, str] | str:
+    """(train file, eval file): fixed-seed samples as JSONL, no eval row's text in train; or why not."""
+    from softprompt.data import read_records
+
+    src = SHARED / t.train
+    if not src.is_file() or (t.eval and not (SHARED / t.eval).is_file()):
+        return f"skipped: {src if not src.is_file() else SHARED / str(t.eval)} not found"
+    cols = t.columns.split(",") if t.columns else None
+    pool = [r for _, r in read_records(str(src), cols)]
+    random.Random(0).shuffle(pool)
+    if t.eval:
+        ev = [r for _, r in read_records(str(SHARED / t.eval))]
+        random.Random(0).shuffle(ev)
+    else:
+        pool, ev = pool[:-HOLDOUT], pool[-HOLDOUT:]
+    ev = ev[:eval_n]
+    seen = {json.dumps(r, sort_keys=True) for r in ev}
+    tr = [r for r in pool if json.dumps(r, sort_keys=True) not in seen][:train_n]
+    paths = []
+    for name, rows in (("train", tr), ("eval", ev)):
+        p = tmp / f"{t.name}-{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        paths.append(str(p))
+    return paths[0], paths[1]
+
+
+def reset_peak() -> None:
+    """Linux: reset this process's peak RSS (VmHWM) so that each run reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.a = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = self.out / "results.jsonl"
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.results.exists():
+            for line in self.results.read_text().splitlines():
+                r = json.loads(line)
+                self.done[r["name"]] = r
+        self.tmp = Path(tempfile.mkdtemp(prefix="compile-"))
+        self._bb: Any = None
+
+    def backbone(self):
+        from softprompt import load_backbone
+
+        if self._bb is None:
+            self._bb = load_backbone(MODEL, progress=False)
+        return self._bb
+
+    def record(self, r: dict[str, Any]) -> None:
+        self.done[r["name"]] = r
+        with open(self.results, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps(r), flush=True)
+
+    # ---- one task -------------------------------------------------------------------------------------
+    def task(self, key: str) -> None:
+        t = TASKS[key]
+        todo = [m for m in self.a.methods if f"{key}:{m}" not in self.done]
+        if not todo:
+            return
+        files = sample(t, self.a.train_n, self.a.eval_n, self.tmp)
+        if isinstance(files, str):
+            note(f"{key}: {files}")
+            return
+        from softprompt.config import DataConfig
+        from softprompt.data import load_samples
+        from softprompt.icl import build_context, choose_demos
+        from softprompt.prompted import PromptedModel
+        from softprompt.task import BoundTask, TaskSpec
+
+        bb = self.backbone()
+        self.train_file, self.eval_file = files
+        self.spec = TaskSpec.from_config(DataConfig(template=t.template, labels=t.labels))
+        self.pm0 = PromptedModel(bb)
+        probe = BoundTask(self.spec, self.pm0, num_tokens=0)
+        self.label_ids = probe.label_ids
+        pool = load_samples(self.train_file, self.spec.data_config(), self.spec.verbalizer)
+        self.contexts = {k: build_context(probe, choose_demos(pool, k, seed=0, balanced=True), t.instructions)
+                         for k in (0, 4, 8, 16)}  # fmt: skip
+        self.eval_set, _, _ = probe.encode_file(self.eval_file)
+        self.lat_rows = self.eval_set[: self.a.latency_rows]
+        with torch.no_grad():
+            self.prefix0 = self.pm0.build_prefix([None])
+        for m in todo:
+            note(f"--- {key}:{m}")
+            gc.collect()
+            reset_peak()
+            base_rss = rss_bytes()
+            t0 = time.time()
+            r = getattr(self, f"run_{m}")(key)
+            r.update(name=f"{key}:{m}", task=key, method=m, model=MODEL, wall_s=round(time.time() - t0, 1),
+                     peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
+                     train_n=self.a.train_n, eval_n=len(self.eval_set), date=time.strftime("%Y-%m-%d"))  # fmt: skip
+            self.record(r)
+
+    # ---- timing -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, pm, prefix) -> None:
+        for e in self.lat_rows:  # batch 1: one request at a time
+            pm.label_scores(prefix, None, pm.collate([e.input_ids]), self.label_ids)
+
+    def latency(self, fn: Callable[[], None]) -> dict[str, Any]:
+        """Per-example latency of `fn` (scores self.lat_rows one by one), interleaved with zero-shot's."""
+        tm = interleaved({"zero": lambda: self._score(self.pm0, self.prefix0), "m": fn}, rounds=3, warmup=1)
+        n = len(self.lat_rows)
+        return {"latency_ms": round(tm.median("m") / n * 1e3, 2), "zero_latency_ms": round(tm.median("zero") / n * 1e3,
+                2), "latency_ratio": round(tm.ratio("m", "zero"), 3)}  # fmt: skip
+
+    def accuracy(self, pm, prefix) -> float:
+        from softprompt.evaluate import evaluate_examples
+
+        m = evaluate_examples(pm, prefix, self.eval_set, task="classify", label_ids=self.label_ids,
+                              labels=self.spec.verbalizer.labels)  # fmt: skip
+        return round(100 * float(m["accuracy"]), 2)
+
+    # ---- no training ----------------------------------------------------------------------------------
+    def run_zero(self, key: str) -> dict[str, Any]:
+        r = {"accuracy": self.accuracy(self.pm0, self.prefix0), "trainable": 0, "checkpoint_bytes": 0}
+        return {**r, **self.latency(lambda: self._score(self.pm0, self.prefix0)), "kv_bytes": self.prefix0.nbytes()}
+
+    def _icl(self, k: int) -> dict[str, Any]:
+        from softprompt.icl import context_prefix
+
+        ctx = self.contexts[k]
+        t0 = time.perf_counter()
+        prefix = context_prefix(self.pm0, ctx)  # the context's K/V: once per task
+        prefill_s = time.perf_counter() - t0
+        r = {"accuracy": self.accuracy(self.pm0, prefix), "trainable": 0, "checkpoint_bytes": len(ctx.text.encode()),
+             "k": k, "context_tokens": len(ctx.token_ids), "kv_bytes": prefix.nbytes(), "prefill_s": round(prefill_s,
+             3), **self.latency(lambda: self._score(self.pm0, prefix))}  # fmt: skip
+        if k == 16:
+            r["uncached"] = self.latency(lambda: self._uncached(ctx))
+        return r
+
+    @torch.no_grad()
+    def _uncached(self, ctx) -> None:
+        model, lead = self.pm0.model, self.pm0.prefix_ids
+        words = torch.tensor([w[0] for w in self.label_ids])
+        for e in self.lat_rows:  # the model's own forward of [BOS] context input, no cache
+            ids = torch.tensor([lead + ctx.token_ids + e.input_ids])
+            model(input_ids=ids, logits_to_keep=1).logits[0, -1].log_softmax(-1)[words]
+
+    def run_instr(self, key: str) -> dict[str, Any]:
+        return self._icl(0)
+
+    def run_icl4(self, key: str) -> dict[str, Any]:
+        return self._icl(4)
+
+    def run_icl8(self, key: str) -> dict[str, Any]:
+        return self._icl(8)
+
+    def run_icl16(self, key: str) -> dict[str, Any]:
+        return self._icl(16)
+
+    # ---- training through softprompt.trainer.fit ------------------------------------------------------
+    def cfg(self, key: str, method: str, lr: float, steps: int = 0):
+        from softprompt.config import RunConfig
+
+        t = TASKS[key]
+        cfg = RunConfig()
+        cfg.model.model, cfg.model.device = MODEL, "cpu"
+        cfg.data.train, cfg.data.eval, cfg.data.template, cfg.data.labels = (
+            self.train_file, self.eval_file, t.template, t.labels)  # fmt: skip
+        cfg.prompt.num_tokens = self.a.tokens
+        tr = cfg.train
+        tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, self.a.batch, lr, 0
+        tr.warmup_steps, tr.save_every, tr.progress, tr.overwrite = max(1, self.a.steps // 10), 10**6, False, True
+        tr.out = str(self.out / f"{key}-{method}.safetensors")
+        for p in (Path(tr.out + ".state"), Path(tr.out).with_suffix(".log.jsonl")):  # a fresh run each time
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return cfg
+
+    def _fit(self, obj, cfg) -> dict[str, Any]:
+        from softprompt.train import run_files
+        from softprompt.trainer import fit
+
+        res = fit(obj, cfg, run_files(cfg), log=note)
+        h = res.history
+        per_step = (h[-1]["time_s"] - h[0]["time_s"]) / max(1, len(h) - 1)  # the first step's set-up excluded
+        shutil.rmtree(cfg.train.out + ".state", ignore_errors=True)
+        return {"steps": res.steps, "train_s_per_step": round(per_step, 3), "lr": cfg.train.lr,
+                "batch_size": cfg.train.batch_size, "metrics": res.last.metrics if res.last else {}}  # fmt: skip
+
+    def _prompt(self, key: str, method: str, lr: float, teacher_k: int | None = None) -> dict[str, Any]:
+        from softprompt.checkpoint import load_prompt
+        from softprompt.distill import DistillObjective
+        from softprompt.methods import checkpoint_prefix
+        from softprompt.train import build_objective
+
+        cfg = self.cfg(key, method, lr)
+        obj: Any = build_objective(cfg, self.backbone(), log=note)
+        if teacher_k is not None:
+            obj = DistillObjective(obj, self.contexts[teacher_k])
+        r = self._fit(obj, cfg)
+        ck = load_prompt(cfg.train.out)
+        with torch.no_grad():
+            prefix = checkpoint_prefix(self.pm0, [ck]).detach()  # the saved file, as a server loads it
+        r.update(accuracy=round(100 * r["metrics"]["accuracy"], 2), trainable=sum(p.numel() for p in obj.params),
+                 checkpoint_bytes=os.path.getsize(cfg.train.out), kv_bytes=prefix.nbytes(), num_tokens=self.a.tokens,
+                 **self.latency(lambda: self._score(self.pm0, prefix)))  # fmt: skip
+        if teacher_k is not None:
+            m = r.pop("metrics")
+            r.update(agreement=round(100 * m["agreement"], 2), teacher_accuracy=round(100 * m["teacher_accuracy"], 2),
+                     teacher_tokens=len(self.contexts[teacher_k].token_ids), teacher_k=teacher_k,
+                     distill_meta=ck.meta.get("distill"))  # fmt: skip
+        r.pop("metrics", None)
+        return r
+
+    def run_pt(self, key: str) -> dict[str, Any]:
+        return self._prompt(key, "pt", self.a.pt_lr)
+
+    def run_distill(self, key: str) -> dict[str, Any]:
+        return self._prompt(key, "distill", self.a.pt_lr, teacher_k=16)
+
+    def _weights(self, key: str, method: str, lr: float) -> dict[str, Any]:
+        from softprompt.prompted import PromptedModel
+        from softprompt.train import build_objective
+
+        bb = self.backbone()
+        peft, model = lora_model(bb.model) if method == "lora" else (None, copy.deepcopy(bb.model))
+        if method == "ft":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        twin = copy.copy(bb)
+        twin.model, twin.skip_equivalence_check = model, True  # the base backbone passed softprompt's guard
+        cfg = self.cfg(key, method, lr, self.a.ft_steps if method == "ft" else 0)
+        base = build_objective(cfg, bb, log=note)  # the same encoded rows and batch schedule as prompt tuning
+        obj = WeightsObjective(base, PromptedModel(twin), method, Path(cfg.train.out).with_suffix(""), peft)
+        r = self._fit(obj, cfg)
+        acc = round(100 * r.pop("metrics")["accuracy"], 2)
+        pm = obj.pm
+        with torch.no_grad():
+            prefix = pm.build_prefix([None])
+        r.update(accuracy=acc, trainable=sum(p.numel() for p in obj.params),
+                 checkpoint_bytes=obj.saved_bytes(), **self.latency(lambda: self._score(pm, prefix)))  # fmt: skip
+        obj.cleanup()
+        return r
+
+    def run_lora(self, key: str) -> dict[str, Any]:
+        return self._weights(key, "lora", self.a.lora_lr)
+
+    def run_ft(self, key: str) -> dict[str, Any]:
+        return self._weights(key, "ft", self.a.ft_lr)
+
+
+# ---- LoRA and full fine-tuning as an Objective of the one trainer ----------------------------------------
+def lora_model(model: torch.nn.Module) -> tuple[Any, torch.nn.Module]:
+    """A copy of `model` with PEFT LoRA (rank 8, alpha 16, no dropout) on the attention projections: the PeftModel
+    and the LlamaForCausalLM inside it, its q/k/v/o projections replaced by lora.Linear layers."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)  # LoRA's A init
+    cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    peft = get_peft_model(copy.deepcopy(model), cfg)
+    return peft, peft.base_model.model
+
+
+class WeightsObjective:
+    """Train the model's own weights (LoRA's or all of them) with no prompt: the prompt-tuning objective's rows,
+    batches and verbalizer loss, the same forward path (a PromptedModel over the trained copy)."""
+
+    def __init__(self, base: Any, pm: Any, method: str, out: Path, peft: Any = None) -> None:
+        self.base, self.pm, self.method, self.out, self.peft = base, pm, method, out, peft
+        self.params = [p for p in pm.model.parameters() if p.requires_grad]
+        self.head_params: list[torch.nn.Parameter] = []
+        self.bytes = 0
+
+    n_train = property(lambda self: self.base.n_train)
+    has_eval = property(lambda self: self.base.has_eval)
+    device = property(lambda self: self.base.device)
+
+    def batches(self, step: int) -> list[list[Any]]:
+        return self.base.batches(step)
+
+    def loss(self, rows: list[Any]) -> torch.Tensor:
+        pm = self.pm
+        batch = pm.collate([e.input_ids for e in rows], labels=[int(e.label) for e in rows])
+        return pm.loss(pm.build_prefix([None]), batch.to(self.device), self.base.task.label_ids)  # the lead's K/V
+        # are recomputed every step: they depend on the trained weights
+
+    def evaluate(self) -> Any:
+        from softprompt.evaluate import evaluate_examples
+        from softprompt.trainer import Evaluation
+
+        with torch.no_grad():
+            b = self.base
+            m = evaluate_examples(self.pm, self.pm.build_prefix([None]), b.eval_set, task="classify",
+                                  label_ids=b.task.label_ids, labels=b.spec.verbalizer.labels)  # fmt: skip
+        return Evaluation(float(m["accuracy"]), {"eval_accuracy": m["accuracy"]}, m)
+
+    def save(self, metrics: Any) -> None:
+        from safetensors.torch import save_file
+
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(parents=True)
+        if self.method == "lora":
+            self.peft.save_pretrained(str(self.out))  # adapter_config.json + adapter_model.safetensors
+        else:
+            tensors = {k: v.detach().contiguous() for k, v in self.pm.model.named_parameters()}  # tied: once
+            save_file(tensors, str(self.out / "model.safetensors"))
+        self.bytes = sum(f.stat().st_size for f in self.out.iterdir() if f.suffix == ".safetensors")
+
+    def saved_bytes(self) -> int:
+        return self.bytes
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.base.identity(), "--weights": self.method}
+
+    def cleanup(self) -> None:
+        if self.method == "ft":  # 0.5 GB: the size is what the table needs
+            shutil.rmtree(self.out, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="sst2,agnews,rte")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--train-n", type=int, default=400, help="training rows of the fixed-seed sample")
+    p.add_argument("--eval-n", type=int, default=200, help="evaluation rows of the fixed-seed sample")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=20, help="soft tokens of the tuned and the distilled prompt")
+    p.add_argument("--pt-lr", type=float, default=0.03)
+    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--ft-lr", type=float, default=2e-5)
+    p.add_argument("--ft-steps", type=int, default=0, help="full fine-tuning's steps (0: --steps; fewer: timing only)")
+    p.add_argument("--latency-rows", type=int, default=8)
+    p.add_argument("--out", default=str(ROOT / "runs" / "compile"))
+    a = p.parse_args(argv)
+    a.methods = [m for m in a.methods.split(",") if m]
+    bad = [m for m in a.methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    os.environ.setdefault("SOFTPROMPT_TENSORBOARD", "0")
+    torch.manual_seed(0)
+    study = Study(a)
+    for key in a.tasks.split(","):
+        if key not in TASKS:
+            p.error(f"--tasks: unknown {key}; choose from {', '.join(TASKS)}")
+        study.task(key)
+    shutil.rmtree(study.tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""runs/compile/results.jsonl (python -m bench.compile) -> docs/results-compile.md, the results page's section
+"Prompts, ICL, prompt tuning, LoRA" (bench.quality_report appends it to docs/results.md).
+
+    python -m bench.compile_report [--results runs/compile/results.jsonl] [--out docs/results-compile.md]
+
+One table per task with every method's accuracy, trainable parameters, checkpoint bytes, training time per step,
+peak memory, per-example latency (and its ratio to the zero-shot model timed alongside it in the same run) and
+per-task key/value bytes; then each of the issue's targets, met or missed, from these numbers only. A method that
+was not run is listed as such; a run that trained fewer steps than the others (full fine-tuning on a CPU budget)
+reports its timing and memory, not an accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLE = "# Prompts, ICL, prompt tuning, LoRA"
+TASK_NAMES = {"sst2": "SST-2", "agnews": "AG News", "rte": "RTE"}
+ROWS = [  # (method key, label)
+    ("zero", "zero-shot (template only)"),
+    ("instr", "hand-written instructions (k = 0)"),
+    ("icl4", "ICL, k = 4 (cached K/V)"),
+    ("icl8", "ICL, k = 8 (cached K/V)"),
+    ("icl16", "ICL, k = 16 (cached K/V)"),
+    ("icl16-uncached", "ICL, k = 16, no context cache"),
+    ("pt", "prompt tuning"),
+    ("distill", "prompt distilled from the 16-shot context"),
+    ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
+    ("ft", "full fine-tuning (AdamW, all weights)"),
+]
+HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
+          "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
+
+
+def load(path: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each run name (a rerun of a run replaces it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[r["name"]] = r
+    return out
+
+
+def _n(x: Any, fmt: str = ",") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[str]:
+    if r is None:
+        return [label, "not run"] + [""] * (len(HEADER) - 2)
+    partial = full_steps is not None and r.get("steps") is not None and r["steps"] < full_steps
+    acc = f"not trained to its steps ({r['steps']} of {full_steps})" if partial else _n(r.get("accuracy"), ".1f")
+    if "agreement" in r:
+        acc += f" (agrees with its teacher on {r['agreement']:.1f}%; teacher {r['teacher_accuracy']:.1f})"
+    if "context_tokens" in r:
+        label += f", {r['context_tokens']} context tokens"
+    if "num_tokens" in r:
+        label += f", {r['num_tokens']} soft tokens"
+    return [
+        label,
+        acc,
+        _n(r.get("trainable")),
+        _n(r.get("checkpoint_bytes")),
+        _n(r.get("train_s_per_step"), ".2f"),
+        _n(r.get("peak_rss_mib")),
+        _n(r.get("latency_ms"), ".1f"),
+        _n(r.get("latency_ratio"), ".2f"),
+        _n(r.get("kv_bytes")),
+    ]
+
+
+def task_table(key: str, res: dict[str, dict[str, Any]]) -> list[str]:
+    runs = {m: res.get(f"{key}:{m}") for m, _ in ROWS}
+    icl16 = runs.get("icl16")
+    if icl16 and "uncached" in icl16:
+        runs["icl16-uncached"] = {**icl16["uncached"], "context_tokens": icl16["context_tokens"],
+                                  "accuracy": icl16["accuracy"], "trainable": 0}  # fmt: skip
+    steps = next((r["steps"] for m in ("pt", "lora", "distill") if (r := runs.get(m)) and "steps" in r), None)
+    lines = [f"## {TASK_NAMES.get(key, key)}, smollm2-135m", "", "| " + " | ".join(HEADER) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADER))) + "|"]  # fmt: skip
+    for m, label in ROWS:
+        if m == "icl16-uncached" and runs.get(m) is None:
+            continue
+        lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
+    any_run = next((r for r in runs.values() if r and "train_n" in r), None)
+    if any_run:
+        lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows; {steps} "
+                  "steps of batch 8 for every trained method." if steps else ""]  # fmt: skip
+    return lines
+
+
+def targets(res: dict[str, dict[str, Any]]) -> list[str]:
+    out = ["## Targets", ""]
+    for key, name in TASK_NAMES.items():
+        d, t = res.get(f"{key}:distill"), res.get(f"{key}:icl16")
+        if not d or not t:
+            continue
+        ok_len = t["context_tokens"] >= 400 and d["num_tokens"] <= 20
+        out.append(f"- {name}: the 16-shot context is {t['context_tokens']} tokens (≥ 400: "
+                   f"{'yes' if t['context_tokens'] >= 400 else 'NO'}), the student {d['num_tokens']} soft tokens "
+                   f"(≤ 20: {'yes' if d['num_tokens'] <= 20 else 'NO'}).")  # fmt: skip
+        agree = d["agreement"] >= 95
+        out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {d['agreement']:.1f}% — "
+                   f"{'met' if agree and ok_len else 'MISSED'}.")  # fmt: skip
+        gap = abs(d["accuracy"] - d["teacher_accuracy"])
+        out.append(f"  - within 1 point of the teacher's accuracy: {d['accuracy']:.1f}% vs {d['teacher_accuracy']:.1f}%"
+                   f" (gap {gap:.1f}) — {'met' if gap <= 1 else 'MISSED'}.")  # fmt: skip
+        if "uncached" in t:  # both ratios are to the zero-shot model timed alongside: their quotient is load-free
+            speed = t["uncached"]["latency_ratio"] / d["latency_ratio"]
+            cached = t["latency_ratio"] / d["latency_ratio"]
+            out.append(f"  - ≥ 5× lower per-example latency than the teacher without a context cache: {speed:.1f}× "
+                       f"({t['uncached']['latency_ms']:.0f} vs {d['latency_ms']:.0f} ms) — "
+                       f"{'met' if speed >= 5 else 'MISSED'}. With its K/V cached the teacher costs {cached:.2f}× the "
+                       "student per example.")  # fmt: skip
+        mem = t["kv_bytes"] / max(1, d["kv_bytes"])
+        out.append(f"  - ≥ 20× less per-task prompt memory (K/V bytes) than the cached teacher: {mem:.1f}× "
+                   f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {'met' if mem >= 20 else 'MISSED'}.")  # fmt: skip
+    for key in ("sst2", "agnews"):
+        pt = res.get(f"{key}:pt")
+        icl = [r for m in ("icl4", "icl8", "icl16") if (r := res.get(f"{key}:{m}"))]
+        if not pt or not icl:
+            out.append(f"- {TASK_NAMES[key]}: prompt tuning vs the best ICL setting — not measured.")
+            continue
+        best = max(icl, key=lambda r: r["accuracy"])
+        ok = pt["accuracy"] > best["accuracy"]
+        out.append(f"- {TASK_NAMES[key]}: prompt tuning beats the best in-context setting ({best['method']}): "
+                   f"{pt['accuracy']:.1f}% vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
+    return out
+
+
+def render(res: dict[str, dict[str, Any]]) -> str:
+    dates = sorted({r["date"] for r in res.values() if "date" in r})
+    lines = [
+        TITLE,
+        "",
+        "Hand-written prompts, in-context learning, prompt tuning, a distilled prompt, LoRA and full fine-tuning side "
+        "by side on one fixed-seed sample per task (the same rows, batches, steps and seed), measured by "
+        "`python -m bench.compile` and written by `python -m bench.compile_report`"
+        + (f" (runs of {', '.join(dates)})" if dates else "") + ". What to pick, from these numbers: "
+        "[choosing.md](choosing.md).",
+        "",
+        "Latency is per example at batch 1 (one request at a time) on the same evaluation rows; the × column is its "
+        "ratio to the zero-shot model timed interleaved with it in the same run, the number that survives a shared, "
+        "loaded CPU (absolute milliseconds do not; the zero-shot row's own ratio, zero-shot against itself, shows "
+        "the timing noise). Per-task K/V bytes: the keys/values a server keeps per task "
+        "(the context's for ICL, the prompt's for a soft prompt); checkpoint bytes of ICL: the context as text. "
+        "Peak RSS: the process's peak during the run (the model included). One thread (`OMP_NUM_THREADS=1`) on a "
+        "2-core machine shared with other jobs.",
+        "",
+    ]  # fmt: skip
+    for key in TASK_NAMES:
+        if any(k.startswith(f"{key}:") for k in res):
+            lines += task_table(key, res) + [""]
+    lines += targets(res)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "runs" / "compile" / "results.jsonl"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results-compile.md"))
+    a = p.parse_args(argv)
+    src = Path(a.results)
+    if not src.is_file():
+        print(f"bench.compile_report: {src} not found (run python -m bench.compile first)", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    tmp = out.with_name("." + out.name + ".tmp")
+    tmp.write_text(render(load(src)), encoding="utf-8")
+    tmp.replace(out)  # atomic: the page is never half-written
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

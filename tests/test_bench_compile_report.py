@@ -1,0 +1,61 @@
+"""bench/compile_report.py: the "Prompts, ICL, prompt tuning, LoRA" section states each target met or missed from
+the numbers in runs/compile/results.jsonl, and marks what was not run or not trained to its steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import compile_report  # noqa: E402
+
+
+def rec(task: str, method: str, acc: float, **kw) -> dict:
+    return {"name": f"{task}:{method}", "task": task, "method": method, "accuracy": acc, "train_n": 320,
+            "eval_n": 200, "date": "2026-12-03", "latency_ms": 10.0, "latency_ratio": 1.0, **kw}  # fmt: skip
+
+
+def fake(path: Path) -> Path:
+    rows = [
+        rec("sst2", "zero", 78.5, trainable=0, kv_bytes=0),
+        rec("sst2", "icl4", 70.0, context_tokens=180, kv_bytes=8_000_000),
+        rec("sst2", "icl16", 81.0, context_tokens=441, kv_bytes=21_000_000, latency_ratio=1.2,
+            uncached={"latency_ms": 80.0, "zero_latency_ms": 10.0, "latency_ratio": 8.0}),
+        rec("sst2", "pt", 85.0, steps=40, trainable=11520, num_tokens=20, kv_bytes=1_000_000),
+        rec("sst2", "distill", 80.5, steps=40, num_tokens=20, kv_bytes=1_000_000, latency_ratio=1.0,
+            agreement=96.0, teacher_accuracy=81.0),
+        rec("sst2", "ft", 50.0, steps=4, trainable=134_515_008, train_s_per_step=27.9),
+        rec("agnews", "icl8", 60.0, context_tokens=500, kv_bytes=1),
+        rec("agnews", "pt", 55.0, steps=40),
+    ]  # fmt: skip
+    rows.append({**rows[0], "accuracy": 78.0})  # a rerun replaces the earlier record
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_targets_are_stated_from_the_numbers(tmp_path: Path) -> None:
+    page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")))
+    assert page.startswith("# Prompts, ICL, prompt tuning, LoRA\n")
+    assert "| zero-shot (template only) | 78.0 |" in page  # the rerun's record
+    assert "the 16-shot context is 441 tokens (≥ 400: yes), the student 20 soft tokens (≤ 20: yes)" in page
+    assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page
+    assert "within 1 point of the teacher's accuracy: 80.5% vs 81.0% (gap 0.5) — met" in page
+    assert "teacher without a context cache: 8.0× (80 vs 10 ms) — met" in page
+    assert "With its K/V cached the teacher costs 1.20× the student" in page
+    assert "than the cached teacher: 21.0× (21,000,000 vs 1,000,000 bytes) — met" in page
+    assert "SST-2: prompt tuning beats the best in-context setting (icl16): 85.0% vs 81.0% — met" in page
+    assert "AG News: prompt tuning beats the best in-context setting (icl8): 55.0% vs 60.0% — MISSED" in page
+    assert "| full fine-tuning (AdamW, all weights) | not trained to its steps (4 of 40) | 134,515,008 |" in page
+    assert "| LoRA, rank 8, q/k/v/o (PEFT) | not run |" in page
+    assert "| ICL, k = 16, no context cache, 441 context tokens | 81.0 | 0 |" in page
+    assert "## RTE" not in page  # a task with no run has no table
+
+
+def test_main_writes_the_page_atomically_and_refuses_a_missing_file(tmp_path: Path) -> None:
+    out = tmp_path / "page.md"
+    assert compile_report.main(["--results", str(fake(tmp_path / "r.jsonl")), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Prompts") and not list(tmp_path.glob(".*.tmp"))
+    assert compile_report.main(["--results", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
