@@ -33,6 +33,7 @@ EXTRA_SECTIONS = (  # appended to docs/results.md in this order, where present
     "results-findings.md",
     "results-methods.md",
     "results-dynamic.md",
+    "results-late.md",
     "results-vision.md",
     "results-compile.md",
 )
