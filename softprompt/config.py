@@ -17,6 +17,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from softprompt.methods import IMAGE_METHODS
 from softprompt.methods import REGISTRY as METHODS
 
 
@@ -66,7 +67,8 @@ class PromptConfig:
     """Where the prompt goes: auto (after the BOS/CLS token when the tokenizer adds one, else first) or start."""
     method: str = "prompt"
     """Prompt method (softprompt.methods): prompt (input-embedding soft prompt) or deep (learned keys/values at every
-    layer, softprompt.deep)."""
+    layer, softprompt.deep); with --task image-classify: vpt, vpt-deep (visual prompt tokens in the image encoder)
+    or coop (context vectors in CLIP's/SigLIP's text encoder), softprompt.vision."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
     reparam: str = "none"
@@ -74,6 +76,10 @@ class PromptConfig:
     while training; folded into an ordinary prompt at save, softprompt.prompt)."""
     reparam_hidden: int = 400
     """--reparam residual: the bottleneck width of its MLP."""
+    context_tokens: int = 16
+    """--method coop: learned context vectors M in front of each class name ([SOS][V1..VM][CLASS].[EOS])."""
+    class_specific: bool = False
+    """--method coop: one set of context vectors per class (CoOp's class-specific context) instead of one shared."""
 
 
 @dataclass
@@ -83,7 +89,12 @@ class DataConfig:
     eval: str | None = None
     """Evaluation file (same formats as --train)."""
     task: str = "classify"
-    """classify (verbalizer scoring / encoder head) or generate (text-to-text)."""
+    """classify (verbalizer scoring / encoder head), generate (text-to-text) or image-classify (an image model:
+    --train is a class-folder tree root/CLASS/*.png|jpg or a CSV/JSONL with an image-path column)."""
+    image_field: str = "image"
+    """--task image-classify: the CSV/JSONL column holding each image's path (relative to the file's folder)."""
+    skip_bad_images: bool = False
+    """--task image-classify: skip (and count) missing, truncated or unreadable images instead of stopping at one."""
     template: str = "{text}"
     """Input template; {field} placeholders are filled from each record (\\n and \\t escapes are honoured)."""
     label_field: str = "label"
@@ -199,7 +210,10 @@ class RunConfig:
                 t.schedule in ("constant", "linear", "cosine"),
                 f"--schedule must be constant, linear or cosine, got {t.schedule!r}",
             ),
-            (d.task in ("classify", "generate"), f"--task must be classify or generate, got {d.task!r}"),
+            (
+                d.task in ("classify", "generate", "image-classify"),
+                f"--task must be classify, generate or image-classify, got {d.task!r}",
+            ),
             (d.head in ("lm", "linear", "similarity"), f"--head must be lm, linear or similarity, got {d.head!r}"),
             (t.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {t.precision!r}"),
             (
@@ -212,6 +226,12 @@ class RunConfig:
             (p.reparam in ("none", "residual"), f"--reparam must be none or residual, got {p.reparam!r}"),
             (p.reparam == "none" or p.method == "prompt", "--reparam residual is for --method prompt"),
             (p.reparam_hidden >= 1, "--reparam-hidden must be >= 1"),
+            (
+                (d.task == "image-classify") == (p.method in IMAGE_METHODS),
+                f"--method {p.method} is for {'images' if p.method in IMAGE_METHODS else 'text'}: --task "
+                f"image-classify takes --method {', '.join(sorted(IMAGE_METHODS))}, the other tasks the others",
+            ),
+            (p.context_tokens >= 1, "--context-tokens must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

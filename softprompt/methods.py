@@ -6,6 +6,15 @@ serving reach every method through `get` / `of` and `checkpoint_prefix`; no othe
 
   prompt  softprompt.prompt  input-embedding soft prompt (Lester et al. 2021)
   deep    softprompt.deep    learned keys/values at every layer (prefix tuning, P-tuning v2)
+  vpt, vpt-deep, coop   softprompt.vision   image prompts (VPT-shallow/-deep, CoOp): IMAGE_METHODS below
+
+Image methods (IMAGE_METHODS, `--task image-classify`) implement the same protocol with one difference: where a
+text method takes a PromptedModel and returns a Prefix (input embeddings or per-layer keys/values of a token
+sequence), an image method takes a softprompt.vision VisionModel and returns what it inserts into the image encoder
+(VPT: tokens between [CLS] and the patches) or into the text encoder's class prompts (CoOp). A text Prefix cannot
+express either: there is no token sequence of the user's for it to precede. Their METHOD objects carry
+`modality = "image"`; the text commands refuse them and the image commands (softprompt.vision) refuse the others.
+A REGISTRY value may name the object as "module:ATTR" (default ATTR: METHOD).
 
 This module imports no torch at import time (the CLI parser and the config validation read REGISTRY).
 
@@ -28,6 +37,9 @@ if TYPE_CHECKING:
     from softprompt.prompted import PromptedModel
 
 REGISTRY: dict[str, str] = {"prompt": "softprompt.prompt", "deep": "softprompt.deep"}  # name -> module with METHOD
+REGISTRY.update({"vpt": "softprompt.vision.vpt:SHALLOW", "vpt-deep": "softprompt.vision.vpt:DEEP",
+                 "coop": "softprompt.vision.coop:METHOD"})  # fmt: skip
+IMAGE_METHODS = frozenset({"vpt", "vpt-deep", "coop"})  # prompts of image models (softprompt.vision)
 
 
 class Trainable(Protocol):
@@ -81,7 +93,8 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Method:
     if name not in REGISTRY:
         raise MethodError(f"--method must be one of {', '.join(REGISTRY)}, got {name!r}")
-    return importlib.import_module(REGISTRY[name]).METHOD  # type: ignore[no-any-return]
+    module, _, attr = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "METHOD")  # type: ignore[no-any-return]
 
 
 def of(ckpt: PromptCheckpoint) -> Method:

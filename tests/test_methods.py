@@ -30,14 +30,14 @@ def write_data(path: Path) -> Path:
 
 
 def test_every_registered_method_is_complete() -> None:
-    assert methods.names() == ("prompt", "deep")
-    for name in methods.names():
+    assert methods.names() == ("prompt", "deep", "vpt", "vpt-deep", "coop")
+    for name in ("prompt", "deep", "vpt", "vpt-deep"):  # coop: tests/test_vision_coop.py
         m = methods.get(name)
         assert m.name == name and isinstance(m.needs_kv, bool) and isinstance(m.per_row, bool)
         for attr in ("create", "load_prefix", "vectors"):
             assert callable(getattr(m, attr))
     assert methods.get("prompt").exports == {"peft", "prompt-table"} and methods.get("deep").exports == frozenset()
-    with pytest.raises(methods.MethodError, match="--method must be one of prompt, deep, got 'nope'"):
+    with pytest.raises(methods.MethodError, match="--method must be one of prompt, deep, vpt, vpt-deep, coop, got 'nope'"):
         methods.get("nope")
     cfg = RunConfig()
     cfg.data.train, cfg.prompt.method = "x.jsonl", "nope"
