@@ -102,6 +102,8 @@ class EvalConfig(PromptCommandConfig):
     """tokens generated per input (generation tasks)"""
     columns: str | None = None
     """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+    skip_bad_images: bool = False
+    """image prompts: skip (and count) missing or unreadable images instead of stopping at the first"""
 
 
 @dataclass(kw_only=True)
@@ -114,6 +116,8 @@ class PredictConfig(PromptCommandConfig):
     """write JSONL here (atomically) instead of stdout"""
     columns: str | None = None
     """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+    skip_bad_images: bool = False
+    """image prompts: skip (and count) missing or unreadable images instead of stopping at the first"""
 
 
 @dataclass(kw_only=True)

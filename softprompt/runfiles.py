@@ -207,7 +207,8 @@ def remove_stale_temps(files: RunFiles) -> None:
 # What fixes a run's trajectory: resuming with any of these changed would splice two different runs together.
 RUN_FIELDS = {
     "data": ("train", "template", "labels", "head", "task"),
-    "prompt": ("num_tokens", "init", "init_scale", "position", "method", "deep_reparam", "reparam", "reparam_hidden"),
+    "prompt": ("num_tokens", "init", "init_scale", "position", "method", "deep_reparam", "reparam", "reparam_hidden",
+               "context_tokens", "class_specific"),
     "train": (
         "optimizer", "lr", "head_lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "grad_accum",
         "group_by_length", "max_steps", "epochs", "max_grad_norm", "seed", "precision",

@@ -4,7 +4,7 @@ built from their config classes, and tiny image folders drawn with Pillow. Indep
     tiny_vision(kind)         a fresh model (torch.manual_seed(0)): vit, deit, dinov2, clip (vision tower),
                               siglip (vision tower), clip-full / siglip-full (CLIPModel / SiglipModel, text tower too)
     save_tiny_vision(kind, d) the model, its image processor (and for *-full the MiniLM tokenizer) saved into d
-    image_folder(root, ...)   root/CLASS/i.png: class k is a bright square in quadrant k on a dark background
+    image_folder(root, ...)   root/CLASS/i.png: class k is a square of colour k in a random quadrant, on dark noise
 """
 
 from __future__ import annotations
@@ -73,14 +73,16 @@ def save_tiny_vision(kind: str, out: Path) -> Path:
 
 
 def quadrant_image(k: int, seed: int, size: int = 32):
-    """A dark noisy image with a bright square in quadrant k (0..3): an easy 4-class task."""
+    """A dark noisy image with a square of class k's colour (red, green, blue, yellow) in a random quadrant: an
+    easy 4-class task even for a random frozen encoder (the colour moves the patches' mean)."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
     px = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8)
     h = size // 2
-    r, c = divmod(k % 4, 2)
-    px[r * h : r * h + h, c * h : c * h + h] = 220
+    r, c = divmod(int(torch.randint(0, 4, (1,), generator=g)), 2)
+    colour = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)][k % 4]
+    px[r * h : r * h + h, c * h : c * h + h] = torch.tensor(colour, dtype=torch.uint8)
     return Image.fromarray(px.numpy(), "RGB")
 
 

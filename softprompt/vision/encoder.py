@@ -125,6 +125,7 @@ class VisionModel(nn.Module):
         model.eval()
         _register_attention()
         self.tower.set_attn_implementation(ATTN)  # type: ignore[operator]
+        self.tokenizer: Any = None  # a CLIP/SigLIP text tower's (softprompt.vision.coop)
         self._prompt: VisualPrompt | None = None
         self._record: list[torch.Tensor] | None = None
         for i, layer in enumerate(self.layers):
@@ -143,6 +144,14 @@ class VisionModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def text_hidden(self) -> int:
+        """The text tower's width (CoOp's context vectors); an image-only model has none."""
+        text = getattr(self.model, "text_model", None)
+        if text is None:
+            raise VisionModelError(f"{self.model_id}: --method coop needs a CLIP or SigLIP model with its text tower "
+                                   f"(this is {self.architecture})")  # fmt: skip
+        return int(text.config.hidden_size)
 
     @property
     def architecture(self) -> str:
@@ -247,15 +256,16 @@ class VisionModel(nn.Module):
             self._record = None
 
 
-def load_vision_model(source: str, *, device: str = "cpu", dtype: str = "float32") -> VisionModel:
+def load_vision_model(source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False) -> VisionModel:
     """A VisionModel from a local directory (a saved model and its image processor) or a hub name (the offline
     cache, or the network where the user has it); errors name the model."""
     from transformers import AutoImageProcessor, AutoModel
 
-    from softprompt.models import resolve_device, resolve_dtype
+    from softprompt.models import _progress_bars, resolve_device, resolve_dtype
 
     try:
-        model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype))
+        with _progress_bars(progress):
+            model = AutoModel.from_pretrained(source, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as e:
         raise VisionModelError(f"--model {source}: cannot load an image model ({str(e).splitlines()[0]})") from None
     try:
@@ -263,4 +273,12 @@ def load_vision_model(source: str, *, device: str = "cpu", dtype: str = "float32
     except (OSError, ValueError) as e:
         raise VisionModelError(f"--model {source}: no image processor ({str(e).splitlines()[0]})") from None
     model.to(resolve_device(device))
-    return VisionModel(model, model_id=str(Path(source)) if Path(source).exists() else source, processor=processor)
+    vm = VisionModel(model, model_id=str(Path(source)) if Path(source).exists() else source, processor=processor)
+    if getattr(model, "text_model", None) is not None:  # CLIP / SigLIP: CoOp and zero-shot need the tokenizer
+        from transformers import AutoTokenizer
+
+        try:
+            vm.tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise VisionModelError(f"--model {source}: no tokenizer ({str(e).splitlines()[0]})") from None
+    return vm

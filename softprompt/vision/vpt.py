@@ -144,21 +144,6 @@ class VPTMethod:
         return t.permute(1, 0, 2).reshape(t.shape[1], -1).double()
 
 
-def check_file(path: str, ckpt: PromptCheckpoint) -> None:
-    """A vpt / vpt-deep file's own tensors (called by softprompt.checkpoint's validation): vpt.deep (L-1, P, d)
-    only for vpt-deep, matching `prompt`."""
-    deep = ckpt.extra.get(DEEP_KEY)
-    method = ckpt.meta.get("method")
-    if method == "vpt" and deep is not None:
-        raise CheckpointError(f"{path}: a vpt prompt holds no '{DEEP_KEY}' tensor (that is vpt-deep)")
-    if method == "vpt-deep":
-        if deep is None:
-            raise CheckpointError(f"{path}: a vpt-deep prompt needs its '{DEEP_KEY}' tensor (layers 1..L-1)")
-        if deep.ndim != 3 or tuple(deep.shape[1:]) != tuple(ckpt.prompt.shape):
-            raise CheckpointError(f"{path}: '{DEEP_KEY}' must be (layers-1, {ckpt.prompt.shape[0]}, "
-                                  f"{ckpt.prompt.shape[1]}), got {tuple(deep.shape)}")  # fmt: skip
-
-
 SHALLOW = VPTMethod("vpt", deep=False)
 DEEP = VPTMethod("vpt-deep", deep=True)
 METHOD = SHALLOW
