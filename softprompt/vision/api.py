@@ -55,7 +55,7 @@ def loaded_prompt(vm: VisionModel, ckpt: PromptCheckpoint, *, allow_other_model:
     with torch.no_grad():
         head.linear.weight.copy_(w)
         head.linear.bias.copy_(ckpt.extra.get("head.linear.bias", torch.zeros(len(classes))))
-    return _Fixed(m.load_prefix(vm, ckpt, kv=None)), head
+    return _Fixed(m.load_prefix(vm, ckpt, kv=None)), head  # type: ignore[arg-type]  # an image method
 
 
 class _Fixed:
@@ -118,10 +118,11 @@ class ImagePredictor:
     def predict(self, inputs: Any, **_: Any) -> list[dict[str, Any]]:
         """Label and class probabilities of each image: a list of PIL images or paths, one image, or a folder tree /
         CSV / JSONL list (its rows' paths go in the output)."""
+        names: list[str | None]
         if isinstance(inputs, str) and not _is_image_file(inputs):
             s = load_image_set(inputs, self.vm.processor, classes=self.labels, skip_bad=self.skip_bad_images,
                                labelled=False)  # fmt: skip
-            pixels, names = s.pixels, s.paths
+            pixels, names = s.pixels, list(s.paths)
         else:
             items = inputs if isinstance(inputs, list) else [inputs]
             pixels = preprocess([as_image(x, f"image {i}") for i, x in enumerate(items)], self.vm.processor)

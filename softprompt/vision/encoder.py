@@ -96,18 +96,19 @@ class VisionModel(nn.Module):
 
     def __init__(self, model: nn.Module, model_id: str = "", processor: Any = None) -> None:
         super().__init__()
-        self.model, self.model_id, self.processor = model, model_id, processor
-        cfg = model.config
-        mtype = TYPES.get(cfg.model_type, cfg.model_type)
+        self.model: Any = model  # a PreTrainedModel (Any: its towers' attributes differ by architecture)
+        self.model_id, self.processor = model_id, processor
+        cfg: Any = model.config
+        mtype = TYPES.get(str(cfg.model_type), str(cfg.model_type))
         if mtype not in FAMILIES:
             raise VisionModelError(
                 f"{model_id or type(model).__name__}: model type {cfg.model_type!r} is not a supported image encoder "
                 f"(supported: {', '.join(FAMILIES)})"
             )
         self.family = mtype
-        self.tower: nn.Module = getattr(model, "vision_model", model)  # CLIPModel/SiglipModel: the vision tower
+        self.tower: Any = getattr(model, "vision_model", model)  # CLIPModel/SiglipModel: the vision tower
         vcfg = self.tower.config
-        if mtype == "dinov2" and getattr(vcfg, "num_register_tokens", 0):
+        if mtype == "dinov2" and getattr(vcfg, "num_register_tokens", None):
             raise VisionModelError(f"{model_id}: DINOv2 with register tokens is not supported")
         self.special, norm_name, attn_name = FAMILIES[mtype]
         enc = getattr(self.tower, "encoder", self.tower)
@@ -115,8 +116,8 @@ class VisionModel(nn.Module):
         if layers is None:
             raise VisionModelError(f"{model_id}: cannot find the encoder layers of {type(self.tower).__name__}")
         self.layers: list[nn.Module] = list(layers)
-        self.norms = [getattr(layer, norm_name) for layer in self.layers]
-        self.attns = [getattr(layer, attn_name) for layer in self.layers]
+        self.norms: list[Any] = [getattr(layer, norm_name) for layer in self.layers]
+        self.attns: list[Any] = [getattr(layer, attn_name) for layer in self.layers]
         self.hidden = int(vcfg.hidden_size)
         self.heads = int(vcfg.num_attention_heads)
         self.patch = int(vcfg.patch_size)
@@ -256,7 +257,9 @@ class VisionModel(nn.Module):
             self._record = None
 
 
-def load_vision_model(source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False) -> VisionModel:
+def load_vision_model(
+    source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False
+) -> VisionModel:
     """A VisionModel from a local directory (a saved model and its image processor) or a hub name (the offline
     cache, or the network where the user has it); errors name the model."""
     from transformers import AutoImageProcessor, AutoModel

@@ -85,17 +85,29 @@ def list_images(source: str, *, image_field: str = "image", label_field: str = "
 
 def open_image(path: str, where: str | None = None) -> Any:
     """The image at `path` as an RGB PIL image, fully decoded; BadImageError naming `where` (default: path)."""
-    from PIL import Image, UnidentifiedImageError
-
     name = where or path
     if not os.path.exists(path):
         raise BadImageError(f"{name}: image file not found")
     if not os.path.isfile(path):
         raise BadImageError(f"{name}: not a regular file")
+    return decode_image(path, name)
+
+
+def image_from_bytes(data: bytes, where: str) -> Any:
+    """An uploaded image (the server's base64 or multipart bodies) -> RGB PIL image; BadImageError naming `where`."""
+    import io
+
+    return decode_image(io.BytesIO(data), where)
+
+
+def decode_image(fp: Any, name: str) -> Any:
+    """Decode a path or file object with Pillow, checked: RGB out, or one BadImageError line naming `name`."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(fp) as im:
                 im.load()  # decode now: a truncated file fails here, not inside the processor
                 mode = im.mode
                 if mode not in RGB_MODES:

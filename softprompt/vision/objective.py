@@ -161,7 +161,7 @@ def build_image_objective(cfg: RunConfig, vm: VisionModel, log=print) -> ImageOb
 
     d, p, t = cfg.data, cfg.prompt, cfg.train
     assert d.train
-    kw = {"image_field": d.image_field, "label_field": d.label_field, "skip_bad": d.skip_bad_images}
+    kw: dict[str, Any] = {"image_field": d.image_field, "label_field": d.label_field, "skip_bad": d.skip_bad_images}
     train_set = load_image_set(d.train, vm.processor, **kw)
     classes = train_set.classes
     if len(classes) < 2:
