@@ -15,6 +15,7 @@ records of it. Notation: B images, H x W pixels.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -188,4 +189,4 @@ def processor_settings(processor: Any) -> dict[str, Any]:
             "rescale_factor", "do_normalize", "image_mean", "image_std", "resample", "do_convert_rgb")  # fmt: skip
     out = {k: d[k] for k in keep if k in d}
     out.setdefault("image_processor_type", type(processor).__name__)
-    return out
+    return json.loads(json.dumps(out, default=str))  # as the prompt file's header reads back (tuples: lists)
