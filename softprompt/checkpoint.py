@@ -4,6 +4,10 @@ Tensors: `prompt` (P, d); optionally `head.linear.weight` (L, d) and `head.linea
 linear head on an encoder.
 A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and `deep.keys`, `deep.values`
 (layers, kv heads, tokens, head dim): learned keys/values at every layer; num_tokens counts their tokens.
+An image prompt (softprompt.vision; task "image-classify", family "vision"): vpt/vpt-deep hold `prompt` (P, d) =
+the first layer's tokens, vpt-deep also `vpt.deep` (layers-1, P, d), and head.linear.*; coop holds `prompt` =
+its context rows (M or C*M, d_text); metadata `vision` (the image model's geometry and processor settings),
+`coop` ({context_tokens, class_specific}); `fingerprint` hashes the image model's patch embedding.
 Header metadata (all strings; JSON where structured):
     format            "softprompt"
     format_version    "1"

@@ -37,7 +37,9 @@ def test_every_registered_method_is_complete() -> None:
         for attr in ("create", "load_prefix", "vectors"):
             assert callable(getattr(m, attr))
     assert methods.get("prompt").exports == {"peft", "prompt-table"} and methods.get("deep").exports == frozenset()
-    with pytest.raises(methods.MethodError, match="--method must be one of prompt, deep, vpt, vpt-deep, coop, got 'nope'"):
+    with pytest.raises(
+        methods.MethodError, match="--method must be one of prompt, deep, vpt, vpt-deep, coop, got 'nope'"
+    ):
         methods.get("nope")
     cfg = RunConfig()
     cfg.data.train, cfg.prompt.method = "x.jsonl", "nope"

@@ -154,3 +154,20 @@ def test_checkpoint_validation_of_image_prompts(tmp_path):
     save_prompt(p, torch.zeros(2, 8), {**meta, "method": "prompt"}, head)
     with pytest.raises(CheckpointError, match="must have method vpt, vpt-deep or coop"):
         load_prompt(p)
+
+
+@pytest.mark.parametrize("kind", ["deit", "dinov2", "clip", "siglip"])
+def test_every_tower_trains_and_evaluates(kind, data, tmp_path, capsys):
+    """vpt-deep through the CLI on each other tower: the file's fingerprint is that model's, eval = the run's eval;
+    a generate command on an image prompt is refused in one line."""
+    train, val = data
+    d = save_tiny_vision(kind, tmp_path / kind)
+    out = tmp_path / "p.safetensors"
+    assert _train(d, train, val, out, "vpt-deep", "--max-steps", "3") == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ck = load_prompt(out)
+    assert ck.meta["vision"]["family"] == kind and ck.extra["vpt.deep"].shape == (1, 2, 32)
+    assert main(["eval", "--prompt", str(out), "--data", str(val), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(res["accuracy"])
+    assert main(["generate", "--prompt", str(out), "--input", "x", "--device", "cpu"]) == 2
+    assert "an image prompt classifies images" in capsys.readouterr().err
