@@ -104,3 +104,15 @@ def test_http_base64_and_multipart(served):
         r = client.post("/v1/images/classify", json={"task": "nope", "images": [_b64(ims[0])]})
         assert r.status_code == 404 and r.json()["error"]["param"] == "task"
         assert {t["name"] for t in client.get("/v1/tasks").json()["tasks"]} == set(reg.tasks)
+
+
+def test_softprompt_serve_builds_the_image_app_for_a_directory_of_image_prompts(served):
+    from softprompt.commands import ServeConfig
+    from softprompt.serve.images import build_image_app, image_prompts_in
+
+    vm, reg = served
+    assert image_prompts_in(reg.directory) == vm.model_id
+    app = build_image_app(ServeConfig(prompts=str(reg.directory), device="cpu"))
+    with TestClient(app) as client:
+        h = client.get("/healthz").json()
+        assert h["family"] == "vision" and h["tasks"] == 6

@@ -13,8 +13,9 @@ import pytest
 import torch
 from tiny_vision import VISION_KINDS, tiny_vision
 
+from softprompt.checkpoint import save_prompt
 from softprompt.vision.encoder import VisionModel, VisualPrompt
-from softprompt.vision.vpt import DEEP, SHALLOW, init_tokens, vpt_bound
+from softprompt.vision.vpt import DEEP, SHALLOW, InitError, init_tokens, vpt_bound
 
 P = 3
 LEAD = {"vit": 1, "deit": 2, "dinov2": 1, "clip": 1, "siglip": 0}  # [CLS] (DeiT: + [DIST]); SigLIP: none
@@ -154,3 +155,20 @@ def test_prompt_of_wrong_width_is_refused():
     vm, _ = _pair("vit")
     with pytest.raises(ValueError, match="do not fit this encoder"):
         vm.features(_px(), VisualPrompt(torch.zeros(1, 1, P, 16), deep=False))
+
+
+def test_init_from_a_saved_prompt(tmp_path):
+    """--init file:PATH: a vpt-deep file's tokens start a vpt-deep run; into vpt, its first layer's tokens."""
+    vm, _ = _pair("vit")
+    t = torch.randn(2, P, 32, generator=torch.Generator().manual_seed(9))
+    path = tmp_path / "d.safetensors"
+    meta = {"method": "vpt-deep", "task": "image-classify", "fingerprint": vm.fingerprint(), "vision": {"layers": 2},
+            "labels": {"labels": ["a", "b"], "words": ["a", "b"]}}  # fmt: skip
+    head = {"head.linear.weight": torch.zeros(2, 32)}
+    save_prompt(path, t[0], meta, {"vpt.deep": t[1:], **head})
+    torch.testing.assert_close(init_tokens(f"file:{path}", vm, P, deep=True), t)
+    torch.testing.assert_close(init_tokens(f"file:{path}", vm, P, deep=False), t[:1])
+    with pytest.raises(InitError, match="do not fit"):
+        init_tokens(f"file:{path}", vm, P + 1, deep=False)
+    with pytest.raises(InitError, match="must be one of vpt, patches, random or file:PATH, got 'vocab'"):
+        init_tokens("vocab", vm, P, deep=False)

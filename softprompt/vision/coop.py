@@ -149,7 +149,12 @@ class CoOpPrompt(nn.Module):
 
     def logits(self, vm: VisionModel, pixels: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C)."""
-        return scale_logits(vm, image_features(vm, pixels), self.text_features(vm, grad=grad))
+        return self.score(vm, image_features(vm, pixels), grad=grad)
+
+    def score(self, vm: VisionModel, img: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
+        """(B, D) normalised image features -> (B, C): what training reads, the frozen image tower's features
+        being computed once per image (softprompt.vision.objective)."""
+        return scale_logits(vm, img.to(vm.device), self.text_features(vm, grad=grad))
 
     def saved(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         c = self.context.detach()

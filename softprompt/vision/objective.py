@@ -84,6 +84,7 @@ class ImageObjective:
     meta: dict[str, Any]
     params: list[nn.Parameter] = field(default_factory=list)
     head_params: list[nn.Parameter] = field(default_factory=list)
+    _feats: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # CoOp: id(set) -> (B, D)
 
     @property
     def n_train(self) -> int:
@@ -105,14 +106,33 @@ class ImageObjective:
         return batch_schedule([1] * self.n_train, t.batch_size, t.seed, step, t.grad_accum, False)
 
     def loss(self, rows: list[int]) -> torch.Tensor:
-        px = self.train_set.pixels[rows].to(self.device)  # (B, 3, H, W)
         y = torch.tensor([self.train_set.labels[i] for i in rows], device=self.device)
-        return nn.functional.cross_entropy(image_logits(self.vm, self.prompt, self.head, px, grad=True).float(), y)
+        if hasattr(self.prompt, "score"):  # CoOp: the frozen image tower's features, once per training image
+            logits = self.prompt.score(self.vm, self.image_features(self.train_set)[rows], grad=True)
+        else:
+            px = self.train_set.pixels[rows].to(self.device)  # (B, 3, H, W)
+            logits = image_logits(self.vm, self.prompt, self.head, px, grad=True)
+        return nn.functional.cross_entropy(logits.float(), y)
+
+    def image_features(self, s: ImageSet) -> torch.Tensor:
+        """(B, D) normalised image features of a CoOp run's images, computed once (the image tower is frozen)."""
+        from softprompt.vision.coop import image_features
+
+        key = id(s)
+        if key not in self._feats:
+            bs = self.cfg.train.batch_size
+            self._feats[key] = torch.cat([image_features(self.vm, s.pixels[i : i + bs])
+                                          for i in range(0, len(s.pixels), bs)])  # fmt: skip
+        return self._feats[key]
 
     def evaluate(self) -> Evaluation:
         assert self.eval_set is not None
         es = self.eval_set
-        logits = predict_logits(self.vm, self.prompt, self.head, es.pixels, self.cfg.train.batch_size)
+        if hasattr(self.prompt, "score"):
+            with torch.no_grad():
+                logits = self.prompt.score(self.vm, self.image_features(es), grad=False).float().cpu()
+        else:
+            logits = predict_logits(self.vm, self.prompt, self.head, es.pixels, self.cfg.train.batch_size)
         gold = torch.tensor(es.labels)
         m = classification_metrics(es.labels, logits.argmax(-1).tolist(), es.classes)
         m["loss"] = float(nn.functional.cross_entropy(logits, gold))
