@@ -35,7 +35,7 @@ from softprompt.evaluate import (
     generation_metrics,
 )
 from softprompt.loaded import LoadedPrompt, ensemble_head, load
-from softprompt.methods import checkpoint_prompts
+from softprompt.methods import IMAGE_METHODS, checkpoint_prompts
 from softprompt.models import Backbone, load_backbone
 from softprompt.prompted import Prefix, PromptedModel
 from softprompt.task import BoundTask, TaskSpec
@@ -74,6 +74,9 @@ class Predictor:
         if combine not in ("mean", "vote"):
             raise ValueError(f"--combine must be mean or vote, got {combine!r}")
         ckpts = [load_prompt(p) for p in paths]
+        for c in ckpts:
+            if str(c.meta.get("method")) in IMAGE_METHODS:
+                raise ValueError(f"{c.path}: an image prompt: load it with softprompt.vision.api.ImagePredictor")
         specs = [TaskSpec.from_meta(c.meta) for c in ckpts]
         spec = specs[0]
         for c, other in zip(ckpts[1:], specs[1:]):  # one task; each member may score with its own head

@@ -7,6 +7,10 @@ A deep prompt (method "deep", softprompt.deep) has an empty `prompt` (0, d) and 
 A routed prompt (softprompt.routed) stacks its K routes in `prompt` (K*P, d) and adds `routed.router.*`; a
 conditioned prompt (softprompt.conditioned) has its shared prompt in `prompt` and adds `conditioned.*`.
 A late prompt (method "late", softprompt.late) has an empty `prompt` and `late.states` (tokens, hidden size).
+An image prompt (softprompt.vision; task "image-classify", family "vision"): vpt/vpt-deep hold `prompt` (P, d) =
+the first layer's tokens, vpt-deep also `vpt.deep` (layers-1, P, d), and head.linear.*; coop holds `prompt` =
+its context rows (M or C*M, d_text); metadata `vision` (the image model's geometry and processor settings),
+`coop` ({context_tokens, class_specific}); `fingerprint` hashes the image model's patch embedding.
 Header metadata (all strings; JSON where structured):
     format            "softprompt"
     format_version    "1"
@@ -41,6 +45,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
+from softprompt.methods import IMAGE_METHODS
 from softprompt.methods import REGISTRY as METHODS
 
 FORMAT = "softprompt"
@@ -90,7 +95,7 @@ def _encode_meta(meta: dict[str, Any]) -> dict[str, str]:
 
 
 _JSON_KEYS = ("labels", "train_config", "metrics", "fields", "embed_dim", "num_tokens", "extra", "multitask", "deep",
-              "distill", "routed", "conditioned", "late")  # fmt: skip
+              "distill", "routed", "conditioned", "late", "vision", "coop")  # fmt: skip
 
 
 def _decode_meta(raw: dict[str, str]) -> dict[str, Any]:
@@ -157,13 +162,13 @@ def save_prompt(
 
 MAX_FILE = 2**30  # a prompt file is kilobytes to megabytes; nothing larger is read into memory
 TENSOR_NAMES = ("prompt", "head.linear.weight", "head.linear.bias", "head.weight", "head.bias", "deep.keys",
-                "deep.values", "late.states")  # fmt: skip
+                "deep.values", "late.states", "vpt.deep")  # fmt: skip
 # metadata fields with a closed set of values (absent: the reader's default)
 ALLOWED_META = {
     "method": METHODS,  # softprompt.methods.REGISTRY (its keys; read at each check, so a new method is one line)
-    "family": ("causal", "seq2seq", "encoder"),
-    "task": ("classify", "generate"),
-    "head": ("lm", "linear", "similarity"),
+    "family": ("causal", "seq2seq", "encoder", "vision"),
+    "task": ("classify", "generate", "image-classify"),
+    "head": ("lm", "linear", "similarity", "cosine"),
     "position": ("auto", "start"),
 }
 
@@ -302,6 +307,7 @@ def _check_meta(path: str, ckpt: PromptCheckpoint) -> None:
             raise CheckpointError(f"{path}: metadata {key} {v!r} does not match its tensors ({actual})")
     if "method" in meta and (meta["method"] == "deep") != ckpt.is_deep:
         raise CheckpointError(f"{path}: metadata method {meta.get('method', 'prompt')!r} does not match its tensors")
+    _check_image(path, ckpt)
     for key in ("template", "base_model", "fingerprint", "label_field", "target_field"):
         if key in meta and not isinstance(meta[key], str):
             raise CheckpointError(f"{path}: metadata {key} must be a string")
@@ -373,3 +379,44 @@ def check_compatible(
 def file_size_formula(num_tokens: int, embed_dim: int, extra_elems: int = 0) -> int:
     """Bytes of tensor data in a float32 prompt file (the header adds at most a few KiB)."""
     return 4 * (num_tokens * embed_dim + extra_elems)
+
+
+def _check_image(path: str, ckpt: PromptCheckpoint) -> None:
+    """An image prompt (softprompt.vision: vpt, vpt-deep, coop) is for --task image-classify, names its classes,
+    its image model (fingerprint) and that model's geometry (`vision`); vpt/vpt-deep hold a linear head and
+    vpt-deep its layers 1..L-1 in `vpt.deep` (L-1, P, d); a text prompt holds no image tensors."""
+    method, meta = ckpt.meta.get("method"), ckpt.meta
+    if method not in IMAGE_METHODS:
+        if meta.get("task") == "image-classify" or "vpt.deep" in ckpt.extra:
+            raise CheckpointError(f"{path}: an image-classify prompt must have method vpt, vpt-deep or coop")
+        return
+    if meta.get("task") != "image-classify":
+        raise CheckpointError(f"{path}: a {method} prompt must have task 'image-classify' in its metadata")
+    vision = meta.get("vision")
+    if isinstance(vision, str):
+        try:
+            vision = json.loads(vision)
+        except json.JSONDecodeError:
+            vision = None
+        meta["vision"] = vision
+    if not isinstance(vision, dict) or not isinstance(vision.get("layers"), int) or vision["layers"] < 1:
+        raise CheckpointError(f"{path}: a {method} prompt needs its image model's 'vision' metadata (layers, ...)")
+    if not meta.get("fingerprint") or not isinstance(meta.get("labels"), dict):
+        raise CheckpointError(f"{path}: a {method} prompt needs its image model's fingerprint and its class labels")
+    deep = ckpt.extra.get("vpt.deep")
+    if method != "vpt-deep" and deep is not None:
+        raise CheckpointError(f"{path}: a {method} prompt holds no 'vpt.deep' tensor (that is vpt-deep)")
+    if method == "vpt-deep":
+        want = (vision["layers"] - 1, *ckpt.prompt.shape)
+        if deep is None or tuple(deep.shape) != want:
+            got = None if deep is None else tuple(deep.shape)
+            raise CheckpointError(f"{path}: 'vpt.deep' must be (layers-1, tokens, dim) = {want}, got {got}")
+    if method == "coop":
+        coop, n = meta.get("coop"), len(meta["labels"].get("labels") or [])
+        m = coop.get("context_tokens") if isinstance(coop, dict) else None
+        rows = (m or 0) * (n if isinstance(coop, dict) and coop.get("class_specific") else 1)
+        if type(m) is not int or m < 1 or ckpt.prompt.shape[0] != rows:
+            raise CheckpointError(f"{path}: a coop prompt needs 'coop' metadata (context_tokens) matching its "
+                                  f"context rows ({ckpt.prompt.shape[0]})")  # fmt: skip
+    if method in ("vpt", "vpt-deep") and "head.linear.weight" not in ckpt.extra:
+        raise CheckpointError(f"{path}: a {method} prompt needs its linear head ('head.linear.weight')")

@@ -127,6 +127,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _predictor(cfg: PromptCommandConfig) -> Any:
     from softprompt.api import Predictor
+    from softprompt.vision.api import ImagePredictor, is_image_prompt
+
+    if is_image_prompt(cfg.prompt[0]):  # an image prompt (softprompt.vision): images in, labels out
+        if isinstance(cfg, GenerateConfig):
+            raise ConfigError(f"{cfg.prompt[0]}: an image prompt classifies images; generate is for text prompts")
+        return ImagePredictor.load(cfg.prompt, model=cfg.model, allow_other_model=cfg.allow_other_model,
+                                   batch_size=cfg.batch_size, device=cfg.device,
+                                   skip_bad_images=getattr(cfg, "skip_bad_images", False))  # fmt: skip
 
     return Predictor.load(
         cfg.prompt,

@@ -105,6 +105,8 @@ class EvalConfig(PromptCommandConfig):
     """tokens generated per input (generation tasks)"""
     columns: str | None = None
     """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+    skip_bad_images: bool = False
+    """image prompts: skip (and count) missing or unreadable images instead of stopping at the first"""
     icl_demos: str | None = None
     """labelled file: score the frozen --model with --k of its examples in context instead of a prompt (ICL)"""
     k: int = 8
@@ -193,6 +195,8 @@ class PredictConfig(PromptCommandConfig):
     """write JSONL here (atomically) instead of stdout"""
     columns: str | None = None
     """comma-separated column names of a headerless CSV/TSV (e.g. text,label)"""
+    skip_bad_images: bool = False
+    """image prompts: skip (and count) missing or unreadable images instead of stopping at the first"""
 
 
 @dataclass(kw_only=True)

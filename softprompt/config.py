@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from softprompt.methods import IMAGE_METHODS
 from softprompt.methods import REGISTRY as METHODS
 
 
@@ -68,7 +69,8 @@ class PromptConfig:
     method: str = "prompt"
     """Prompt method (softprompt.methods): prompt (input-embedding soft prompt), deep (learned keys/values at every
     layer, softprompt.deep), routed (K prompts and a router), conditioned (a prompt generated from the input) or
-    late (hidden states entering at --layer, softprompt.late)."""
+    late (hidden states entering at --layer, softprompt.late); with --task image-classify: vpt, vpt-deep (visual
+    prompt tokens in the image encoder) or coop (context vectors in CLIP's/SigLIP's text encoder), softprompt.vision."""
     deep_reparam: int = 0
     """--method deep: hidden size of the reparameterisation MLP used while training (0: none; dropped at save)."""
     reparam: str = "none"
@@ -88,6 +90,10 @@ class PromptConfig:
     late_cache_mb: int = 2048
     """--method late: memory (MiB) for what enters --layer per training example, kept across epochs so a step runs
     only the layers from --layer up (0: no cache)."""
+    context_tokens: int = 16
+    """--method coop: learned context vectors M in front of each class name ([SOS][V1..VM][CLASS].[EOS])."""
+    class_specific: bool = False
+    """--method coop: one set of context vectors per class (CoOp's class-specific context) instead of one shared."""
 
 
 @dataclass
@@ -97,7 +103,12 @@ class DataConfig:
     eval: str | None = None
     """Evaluation file (same formats as --train)."""
     task: str = "classify"
-    """classify (verbalizer scoring / encoder head) or generate (text-to-text)."""
+    """classify (verbalizer scoring / encoder head), generate (text-to-text) or image-classify (an image model:
+    --train is a class-folder tree root/CLASS/*.png|jpg or a CSV/JSONL with an image-path column)."""
+    image_field: str = "image"
+    """--task image-classify: the CSV/JSONL column holding each image's path (relative to the file's folder)."""
+    skip_bad_images: bool = False
+    """--task image-classify: skip (and count) missing, truncated or unreadable images instead of stopping at one."""
     template: str = "{text}"
     """Input template; {field} placeholders are filled from each record (\\n and \\t escapes are honoured)."""
     label_field: str = "label"
@@ -213,7 +224,10 @@ class RunConfig:
                 t.schedule in ("constant", "linear", "cosine"),
                 f"--schedule must be constant, linear or cosine, got {t.schedule!r}",
             ),
-            (d.task in ("classify", "generate"), f"--task must be classify or generate, got {d.task!r}"),
+            (
+                d.task in ("classify", "generate", "image-classify"),
+                f"--task must be classify, generate or image-classify, got {d.task!r}",
+            ),
             (d.head in ("lm", "linear", "similarity"), f"--head must be lm, linear or similarity, got {d.head!r}"),
             (t.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {t.precision!r}"),
             (
@@ -232,6 +246,12 @@ class RunConfig:
             (p.method != "late" or p.layer >= 1, "--layer L (0 < L < the model's layers) is required by --method late"),
             (p.method == "late" or p.layer == 0, "--layer is for --method late"),
             (p.late_cache_mb >= 0, "--late-cache-mb must be >= 0"),
+            (
+                (d.task == "image-classify") == (p.method in IMAGE_METHODS),
+                f"--method {p.method} is for {'images' if p.method in IMAGE_METHODS else 'text'}: --task "
+                f"image-classify takes --method {', '.join(sorted(IMAGE_METHODS))}, the other tasks the others",
+            ),
+            (p.context_tokens >= 1, "--context-tokens must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

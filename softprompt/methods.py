@@ -9,9 +9,18 @@ serving reach every method through `get` / `of` and `checkpoint_prefix`; no othe
   routed       softprompt.routed       K prompts and a router: each input runs under one of them (SMoP-style)
   conditioned  softprompt.conditioned  a shared prompt plus a low-rank part generated from the input
   late         softprompt.late         hidden states entering at layer --layer (late prompt tuning)
+  vpt, vpt-deep, coop   softprompt.vision   image prompts (VPT-shallow/-deep, CoOp): IMAGE_METHODS below
 
 Input-dependent methods (`per_row`: routed, conditioned) add `Trainable.row_prefix` and `Method.rows`: a batch's
 Prefix plus each row's entry in it (softprompt.dynamic, which every consumer goes through for them).
+
+Image methods (IMAGE_METHODS, `--task image-classify`) implement the same protocol with one difference: where a
+text method takes a PromptedModel and returns a Prefix (input embeddings or per-layer keys/values of a token
+sequence), an image method takes a softprompt.vision VisionModel and returns what it inserts into the image encoder
+(VPT: tokens between [CLS] and the patches) or into the text encoder's class prompts (CoOp). A text Prefix cannot
+express either: there is no token sequence of the user's for it to precede. Their METHOD objects carry
+`modality = "image"`; the text commands refuse them and the image commands (softprompt.vision) refuse the others.
+A REGISTRY value may name the object as "module:ATTR" (default ATTR: METHOD).
 
 This module imports no torch at import time (the CLI parser and the config validation read REGISTRY).
 
@@ -33,13 +42,17 @@ if TYPE_CHECKING:
     from softprompt.prefix import Prefix
     from softprompt.prompted import PromptedModel
 
-REGISTRY: dict[str, str] = {  # name -> module with METHOD
+REGISTRY: dict[str, str] = {  # name -> module with METHOD (or "module:ATTR")
     "prompt": "softprompt.prompt",
     "deep": "softprompt.deep",
     "routed": "softprompt.routed",
     "conditioned": "softprompt.conditioned",
     "late": "softprompt.late",
+    "vpt": "softprompt.vision.vpt:SHALLOW",
+    "vpt-deep": "softprompt.vision.vpt:DEEP",
+    "coop": "softprompt.vision.coop:METHOD",
 }
+IMAGE_METHODS = frozenset({"vpt", "vpt-deep", "coop"})  # prompts of image models (softprompt.vision)
 
 
 class Trainable(Protocol):
@@ -104,7 +117,8 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Method:
     if name not in REGISTRY:
         raise MethodError(f"--method must be one of {', '.join(REGISTRY)}, got {name!r}")
-    return importlib.import_module(REGISTRY[name]).METHOD  # type: ignore[no-any-return]
+    module, _, attr = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "METHOD")  # type: ignore[no-any-return]
 
 
 def of(ckpt: PromptCheckpoint) -> Method:

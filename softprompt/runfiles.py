@@ -208,7 +208,7 @@ def remove_stale_temps(files: RunFiles) -> None:
 RUN_FIELDS = {
     "data": ("train", "template", "labels", "head", "task"),
     "prompt": ("num_tokens", "init", "init_scale", "position", "method", "deep_reparam", "reparam", "reparam_hidden",
-               "routes", "balance_weight", "rank", "layer"),
+               "routes", "balance_weight", "rank", "layer", "context_tokens", "class_specific"),
     "train": (
         "optimizer", "lr", "head_lr", "weight_decay", "schedule", "warmup_steps", "batch_size", "grad_accum",
         "group_by_length", "max_steps", "epochs", "max_grad_norm", "seed", "precision",

@@ -263,6 +263,10 @@ def train(
     cfg: RunConfig, *, backbone: Backbone | None = None, log=print, replicas: Replicas | None = None
 ) -> TrainResult:
     """Train a soft prompt as configured; returns where it was written and its metrics."""
+    if cfg.data.task == "image-classify":  # an image model's prompt: softprompt.vision, on the same fit()
+        from softprompt.vision.objective import train_images
+
+        return train_images(cfg, log=log, replicas=replicas)  # type: ignore[no-any-return]
     t0 = time.time()
     cfg.validate()
     t = cfg.train

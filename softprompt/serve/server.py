@@ -101,7 +101,9 @@ def serve(cfg: ServeConfig, **uvicorn_kwargs: Any) -> int:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    app, registry, _ = build(cfg)
+    from softprompt.serve.images import build_image_app, image_prompts_in
+
+    app = build_image_app(cfg) if image_prompts_in(cfg.prompts) is not None else build(cfg)[0]  # image tasks
     if not (os.environ.get(TOKEN_ENV) or cfg.admin_token):
         log.info("admin endpoints disabled (no --admin-token / %s)", TOKEN_ENV)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
