@@ -172,3 +172,12 @@ def test_init_from_a_saved_prompt(tmp_path):
         init_tokens(f"file:{path}", vm, P + 1, deep=False)
     with pytest.raises(InitError, match="must be one of vpt, patches, random or file:PATH, got 'vocab'"):
         init_tokens("vocab", vm, P, deep=False)
+
+
+@pytest.mark.parametrize("kind", VISION_KINDS)
+def test_the_load_time_guard_passes_and_catches_a_wrong_path(kind):
+    vm, _ = _pair(kind)
+    assert vm.check_paths() < 1e-5
+    vm.norms = [torch.nn.Identity() for _ in vm.norms]  # the K/V path now misses the pre-attention norm
+    with pytest.raises(ValueError, match="key/value path differs from its token path by .*pass --skip-equivalence"):
+        vm.check_paths()

@@ -286,7 +286,7 @@ def build_image_app(cfg: Any) -> FastAPI:
     from softprompt.vision.encoder import load_vision_model
 
     model = cfg.model or image_prompts_in(cfg.prompts)
-    vm = load_vision_model(str(model), device=cfg.device, dtype=cfg.dtype)
+    vm = load_vision_model(str(model), device=cfg.device, dtype=cfg.dtype, check=not cfg.skip_equivalence_check)
     reg = ImageRegistry(vm, cfg.prompts, allow_other_model=cfg.allow_other_model)
     return create_image_app(reg, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                             max_inputs=cfg.max_inputs)  # fmt: skip

@@ -246,6 +246,36 @@ class VisionModel(nn.Module):
         h = torch.cat([h[:, :s], h[:, s + p :]], dim=1)  # (B, S+N, d): the prompt slots' outputs are discarded
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
+    def _name(self) -> str:
+        return f"{self.architecture} ({self.model_id})" if self.model_id else self.architecture
+
+    @torch.no_grad()
+    def check_paths(self) -> float:
+        """The load-time guard: a deep prompt gives the same features on the token path and on the shared K/V path
+        (two independent ways in: the layers' inputs, and their attention) for a seeded probe image; the relative
+        difference, or VisionModelError in one line naming the architecture."""
+        g = torch.Generator().manual_seed(0)
+        px = torch.randn(1, 3, self.image_size, self.image_size, generator=g)
+        t = (torch.randn(1, self.num_layers, 2, self.hidden, generator=g) * 0.5).to(self.device)
+        was = self.model.training
+        self.model.eval()
+        try:
+            a = self.features(px, VisualPrompt(t, deep=True, kv=False)).float()
+            b = self.features(px, VisualPrompt(t, deep=True, kv=True)).float()
+        except Exception as e:  # a forward that crashes on the probe would crash on real images
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VisionModelError(f"{self._name()}: the prompt paths fail: {msg}") from e
+        finally:
+            self.model.train(was)
+        err = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        tol = 1e-4 if self._dtype() == torch.float32 else 2e-2
+        if not err <= tol:  # NaN fails too
+            raise VisionModelError(
+                f"{self._name()}: VPT-deep's key/value path differs from its token path by "
+                f"{err:.3g} (relative, allowed {tol:g}); refused (pass --skip-equivalence-check to run it anyway)"
+            )
+        return err
+
     @torch.no_grad()
     def layer_inputs(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The input of every encoder layer (L tensors (B, S+N, d)), no prompt: patch statistics for init."""
@@ -258,10 +288,10 @@ class VisionModel(nn.Module):
 
 
 def load_vision_model(
-    source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False
+    source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False, check: bool = True
 ) -> VisionModel:
     """A VisionModel from a local directory (a saved model and its image processor) or a hub name (the offline
-    cache, or the network where the user has it); errors name the model."""
+    cache, or the network where the user has it); errors name the model. check: run VisionModel.check_paths."""
     from transformers import AutoImageProcessor, AutoModel
 
     from softprompt.models import _progress_bars, resolve_device, resolve_dtype
@@ -277,6 +307,8 @@ def load_vision_model(
         raise VisionModelError(f"--model {source}: no image processor ({str(e).splitlines()[0]})") from None
     model.to(resolve_device(device))
     vm = VisionModel(model, model_id=str(Path(source)) if Path(source).exists() else source, processor=processor)
+    if check:
+        vm.check_paths()
     if getattr(model, "text_model", None) is not None:  # CLIP / SigLIP: CoOp and zero-shot need the tokenizer
         from transformers import AutoTokenizer
 
