@@ -28,6 +28,7 @@ attention function (`softprompt_vpt`): sdpa with the prompt's keys/values prepen
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class VisionModel(nn.Module):
         self.tokenizer: Any = None  # a CLIP/SigLIP text tower's (softprompt.vision.coop)
         self._prompt: VisualPrompt | None = None
         self._record: list[torch.Tensor] | None = None
+        self._lock = threading.RLock()
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
         self.layers[-1].register_forward_hook(self._post_hook)
@@ -179,7 +181,7 @@ class VisionModel(nn.Module):
         SigLIP's pooled patches, with `prompt` inserted (None: the model's own forward)."""
         if prompt is not None:
             self._check(prompt, pixel_values.shape[0])
-        with self._with_prompt(prompt):
+        with self._lock, self._with_prompt(prompt):  # the hooks read this forward's prompt: one forward at a time
             out = self.tower(pixel_values=pixel_values.to(self.device, self._dtype()))
         if self.family in ("vit", "deit"):
             return out.last_hidden_state[:, 0]  # (B, d) [CLS] after the final layernorm
