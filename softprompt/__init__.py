@@ -25,10 +25,12 @@ if TYPE_CHECKING:  # the names for type checkers (`as X`: an explicit re-export)
     from softprompt.prompt import init_prompt as init_prompt
     from softprompt.prompted import PromptedModel as PromptedModel
     from softprompt.train import train as train
+    from softprompt.vision.api import ImagePredictor as ImagePredictor
 
 __version__ = "0.1.0"
 _EXPORTS = {
     "DataConfig": "config",
+    "ImagePredictor": "vision.api",
     "ModelConfig": "config",
     "PromptConfig": "config",
     "Predictor": "api",

@@ -134,7 +134,8 @@ def _predictor(cfg: PromptCommandConfig) -> Any:
             raise ConfigError(f"{cfg.prompt[0]}: an image prompt classifies images; generate is for text prompts")
         return ImagePredictor.load(cfg.prompt, model=cfg.model, allow_other_model=cfg.allow_other_model,
                                    batch_size=cfg.batch_size, device=cfg.device,
-                                   skip_bad_images=getattr(cfg, "skip_bad_images", False))  # fmt: skip
+                                   skip_bad_images=getattr(cfg, "skip_bad_images", False),
+                                   skip_equivalence_check=cfg.skip_equivalence_check)  # fmt: skip
 
     return Predictor.load(
         cfg.prompt,

@@ -116,3 +116,12 @@ def test_softprompt_serve_builds_the_image_app_for_a_directory_of_image_prompts(
     with TestClient(app) as client:
         h = client.get("/healthz").json()
         assert h["family"] == "vision" and h["tasks"] == 6
+
+
+def test_a_body_over_the_limit_is_413_and_requests_are_counted(served):
+    _, reg = served
+    with TestClient(create_image_app(reg, max_body_bytes=2000)) as client:
+        r = client.post("/v1/images/classify", json={"task": "s1", "images": ["A" * 4000]})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+        assert client.get("/healthz").status_code == 200
+        assert "softprompt_requests_total" in client.get("/metrics").text

@@ -171,3 +171,46 @@ def test_every_tower_trains_and_evaluates(kind, data, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(res["accuracy"])
     assert main(["generate", "--prompt", str(out), "--input", "x", "--device", "cpu"]) == 2
     assert "an image prompt classifies images" in capsys.readouterr().err
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_ends_with_the_uninterrupted_prompt(vit_dir, data, tmp_path, capsys, monkeypatch):
+    """An image run killed after step 3 and resumed with the same flags logs the same losses and ends with the same
+    prompt and head as an uninterrupted run (the one trainer's resume, on the image objective)."""
+    import softprompt.trainer as trainer_mod
+
+    train, val = data
+    steps = ("--max-steps", "6", "--save-every", "1", "--eval-every", "2")
+    ref = tmp_path / "ref.safetensors"
+    assert _train(vit_dir, train, val, ref, "vpt-deep", *steps) == 0
+    out = tmp_path / "p.safetensors"
+    save_state = trainer_mod.save_state
+
+    def killing(path, params, opt, sched, step, extra):
+        save_state(path, params, opt, sched, step, extra)
+        if step == 3:
+            raise Killed
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer_mod, "save_state", killing)
+        with pytest.raises(Killed):
+            _train(vit_dir, train, val, out, "vpt-deep", *steps)
+    capsys.readouterr()
+    state = str(out) + ".state"
+    assert _train(vit_dir, train, val, out, "vpt-deep", *steps, "--resume", state) == 0
+    assert "resumed from" in capsys.readouterr().err
+
+    def losses(p: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in p.with_suffix(".log.jsonl").read_text().splitlines()]
+
+    assert losses(out) == losses(ref) and len(losses(out)) == 6
+    a, b = load_prompt(out), load_prompt(ref)
+    assert torch.equal(tokens_of(a), tokens_of(b))
+    assert torch.equal(a.extra["head.linear.weight"], b.extra["head.linear.weight"])
+    # the same flags with another model refuse to resume, naming the fingerprint
+    other = save_tiny_vision("deit", tmp_path / "deit")
+    assert _train(other, train, val, out, "vpt-deep", *steps, "--resume", state) == 2
+    assert "the base model (fingerprint)" in capsys.readouterr().err

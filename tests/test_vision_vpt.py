@@ -172,3 +172,32 @@ def test_init_from_a_saved_prompt(tmp_path):
         init_tokens(f"file:{path}", vm, P + 1, deep=False)
     with pytest.raises(InitError, match="must be one of vpt, patches, random or file:PATH, got 'vocab'"):
         init_tokens("vocab", vm, P, deep=False)
+
+
+@pytest.mark.parametrize("kind", VISION_KINDS)
+def test_the_load_time_guard_passes_and_catches_a_wrong_path(kind):
+    vm, _ = _pair(kind)
+    assert vm.check_paths() < 1e-5
+    vm.norms = [torch.nn.Identity() for _ in vm.norms]  # the K/V path now misses the pre-attention norm
+    with pytest.raises(ValueError, match="key/value path differs from its token path by .*pass --skip-equivalence"):
+        vm.check_paths()
+
+
+def test_prompt_similarity_and_export_of_image_prompts(tmp_path):
+    """`softprompt similarity` compares VPT prompts slot by slot over their layers; export refuses them in a line."""
+    from softprompt.checkpoint import load_prompt
+    from softprompt.methods import MethodError, check_export
+    from softprompt.transfer import similarity
+
+    vm, _ = _pair("vit")
+    meta = {"method": "vpt-deep", "task": "image-classify", "fingerprint": vm.fingerprint(), "vision": {"layers": 2},
+            "labels": {"labels": ["a", "b"], "words": ["a", "b"]}}  # fmt: skip
+    head = {"head.linear.weight": torch.zeros(2, 32)}
+    t = torch.randn(2, P, 32, generator=torch.Generator().manual_seed(11))
+    for name, x in (("a", t), ("neg", -t), ("b", torch.randn(2, P, 32))):
+        save_prompt(tmp_path / f"{name}.safetensors", x[0], meta, {"vpt.deep": x[1:], **head})
+    rows = similarity([str(tmp_path / f"{n}.safetensors") for n in ("neg", "b")], str(tmp_path / "a.safetensors"))
+    neg = next(r for r in rows if r["source"].endswith("neg.safetensors"))
+    assert neg["flat_cosine"] == pytest.approx(-1.0) and rows[-1] is neg and neg["same_model"]
+    with pytest.raises(MethodError, match="a vpt-deep prompt cannot be exported to peft"):
+        check_export(load_prompt(tmp_path / "a.safetensors"), "peft")

@@ -250,8 +250,16 @@ def image_router(reg: ImageRegistry, batcher: ImageBatcher, *, max_inputs: int =
 
 
 def create_image_app(reg: ImageRegistry, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                     max_inputs: int = 256) -> FastAPI:  # fmt: skip
+                     max_inputs: int = 256, max_body_bytes: int = 64 * 2**20) -> FastAPI:  # fmt: skip
+    """The image app; the text server's request middleware (softprompt.serve.http.Observe) counts every request
+    and answers a body over max_body_bytes with 413 while it is read."""
+    from fastapi.responses import Response
+
+    from softprompt.serve.http import Observe
+    from softprompt.serve.metrics import server_metrics
+
     batcher = ImageBatcher(reg, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    metrics = server_metrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -264,8 +272,14 @@ def create_image_app(reg: ImageRegistry, *, max_batch_size: int = 32, max_wait_m
     app = FastAPI(title="softprompt (images)", version="1", lifespan=lifespan)
     app.add_exception_handler(ServeError, serve_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.state.registry, app.state.batcher = reg, batcher
+    app.add_middleware(Observe, metrics=metrics, max_body_bytes=max_body_bytes, max_admin_bytes=max_body_bytes)  # type: ignore[arg-type]
+    app.state.registry, app.state.batcher, app.state.metrics = reg, batcher, metrics
     app.include_router(image_router(reg, batcher, max_inputs=max_inputs))
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     return app
 
 
@@ -286,7 +300,7 @@ def build_image_app(cfg: Any) -> FastAPI:
     from softprompt.vision.encoder import load_vision_model
 
     model = cfg.model or image_prompts_in(cfg.prompts)
-    vm = load_vision_model(str(model), device=cfg.device, dtype=cfg.dtype)
+    vm = load_vision_model(str(model), device=cfg.device, dtype=cfg.dtype, check=not cfg.skip_equivalence_check)
     reg = ImageRegistry(vm, cfg.prompts, allow_other_model=cfg.allow_other_model)
     return create_image_app(reg, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                            max_inputs=cfg.max_inputs)  # fmt: skip
+                            max_inputs=cfg.max_inputs, max_body_bytes=int(cfg.max_body_mb * 2**20))  # fmt: skip

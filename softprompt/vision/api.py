@@ -93,6 +93,7 @@ class ImagePredictor:
         device: str = "auto",
         dtype: str = "float32",
         skip_bad_images: bool = False,
+        skip_equivalence_check: bool = False,
         **_: Any,
     ) -> ImagePredictor:
         paths = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -103,7 +104,7 @@ class ImagePredictor:
             name = model or ckpt.meta.get("base_model")
             if not name:
                 raise ValueError(f"{paths[0]}: no base_model in its metadata; pass --model")
-            vision_model = load_vision_model(str(name), device=device, dtype=dtype)
+            vision_model = load_vision_model(str(name), device=device, dtype=dtype, check=not skip_equivalence_check)
         prompt, head = loaded_prompt(vision_model, ckpt, allow_other_model=allow_other_model)
         return cls(vision_model, prompt, head, ckpt, batch_size, skip_bad_images)
 

@@ -28,6 +28,7 @@ attention function (`softprompt_vpt`): sdpa with the prompt's keys/values prepen
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class VisionModel(nn.Module):
         self.tokenizer: Any = None  # a CLIP/SigLIP text tower's (softprompt.vision.coop)
         self._prompt: VisualPrompt | None = None
         self._record: list[torch.Tensor] | None = None
+        self._lock = threading.RLock()
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True)
         self.layers[-1].register_forward_hook(self._post_hook)
@@ -179,7 +181,7 @@ class VisionModel(nn.Module):
         SigLIP's pooled patches, with `prompt` inserted (None: the model's own forward)."""
         if prompt is not None:
             self._check(prompt, pixel_values.shape[0])
-        with self._with_prompt(prompt):
+        with self._lock, self._with_prompt(prompt):  # the hooks read this forward's prompt: one forward at a time
             out = self.tower(pixel_values=pixel_values.to(self.device, self._dtype()))
         if self.family in ("vit", "deit"):
             return out.last_hidden_state[:, 0]  # (B, d) [CLS] after the final layernorm
@@ -246,6 +248,36 @@ class VisionModel(nn.Module):
         h = torch.cat([h[:, :s], h[:, s + p :]], dim=1)  # (B, S+N, d): the prompt slots' outputs are discarded
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
+    def _name(self) -> str:
+        return f"{self.architecture} ({self.model_id})" if self.model_id else self.architecture
+
+    @torch.no_grad()
+    def check_paths(self) -> float:
+        """The load-time guard: a deep prompt gives the same features on the token path and on the shared K/V path
+        (two independent ways in: the layers' inputs, and their attention) for a seeded probe image; the relative
+        difference, or VisionModelError in one line naming the architecture."""
+        g = torch.Generator().manual_seed(0)
+        px = torch.randn(1, 3, self.image_size, self.image_size, generator=g)
+        t = (torch.randn(1, self.num_layers, 2, self.hidden, generator=g) * 0.5).to(self.device)
+        was = self.model.training
+        self.model.eval()
+        try:
+            a = self.features(px, VisualPrompt(t, deep=True, kv=False)).float()
+            b = self.features(px, VisualPrompt(t, deep=True, kv=True)).float()
+        except Exception as e:  # a forward that crashes on the probe would crash on real images
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VisionModelError(f"{self._name()}: the prompt paths fail: {msg}") from e
+        finally:
+            self.model.train(was)
+        err = float((a - b).norm() / a.norm().clamp_min(1e-12))
+        tol = 1e-4 if self._dtype() == torch.float32 else 2e-2
+        if not err <= tol:  # NaN fails too
+            raise VisionModelError(
+                f"{self._name()}: VPT-deep's key/value path differs from its token path by "
+                f"{err:.3g} (relative, allowed {tol:g}); refused (pass --skip-equivalence-check to run it anyway)"
+            )
+        return err
+
     @torch.no_grad()
     def layer_inputs(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The input of every encoder layer (L tensors (B, S+N, d)), no prompt: patch statistics for init."""
@@ -258,10 +290,10 @@ class VisionModel(nn.Module):
 
 
 def load_vision_model(
-    source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False
+    source: str, *, device: str = "cpu", dtype: str = "float32", progress: bool = False, check: bool = True
 ) -> VisionModel:
     """A VisionModel from a local directory (a saved model and its image processor) or a hub name (the offline
-    cache, or the network where the user has it); errors name the model."""
+    cache, or the network where the user has it); errors name the model. check: run VisionModel.check_paths."""
     from transformers import AutoImageProcessor, AutoModel
 
     from softprompt.models import _progress_bars, resolve_device, resolve_dtype
@@ -277,6 +309,8 @@ def load_vision_model(
         raise VisionModelError(f"--model {source}: no image processor ({str(e).splitlines()[0]})") from None
     model.to(resolve_device(device))
     vm = VisionModel(model, model_id=str(Path(source)) if Path(source).exists() else source, processor=processor)
+    if check:
+        vm.check_paths()
     if getattr(model, "text_model", None) is not None:  # CLIP / SigLIP: CoOp and zero-shot need the tokenizer
         from transformers import AutoTokenizer
 

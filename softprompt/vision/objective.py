@@ -241,7 +241,9 @@ def train_images(cfg: RunConfig, *, log=print, replicas: Replicas | None = None)
     files.check()  # before the model loads: a run that would destroy a file stops before any work
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    vm = load_vision_model(cfg.model.model, device=cfg.model.device, dtype=cfg.model.dtype, progress=t.progress)
+    m = cfg.model
+    vm = load_vision_model(m.model, device=m.device, dtype=m.dtype, progress=t.progress,
+                           check=not m.skip_equivalence_check)  # fmt: skip
     obj = build_image_objective(cfg, vm, log)
     res = fit(obj, cfg, files, log=log, replicas=replicas, t0=t0)
     final = {k[5:]: v for k, v in (res.history[-1] if res.history else {}).items() if k.startswith("eval_")}
