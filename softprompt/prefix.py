@@ -1,5 +1,6 @@
 """The data of softprompt's forward path (softprompt.prompted): what goes in front of the inputs (Prefix), the
-inputs (Batch), and the classification heads that read its pooled output besides the verbalizer.
+inputs (Batch), the classification heads that read its pooled output besides the verbalizer, and the pure tensor
+helpers that lay rows out for scoring (pack_rows, word_table, mean_target_logp).
 
 Notation: G distinct prompts, P prefix slots (left-padded to the widest), N rows, T tokens, d embedding width,
 H key/value heads, dh head dim. pooled: (N, d) with d the backbone's hidden size (an encoder's mean-pooled output,
@@ -200,3 +201,43 @@ def scores_by_head(pooled: torch.Tensor, heads: Sequence[nn.Module | None]) -> l
         for j, i in enumerate(members):
             out[i] = scores[j]
     return [s for s in out if s is not None]
+
+
+# ----- row layout and target tables (pure tensor helpers of PromptedModel's scoring) -------------------------
+
+
+def pack_rows(
+    prefix: Prefix, rows: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded rows [prefix real slots][input tokens]: (N, S, d), attention (N, S), pooling mask (N, S)."""
+    pm = prefix.mask[rows].bool()  # (N, P)
+    if bool(pm.all()):  # prefixes of one width: [prefix][input, right-padded] is already exact, one cat
+        x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)
+        return x, torch.cat([prefix.mask[rows], mask], 1), torch.cat([prefix.pool[rows], mask], 1)
+    parts, pools = [], []
+    for i in range(emb.shape[0]):
+        g = rows[i]
+        keep = mask[i].bool()
+        parts.append(torch.cat([prefix.embeds[g][pm[i]].to(emb.dtype), emb[i][keep]]))
+        pools.append(torch.cat([prefix.pool[g][pm[i]], mask[i][keep]]))
+    S = max(p.shape[0] for p in parts)
+    x = torch.stack([F.pad(p, (0, 0, 0, S - p.shape[0])) for p in parts])
+    attn = torch.stack([F.pad(torch.ones_like(q), (0, S - q.shape[0])) for q in pools])
+    pool = torch.stack([F.pad(q, (0, S - q.shape[0])) for q in pools])
+    return x, attn, pool
+
+
+def word_table(words: Sequence[list[int]], device: torch.device) -> torch.Tensor:
+    """(L, m) token ids of L words, right-padded with -100."""
+    m = max(len(v) for v in words)
+    tgt = torch.full((len(words), m), -100, dtype=torch.long, device=device)
+    for j, v in enumerate(words):
+        tgt[j, : len(v)] = torch.tensor(v)
+    return tgt
+
+
+def mean_target_logp(logp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Length-normalised log-likelihood of each row's target (ignoring -100): (N,)."""
+    valid = tgt != -100
+    tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    return (tok * valid).sum(-1) / valid.sum(-1).clamp(min=1)

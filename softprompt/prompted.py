@@ -41,7 +41,18 @@ from softprompt import arch
 from softprompt.data import pad_left, pad_right
 from softprompt.layers import forward_from, hidden_keys
 from softprompt.models import Backbone
-from softprompt.prefix import Batch, LinearHead, PerPromptHeads, Prefix, SimilarityHead, VerbalizerHead, scores_by_head
+from softprompt.prefix import (
+    Batch,
+    LinearHead,
+    PerPromptHeads,
+    Prefix,
+    SimilarityHead,
+    VerbalizerHead,
+    mean_target_logp,
+    pack_rows,
+    scores_by_head,
+    word_table,
+)
 
 __all__ = ["Batch", "LinearHead", "PerPromptHeads", "Prefix", "PromptedModel", "SimilarityHead", "VerbalizerHead"]
 
@@ -333,7 +344,7 @@ class PromptedModel(nn.Module):
         n = ids.shape[0]
         rows = self._rows(prefix, rows, n)
         emb = self.embed(ids)
-        x, attn, pool = _pack_rows(prefix, rows, emb, mask)
+        x, attn, pool = pack_rows(prefix, rows, emb, mask)
         if prefix.kv is not None and self.family == "encoder":  # a deep prompt (softprompt.deep): per-layer K/V
             layers = [(k[rows], v[rows]) for k, v in prefix.kv]  # (N, H, P, dh), handed over as the layers' cache
             slots = torch.ones(n, layers[0][0].shape[2], dtype=attn.dtype, device=attn.device)
@@ -383,7 +394,7 @@ class PromptedModel(nn.Module):
                 return head(pooled, rows).float()
             return head(pooled).float()
         B, L = batch.ids.shape[0], len(label_ids)
-        tgt = _word_table(label_ids, batch.ids.device)  # (L, m)
+        tgt = word_table(label_ids, batch.ids.device)  # (L, m)
         if self.family == "seq2seq":
             return self._seq2seq_label_scores(prefix, rows, batch, tgt)
         rows_ = self._rows(prefix, rows, B)
@@ -460,7 +471,7 @@ class PromptedModel(nn.Module):
         mask = torch.cat([batch.mask[owners], (words[:, :-1] != -100).long()], 1)
         pos = torch.arange(T - 1, T + m - 1, device=ids.device)[None].expand(len(ids), -1)
         logp = self.lm_logits(self.causal_hidden(prefix, rows[owners], ids, mask, pos)).log_softmax(-1)
-        return _mean_target_logp(logp, words)
+        return mean_target_logp(logp, words)
 
     def _seq2seq_label_scores(
         self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, tgt: torch.Tensor
@@ -469,7 +480,7 @@ class PromptedModel(nn.Module):
         h, attn, _ = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
         labels = tgt.repeat(B, 1)  # (B*L, m)
         logp = self._decoder_logp(h.repeat_interleave(L, 0), attn.repeat_interleave(L, 0), labels)
-        return _mean_target_logp(logp, labels).view(B, L)
+        return mean_target_logp(logp, labels).view(B, L)
 
     def _decoder_logp(self, enc: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dec_in = _decoder_inputs(self.model, labels)
@@ -516,7 +527,7 @@ class PromptedModel(nn.Module):
         if self.family == "encoder":
             raise ValueError("generation needs a causal or encoder-decoder model, not an encoder")
         if self.family == "seq2seq":
-            x, attn, _ = _pack_rows(prefix, rows, self.embed(batch.ids), batch.mask)
+            x, attn, _ = pack_rows(prefix, rows, self.embed(batch.ids), batch.mask)
             return self.model.generate(inputs_embeds=x, attention_mask=attn, **gen_kwargs)  # type: ignore[operator]
         if self.windows is not None and self._window_may_see_pads(prefix, rows, batch, gen_kwargs):
             return self._generate_rows(prefix, rows, batch, **gen_kwargs)
@@ -565,27 +576,6 @@ def label_text(word: str, template: str, family: str) -> str:
     return word
 
 
-def _pack_rows(
-    prefix: Prefix, rows: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded rows [prefix real slots][input tokens]: (N, S, d), attention (N, S), pooling mask (N, S)."""
-    pm = prefix.mask[rows].bool()  # (N, P)
-    if bool(pm.all()):  # prefixes of one width: [prefix][input, right-padded] is already exact, one cat
-        x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)
-        return x, torch.cat([prefix.mask[rows], mask], 1), torch.cat([prefix.pool[rows], mask], 1)
-    parts, pools = [], []
-    for i in range(emb.shape[0]):
-        g = rows[i]
-        keep = mask[i].bool()
-        parts.append(torch.cat([prefix.embeds[g][pm[i]].to(emb.dtype), emb[i][keep]]))
-        pools.append(torch.cat([prefix.pool[g][pm[i]], mask[i][keep]]))
-    S = max(p.shape[0] for p in parts)
-    x = torch.stack([F.pad(p, (0, 0, 0, S - p.shape[0])) for p in parts])
-    attn = torch.stack([F.pad(torch.ones_like(q), (0, S - q.shape[0])) for q in pools])
-    pool = torch.stack([F.pad(q, (0, S - q.shape[0])) for q in pools])
-    return x, attn, pool
-
-
 def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Decoder inputs (N, m) for targets `labels` (N, m; -100 = none): the model's own rule, else the start token then
     the targets shifted right (what that rule does in BART, T5 & co), -100 read as the pad token."""
@@ -595,19 +585,3 @@ def _decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     dec = labels.new_full(labels.shape, int(cfg.decoder_start_token_id))
     dec[:, 1:] = labels[:, :-1]
     return dec.masked_fill(dec == -100, int(cfg.pad_token_id))
-
-
-def _word_table(words: Sequence[list[int]], device: torch.device) -> torch.Tensor:
-    """(L, m) token ids of L words, right-padded with -100."""
-    m = max(len(v) for v in words)
-    tgt = torch.full((len(words), m), -100, dtype=torch.long, device=device)
-    for j, v in enumerate(words):
-        tgt[j, : len(v)] = torch.tensor(v)
-    return tgt
-
-
-def _mean_target_logp(logp: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Length-normalised log-likelihood of each row's target (ignoring -100): (N,)."""
-    valid = tgt != -100
-    tok = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
-    return (tok * valid).sum(-1) / valid.sum(-1).clamp(min=1)
