@@ -330,10 +330,8 @@ def render(results: dict[str, Any], mode: str, budget, notes: list[str], docs: P
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     # hand-written reading of the numbers; the other studies' sections (bench.methods, bench.dynamic,
-    # bench.vision, bench.compile each write their own file)
-    for extra in EXTRA_SECTIONS:
-        if (docs / extra).exists():
-            lines += ["", (docs / extra).read_text()]
+    # bench.late, bench.vision, bench.compile each write their own file)
+    lines += section_lines(docs)
     tmp = docs / ".results.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(docs / "results.md")
@@ -394,3 +392,32 @@ def update_readme(results: dict[str, Any], mode: str, readme: Path) -> None:
     tmp = readme.with_suffix(".md.tmp")
     tmp.write_text(new)
     tmp.replace(readme)
+
+
+def section_lines(docs: Path) -> list[str]:
+    """The other studies' sections (EXTRA_SECTIONS present in `docs`), in order, as results.md appends them."""
+    out: list[str] = []
+    for extra in EXTRA_SECTIONS:
+        if (docs / extra).exists():
+            out += ["", (docs / extra).read_text()]
+    return out
+
+
+def refresh_sections(docs: Path) -> None:
+    """Re-append the sections to docs/results.md without the quality runs (runs/ is not in the repository): the
+    generated part is kept up to where the first section's file begins, and every section present now follows."""
+    page = docs / "results.md"
+    text = page.read_text()
+    cut = len(text)
+    for extra in EXTRA_SECTIONS:
+        f = docs / extra
+        head = f.read_text().split("\n", 1)[0] if f.exists() else ""
+        if head and ("\n" + head + "\n") in text:
+            cut = min(cut, text.index("\n" + head + "\n"))
+    tmp = docs / ".results.md.tmp"
+    tmp.write_text(text[:cut].rstrip("\n") + "\n" + "\n".join(section_lines(docs)) + "\n")
+    tmp.replace(page)
+
+
+if __name__ == "__main__":  # python -m bench.quality_report: refresh the appended sections of docs/results.md
+    refresh_sections(Path(__file__).resolve().parents[1] / "docs")

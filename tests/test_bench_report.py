@@ -135,3 +135,17 @@ def test_study_cache_merges_concurrent_streams(tmp_path: Path, monkeypatch: pyte
     a.run("z", lambda: {"accuracy": 0.7})
     assert set(quality.Study("t", quality.QUICK).results) == {"x", "y", "z"}
     assert set(a.results) == {"x", "y", "z"}  # a saw b's run when it merged
+
+
+def test_refresh_sections_replaces_the_appended_sections_and_keeps_the_generated_part(tmp_path: Path) -> None:
+    docs = tmp_path
+    (docs / "results-findings.md").write_text("## Reading the numbers\n\nold reading\n")
+    (docs / "results.md").write_text("# Results\n\n| table |\n\n## Reading the numbers\n\nold reading\n")
+    (docs / "results-findings.md").write_text("## Reading the numbers\n\nnew reading\n")
+    (docs / "results-late.md").write_text("# Late prompts\n\nfaster\n")
+    quality_report.refresh_sections(docs)
+    page = (docs / "results.md").read_text()
+    assert page == "# Results\n\n| table |\n\n## Reading the numbers\n\nnew reading\n\n\n# Late prompts\n\nfaster\n\n"
+    quality_report.refresh_sections(docs)  # idempotent
+    assert (docs / "results.md").read_text() == page
+    assert not (docs / ".results.md.tmp").exists()
