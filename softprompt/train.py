@@ -262,22 +262,24 @@ def build_objective(
 def train(
     cfg: RunConfig, *, backbone: Backbone | None = None, log=print, replicas: Replicas | None = None
 ) -> TrainResult:
-    """Train a soft prompt as configured; returns where it was written and its metrics."""
-    if cfg.data.task == "image-classify":  # an image model's prompt: softprompt.vision, on the same fit()
-        from softprompt.vision.objective import train_images
-
-        return train_images(cfg, log=log, replicas=replicas)  # type: ignore[no-any-return]
+    """Train a soft prompt as configured (text or, with --task image-classify, image prompts: softprompt.vision,
+    on the same fit()); returns where it was written and its metrics."""
     t0 = time.time()
     cfg.validate()
     t = cfg.train
     if not cfg.data.train:
-        raise ConfigError("--train: a training file is required")
+        raise ConfigError("--train: a training file (or, for images, folder) is required")
     files = run_files(cfg)
     files.check()  # before the model loads: a run that would destroy a file stops before any work
     random.seed(t.seed)
     torch.manual_seed(t.seed)
-    bb = backbone or load_backbone(cfg.model, progress=t.progress)
-    obj = build_objective(cfg, bb, log)
+    obj: Any
+    if cfg.data.task == "image-classify":
+        from softprompt.vision.objective import image_objective
+
+        obj = image_objective(cfg, log)
+    else:
+        obj = build_objective(cfg, backbone or load_backbone(cfg.model, progress=t.progress), log)
     res = fit(obj, cfg, files, log=log, replicas=replicas, t0=t0)
     final = {k[5:]: v for k, v in (res.history[-1] if res.history else {}).items() if k.startswith("eval_")}
     return TrainResult(t.out, res.steps, final, res.best_step, res.history, time.time() - t0)

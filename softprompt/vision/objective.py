@@ -16,8 +16,6 @@ refuse it on another image model. Notation: B images, C classes, d width.
 
 from __future__ import annotations
 
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +27,7 @@ from softprompt.checkpoint import save_prompt
 from softprompt.config import ConfigError, RunConfig, to_dict
 from softprompt.evaluate import classification_metrics
 from softprompt.runfiles import keeping_mode, run_identity
-from softprompt.trainer import Evaluation, Replicas, fit, scalars
+from softprompt.trainer import Evaluation, scalars
 from softprompt.vision.encoder import VisionModel, load_vision_model
 from softprompt.vision.images import ImageSet, load_image_set, processor_settings
 
@@ -228,23 +226,10 @@ def prompt_head(method: str) -> str:
     return "cosine" if method == "coop" else "linear"
 
 
-def train_images(cfg: RunConfig, *, log=print, replicas: Replicas | None = None) -> Any:
-    """`softprompt train --task image-classify`: train as configured; a softprompt.train.TrainResult."""
-    from softprompt.train import TrainResult, run_files
-
-    t0 = time.time()
-    cfg.validate()
-    t = cfg.train
-    if not cfg.data.train:
-        raise ConfigError("--train: a training folder or file is required")
-    files = run_files(cfg)
-    files.check()  # before the model loads: a run that would destroy a file stops before any work
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
+def image_objective(cfg: RunConfig, log=print) -> ImageObjective:
+    """`softprompt train --task image-classify`'s objective (softprompt.train.train runs it on fit): the image
+    model loaded (its load-time guard included) and the objective built as configured."""
     m = cfg.model
-    vm = load_vision_model(m.model, device=m.device, dtype=m.dtype, progress=t.progress,
+    vm = load_vision_model(m.model, device=m.device, dtype=m.dtype, progress=cfg.train.progress,
                            check=not m.skip_equivalence_check)  # fmt: skip
-    obj = build_image_objective(cfg, vm, log)
-    res = fit(obj, cfg, files, log=log, replicas=replicas, t0=t0)
-    final = {k[5:]: v for k, v in (res.history[-1] if res.history else {}).items() if k.startswith("eval_")}
-    return TrainResult(t.out, res.steps, final, res.best_step, res.history, time.time() - t0)
+    return build_image_objective(cfg, vm, log)
