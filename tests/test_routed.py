@@ -288,3 +288,37 @@ def test_served_in_a_batch_mixed_with_a_plain_prompt(tiny_backbone: BackboneFn, 
                 assert abs(g["probabilities"][lab] - v) <= 1e-5
     assert [n for n, _ in counted] == ["routed"] and len(counted[0][1]) == len(TEXTS)
     assert len(set(counted[0][1])) >= 2
+
+
+def test_the_server_counts_routes_taken(tiny_backbone: BackboneFn, tmp_path: Path) -> None:
+    """POST /v1/classify on a routed task, mixed with a plain task: /metrics counts its rows per route, the route
+    each input's own summary picks (computed by hand)."""
+    import asyncio
+    import re
+
+    from test_serve_support import served
+
+    from softprompt.serve.registry import Registry
+
+    bb = tiny_backbone("llama")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    _, _, w, b = routed_file(bb, prompts / "routed.safetensors", seed=5)
+    save_prompt(prompts / "plain.safetensors", torch.randn(4, bb.embed_dim), file_meta(bb))
+    reg = Registry(bb, prompts)
+
+    async def go() -> str:
+        async with served(reg, max_wait_ms=200) as (c, _):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": n, "inputs": TEXTS})
+                                        for n in ("routed", "plain")))  # fmt: skip
+            assert all(r.status_code == 200 for r in rs)
+            return (await c.get("/metrics")).text
+
+    text = asyncio.run(go())
+    want = [int((w @ summary(bb, input_ids(bb, t)) + b).argmax()) for t in TEXTS]
+    got = {
+        int(m[1]): float(m[2])
+        for m in re.finditer(r'softprompt_routes_total\{route="(\d+)",task="routed"\} (\S+)', text)
+    }
+    assert got == {k: float(want.count(k)) for k in set(want)}
+    assert 'task="plain"' not in "".join(line for line in text.splitlines() if "routes_total{" in line)
