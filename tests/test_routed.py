@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_train import assert_cli_error, run
+from helpers_train import assert_cli_error, log_records, run
 
 from softprompt import methods
 from softprompt.api import Predictor
@@ -239,6 +239,8 @@ def test_cli_train_eval_predict_info_and_export(
     rc, info, _ = run(capsys, ["info", str(out)])
     routes = json.loads(info)["routed"]["eval_routes"]  # rows per route in the evaluation at save
     assert rc == 0 and sum(routes) == len(TEXTS) * 2 and len(routes) == 3
+    logged = [r for r in log_records(out) if "eval_route0_rows" in r][-1]  # and in the training log
+    assert [logged[f"eval_route{k}_rows"] for k in range(3)] == routes
     rc, ev, err = run(capsys, ["eval", "--prompt", str(out), "--data", str(data)])
     assert rc == 0, err
     assert json.loads(ev)["accuracy"] == pytest.approx(ck.meta["metrics"]["accuracy"])
