@@ -12,7 +12,8 @@ Training runs without evaluation (so the time per step is the step's own); each 
 Predictor on the first --eval-rows rows of the evaluation set, timed (inference throughput: rows per second,
 batch 32, the best of two interleaved rounds). `serve`: the server's forward path (pipeline.classify_rows on a
 Registry, no HTTP) on 64 SST-2 rows of one task: the routed task against the single static prompt, and the
-conditioned one, interleaved rounds.
+conditioned one, interleaved rounds. `steptime`: seconds per training step of the three methods on the same batches,
+interleaved (the training runs' own wall times overlap other load on a shared machine).
 
 Each finished run is appended to OUT/results.jsonl and skipped when the script runs again. Data: fixed-seed samples
 of ../shared/data (bench.methods.data); skips with a reason when it is absent.
@@ -122,6 +123,40 @@ class Study:
                          "eval_s": round(best[m], 2), "rows_per_s": round(metrics[m]["n"] / best[m], 1),
                          "routes": None if not routes or routes[0] is None else routes[0].tolist()})  # fmt: skip
 
+    def step_time(self, ds: str, task: dict[str, str], steps: int = 6, rounds: int = 2) -> None:
+        """Seconds per training step (forward + backward of one batch of 8, no optimiser), the three methods on the
+        same batches, interleaved: the training runs above overlap other load on a shared machine."""
+        name = f"{ds}-steptime"
+        if name in self.done:
+            return
+        import torch
+
+        from softprompt import RunConfig
+        from softprompt.config import apply_options
+        from softprompt.train import build_objective
+
+        objs = {}
+        for m in METHODS:
+            cfg = RunConfig()
+            cfg.model.model = MODEL
+            cfg.data.train, cfg.data.labels, cfg.data.template = task["train"], task["labels"], TEMPLATES[ds]
+            cfg.train.out = str(self.out / "unused.safetensors")
+            apply_options(cfg, {**COMMON, **METHODS[m]}, m)
+            objs[m] = build_objective(cfg, self.bb, log=lambda s: None)
+        best: dict[str, float] = {}
+        for _ in range(rounds):
+            for m, obj in objs.items():
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                for step in range(steps):
+                    for rows in obj.batches(step):
+                        obj.loss(rows).backward()
+                dt = (time.perf_counter() - t0) / steps
+                best[m] = min(best.get(m, dt), dt)
+        self.record({"name": name, "kind": "steptime", "dataset": ds, "steps": steps, "rounds": rounds,
+                     "s_per_step": {m: round(v, 3) for m, v in best.items()},
+                     "vs_plain": {m: round(v / best["plain"], 3) for m, v in best.items()}})  # fmt: skip
+
     def serve(self, task: dict[str, str], tmp: Path) -> None:
         """The server's forward path: 64 rows of one task (SST-2 dev), plain vs routed vs conditioned."""
         if "serve" in self.done:
@@ -160,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "dynamic"))
     ap.add_argument("--eval-rows", type=int, default=200)
-    ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve"])
+    ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve", "steptime"])
     args = ap.parse_args(argv)
     if not SHARED.is_dir():
         print(f"skipped: the benchmark data folder {SHARED} is absent", file=sys.stderr)
@@ -173,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(t)
         d = data(tmp)
         for ds in ("sst2", "agnews"):
-            if ds in args.only or ("serve" in args.only and ds == "sst2"):
+            if ds in args.only or ("serve" in args.only and ds == "sst2") or "steptime" in args.only:
                 for m in METHODS:
                     st.train(ds, m, d[ds])
             if ds in args.only:
                 st.evaluate(ds, d[ds], tmp)
+            if "steptime" in args.only:
+                st.step_time(ds, d[ds])
         if "serve" in args.only:
             st.serve(d["sst2"], tmp)
     return 0

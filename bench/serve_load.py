@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                    "config": {"model": args.model, "routes": args.routes, "prompt_tokens": args.prompt_tokens,
                               "clients": C, "window_s": window, "rounds": rounds, "threads": args.threads,
                               "wall_s": round(time.monotonic() - t_all, 1)}, "scenarios": results}  # fmt: skip
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(fin) + "\n")
             print(json.dumps(fin), flush=True)
             return 0
         cls: list[Config] = [("a", "classify", T, C) for T in Ts] + [("b", "classify", 8, C), ("c", "classify", 8, C)]

@@ -152,14 +152,6 @@ class PromptSet:
         self.stacked = None if not keep else keep[0] if len(keep) == 1 else Prefix.stack(keep)
         self.routes: list[torch.Tensor | None] = [None] * len(self.ckpts)
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(M,) positions each prompt takes in front of the input (the widest of its entries)."""
-        out = []
-        for c, p in zip(self.ckpts, self.statics, strict=True):
-            out.append(int(p.lengths.max()) if p.mask.shape[0] else len(self.pm.prefix_ids) + c.num_tokens)
-        return torch.tensor(out)
-
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None) -> tuple[Prefix, Any]:
         member = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device) if rows is None else rows

@@ -169,6 +169,7 @@ class PromptObjective:
         )
         if isinstance(source, TrainableSource) and source.routes is not None:  # rows per route: into its file
             m["routes"] = source.routes.tolist()
+            m.update({f"route{k}_rows": n for k, n in enumerate(m["routes"])})  # in the log: eval_route0_rows, ...
             self.prompt.eval_routes = m["routes"]  # type: ignore[attr-defined]
         pm.train(self.cfg.model.dropout)  # back to training mode: --dropout stays active after an evaluation
         score = float(m.get(t.metric, m.get("loss", 0.0)))

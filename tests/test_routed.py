@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_train import assert_cli_error, run
+from helpers_train import assert_cli_error, log_records, run
 
 from softprompt import methods
 from softprompt.api import Predictor
@@ -239,6 +239,8 @@ def test_cli_train_eval_predict_info_and_export(
     rc, info, _ = run(capsys, ["info", str(out)])
     routes = json.loads(info)["routed"]["eval_routes"]  # rows per route in the evaluation at save
     assert rc == 0 and sum(routes) == len(TEXTS) * 2 and len(routes) == 3
+    logged = [r for r in log_records(out) if "eval_route0_rows" in r][-1]  # and in the training log
+    assert [logged[f"eval_route{k}_rows"] for k in range(3)] == routes
     rc, ev, err = run(capsys, ["eval", "--prompt", str(out), "--data", str(data)])
     assert rc == 0, err
     assert json.loads(ev)["accuracy"] == pytest.approx(ck.meta["metrics"]["accuracy"])
@@ -288,3 +290,37 @@ def test_served_in_a_batch_mixed_with_a_plain_prompt(tiny_backbone: BackboneFn, 
                 assert abs(g["probabilities"][lab] - v) <= 1e-5
     assert [n for n, _ in counted] == ["routed"] and len(counted[0][1]) == len(TEXTS)
     assert len(set(counted[0][1])) >= 2
+
+
+def test_the_server_counts_routes_taken(tiny_backbone: BackboneFn, tmp_path: Path) -> None:
+    """POST /v1/classify on a routed task, mixed with a plain task: /metrics counts its rows per route, the route
+    each input's own summary picks (computed by hand)."""
+    import asyncio
+    import re
+
+    from test_serve_support import served
+
+    from softprompt.serve.registry import Registry
+
+    bb = tiny_backbone("llama")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    _, _, w, b = routed_file(bb, prompts / "routed.safetensors", seed=5)
+    save_prompt(prompts / "plain.safetensors", torch.randn(4, bb.embed_dim), file_meta(bb))
+    reg = Registry(bb, prompts)
+
+    async def go() -> str:
+        async with served(reg, max_wait_ms=200) as (c, _):
+            rs = await asyncio.gather(*(c.post("/v1/classify", json={"task": n, "inputs": TEXTS})
+                                        for n in ("routed", "plain")))  # fmt: skip
+            assert all(r.status_code == 200 for r in rs)
+            return (await c.get("/metrics")).text
+
+    text = asyncio.run(go())
+    want = [int((w @ summary(bb, input_ids(bb, t)) + b).argmax()) for t in TEXTS]
+    got = {
+        int(m[1]): float(m[2])
+        for m in re.finditer(r'softprompt_routes_total\{route="(\d+)",task="routed"\} (\S+)', text)
+    }
+    assert got == {k: float(want.count(k)) for k in set(want)}
+    assert 'task="plain"' not in "".join(line for line in text.splitlines() if "routes_total{" in line)
