@@ -298,7 +298,7 @@ def test_the_server_counts_routes_taken(tiny_backbone: BackboneFn, tmp_path: Pat
     import asyncio
     import re
 
-    from test_serve_support import served
+    from serve_support import served
 
     from softprompt.serve.registry import Registry
 
