@@ -1,6 +1,6 @@
 """Measurements behind docs/results-late.md: late prompts (`--method late --layer L`) against a plain prompt.
 
-    OMP_NUM_THREADS=1 python -m bench.late [--exp sst2 sst2-epochs agnews] [--layer 15] [--out runs/late]
+    OMP_NUM_THREADS=1 python -m bench.late [--exp sst2 sst2-epochs agnews inference] [--layer 15] [--out runs/late]
 
 smollm2-135m (30 layers), 10-token prompts, 60 steps x batch 8, AdamW lr 0.01, warm-up 5, seed 0: the settings of the
 plain-prompt rows of docs/results-methods.md (bench/methods.py exp_deep_smollm). Each pair (plain, late) runs in one
@@ -11,6 +11,7 @@ process on one loaded backbone, one after the other, so the two step times are m
   sst2-epochs  a 64-sentence sample of it, 60 steps = 7.5 epochs: every row after the first epoch comes from the cache,
                so a step runs layers >= L only (forward and backward)
   agnews       the 2,000 / 500 AG News split of bench/methods.py
+  inference    the SST-2 pair's two prompts evaluated alternately on 96 dev sentences, 3 rounds (median rows/s)
 
 Per run: accuracy (on the first 200 SST-2 dev sentences, the plain rows' training-time evaluation, and on 100 of the
 500 held-out AG News articles: fewer rows than docs/results-methods.md, for the one-core budget), trainable
@@ -109,9 +110,34 @@ def pair(b: Bench, prefix: str, task: dict[str, str], template: str, eval_rows: 
     ]
 
 
+def inference(b: Bench, task: dict[str, str], names: list[str], rows: int, rounds: int = 3) -> dict[str, Any]:
+    """Inference throughput of trained prompts, interleaved (plain, late, plain, late, ...) on the same rows so that
+    a busy machine slows both alike: the median rows/s of each over `rounds`."""
+    name = "inference-" + "-".join(names)
+    if name in b.done:
+        return b.done[name]
+    from softprompt import Predictor
+
+    preds = {n: Predictor.load(str(b.out / f"{n}.safetensors"), backbone=b.backbone(), batch_size=32) for n in names}
+    examples = preds[names[0]].task.encode_file(task["eval"])[0][:rows]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for n, pred in preds.items():
+            t0 = time.perf_counter()
+            pred.probs(examples)
+            times[n].append(time.perf_counter() - t0)
+    r = {"name": name, "method": "inference", "rows": len(examples), "rounds": rounds,
+         "rows_per_s": {n: round(len(examples) / statistics.median(t), 1) for n, t in times.items()}}  # fmt: skip
+    b.done[name] = r
+    with open(b.results, "a") as f:
+        f.write(json.dumps(r) + "\n")
+    print(json.dumps(r), flush=True)
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--exp", nargs="*", default=["sst2", "sst2-epochs", "agnews"])
+    ap.add_argument("--exp", nargs="*", default=["sst2", "sst2-epochs", "agnews", "inference"])
     ap.add_argument("--layer", type=int, default=15, help="the late prompt's entry layer (smollm2-135m has 30)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "late"))
     args = ap.parse_args(argv)
@@ -130,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             pair(b, "sst2-64rows", small_sst2(tmp, 64), TEMPLATES["sst2"], 200, L)
         elif exp == "agnews":
             pair(b, "agnews", d["agnews"], TEMPLATES["agnews"], 100, L)
+        elif exp == "inference":  # the SST-2 pair's prompts, interleaved
+            inference(b, d["sst2"], ["sst2-plain", f"sst2-late{L}"], 96)
         else:
             raise SystemExit(f"--exp: unknown experiment {exp!r}")
-    rows = [r for r in b.done.values()]
-    for r in rows:
+    for r in b.done.values():
         if r["method"] == "late":
             plain = b.done.get(r["name"].rsplit("-late", 1)[0] + "-plain")
             if plain:
