@@ -21,6 +21,13 @@ generations) does not (refused in one line).
 Initialisation: S = what layer L receives at the positions of the plain prompt given by --init, run as
 [lead; init] through layers < L (the states a plain prompt has at that layer).
 
+Scale: hidden states in the middle of a decoder are far larger than input embeddings (smollm2-135m at layer 15:
+row norms ~170, the first slot after BOS ~25,000 from one massive dimension, against ~3 for its embeddings), and
+Adam moves every coordinate by about --lr per step whatever its size, so trained directly at a plain prompt's --lr a
+late prompt would move ~50x less relative to its size. It is therefore trained as S = c * U, c (fixed) the median
+row RMS of the initial S and U the trainable tensor: the same --lr then moves S in proportion to the layer's scale.
+The file holds S itself; the training state (--resume) holds U and c.
+
 The training speed-up: what enters layer L for an input row does not depend on the prompt, so it is computed once
 per training example (`InputCache`, keyed by the row's tokens, kept across epochs, bounded by --late-cache-mb; rows
 beyond the bound are recomputed each time) and a training step runs layers >= L only (Batch.start). It holds with
@@ -187,16 +194,24 @@ class InputCache:
 
 # ---- the trainable module ---------------------------------------------------------------------------------------
 class LatePrompt(nn.Module):
-    """states (P, d) entering layer `layer`."""
+    """states (P, d) entering layer `layer`, trained as states = scale * unit (see the module docstring)."""
 
     def __init__(self, states: torch.Tensor, layer: int, layers: int, cache_mb: int = 0) -> None:
         super().__init__()
-        self.states = nn.Parameter(states.detach().float().clone())
+        s = states.detach().float()
+        c = s.pow(2).mean(1).sqrt().median().clamp(min=1e-6)  # the typical row RMS of the states at this layer
+        self.scale = nn.Parameter(c.reshape(1), requires_grad=False)  # (1,) fixed; in the training state
+        self.unit = nn.Parameter(s / c)  # (P, d) what the optimiser moves
         self.layer, self.layers = layer, layers
         self.cache = InputCache(layer, cache_mb * 2**20) if cache_mb > 0 else None
 
+    @property
+    def states(self) -> torch.Tensor:
+        return self.unit * self.scale  # (P, d)
+
     def trainable(self) -> list[nn.Parameter]:
-        return [self.states]
+        """The unit-scale states, then the fixed scale (no gradient: kept for --resume)."""
+        return [self.unit, self.scale]
 
     def prefix(self, pm: PromptedModel) -> Prefix:
         return late_prefix(pm, self.states, self.layer)
@@ -207,7 +222,7 @@ class LatePrompt(nn.Module):
 
     def saved(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         """An empty input prompt (0, d), the states as late.states (P, d), the late metadata."""
-        P, d = self.states.shape
+        P, d = self.unit.shape
         meta = {"method": "late", "late": {"layer": self.layer, "layers": self.layers, "tokens": int(P)}}
         return torch.zeros(0, d), {KEY: self.states.detach().clone()}, meta
 

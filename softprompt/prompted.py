@@ -14,8 +14,8 @@ broadcast to every row (`expand`, no copy). Rows are left-padded, so position id
 through the single shared prefix computation. Several prefixes (mixed-task batches) are left-padded to one
 length with masked slots and gathered per row.
 
-Late prompts (softprompt.late) are K/V prefixes whose slots are keys only from their layer up (Prefix.starts, masked
-below it by softprompt.layers); a training step may enter at that layer with cached states (Batch.start).
+Late prompts (softprompt.late): K/V prefixes whose slots are keys from their layer up (Prefix.starts, masked below it
+by softprompt.layers); a training step may enter at that layer with cached states (Batch.start).
 
 Encoder and encoder-decoder models (and decoder-only with naive=True): each row's prefix embeddings are
 concatenated with its input embeddings ("concat path"), as PEFT does.
@@ -287,8 +287,7 @@ class PromptedModel(nn.Module):
         emb = self.embed(ids) if start is None else start[1]  # (N, T, d)
         attn = torch.cat([prefix.mask[rows], mask], 1)  # (N, P+T)
         base = self.model.base_model
-        late = prefix.row_starts(rows)  # (N, P) or None
-        if (late is not None or start is not None) and (prefix.kv is None or keep_cache):
+        if (prefix.starts is not None or start is not None) and (prefix.kv is None or keep_cache):
             raise ValueError("a late prompt needs the K/V path, not a decode loop's cache (use PromptedModel.generate)")
         if prefix.kv is not None:
             shared = prefix.mask.shape[0] == 1
@@ -301,7 +300,7 @@ class PromptedModel(nn.Module):
             pos = (prefix.lengths[rows][:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
             am = self.attention_mask(attn, T, emb.dtype)
             kw = dict(attention_mask=am, position_ids=pos, cache=DynamicCache(ddp_cache_data=layers), use_cache=True)
-            with hidden_keys(base, late):
+            with hidden_keys(base, prefix.row_starts(rows)):  # late slots: (N, P) first layers
                 out = base(inputs_embeds=emb, **kw) if start is None else forward_from(base, start[0], emb, **kw)
             h = out[0]
         else:
@@ -362,8 +361,7 @@ class PromptedModel(nn.Module):
         if self.family == "causal":
             n, T = batch.ids.shape
             last = torch.full((n, 1), T - 1, dtype=torch.long, device=batch.ids.device)  # rows are left-padded
-            rows = self._rows(prefix, rows, n)
-            return self.causal_hidden(prefix, rows, batch.ids, batch.mask, last, batch.start)[:, 0]
+            return self.causal_hidden(prefix, rows, batch.ids, batch.mask, last, batch.start)[:, 0]  # rows: run_decoder
         h, _, pool = self.encoder_hidden(prefix, rows, batch.ids, batch.mask)
         w = pool.to(h.dtype)[..., None]
         return (h * w).sum(1) / w.sum(1).clamp(min=1)

@@ -173,7 +173,7 @@ def test_cached_training_loss_equals_uncached(head: str, root: Path) -> None:
     obj = build_objective(cfg, bb, log=lambda s: None)
     assert isinstance(obj.prompt, late.LatePrompt) and obj.prompt.cache is not None
     rows = obj.batches(0)[0]
-    params = obj.params + obj.head_params
+    params = [p for p in obj.params + obj.head_params if p.requires_grad]  # the late prompt's scale is fixed
     losses, grads = [], []
     for use in (True, True, False):  # a miss (fills the cache), a hit, then no cache
         cache = obj.prompt.cache
@@ -373,3 +373,20 @@ def test_an_architecture_that_cannot_run_in_parts_is_refused(root: Path, monkeyp
     monkeypatch.setattr(layers, "ABSOLUTE_POSITIONS", ())
     with pytest.raises(ArchitectureError, match="--method late: GPT2LMHeadModel run from layer 1 on differs"):
         late.make_late_prompt(pm, pm.embedding_matrix()[:3].detach(), 1)
+
+
+def test_init_is_the_plain_prompts_states_and_training_is_scale_aware(root: Path) -> None:
+    """A fresh late prompt holds what layer L receives at a plain prompt's positions (the model's own hidden
+    states, output_hidden_states); it trains as states = c * unit with c fixed (the median row RMS)."""
+    bb = backbone("llama", root)
+    pm = PromptedModel(bb)
+    init = pm.embedding_matrix()[[5, 9, 11]].detach()
+    lp = late.make_late_prompt(pm, init, 1)
+    seq = torch.cat([pm.embed(torch.tensor(pm.prefix_ids)), init])[None]
+    with torch.no_grad():
+        hs = bb.model(inputs_embeds=seq, output_hidden_states=True).hidden_states  # hs[1]: what enters layer 1
+    torch.testing.assert_close(lp.states.detach(), hs[1][0, -3:], atol=1e-5, rtol=1e-5)
+    unit, scale = lp.trainable()
+    assert unit.requires_grad and not scale.requires_grad
+    torch.testing.assert_close(scale, hs[1][0, -3:].pow(2).mean(1).sqrt().median().reshape(1))
+    torch.testing.assert_close(lp.saved()[1]["late.states"], lp.states.detach())
