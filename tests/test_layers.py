@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serve_support import lively_model_dir
+from serve_support import lively_model_dir
 from transformers import DynamicCache
 
 from softprompt.layers import decoder_layers, forward_from, hidden_keys, replace_at, self_attention, stop_before
