@@ -90,8 +90,10 @@ def task_table(key: str, res: dict[str, dict[str, Any]]) -> list[str]:
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
     if any_run:
-        lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows; {steps} "
-                  "steps of batch 8 for every trained method." if steps else ""]  # fmt: skip
+        lrs = ", ".join(f"{m} {r['lr']:g}" for m in ("pt", "distill", "lora", "ft") if (r := runs.get(m)) and "lr" in r)
+        lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows"
+                  + (f"; {steps} steps of batch {any_run.get('batch_size', 8)} for every trained method (peak lr: "
+                     f"{lrs}; linear schedule, 10% warm-up)" if steps else "") + "."]  # fmt: skip
     return lines
 
 
