@@ -75,7 +75,29 @@ def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[s
     ]
 
 
-def task_table(key: str, res: dict[str, dict[str, Any]]) -> list[str]:
+def majority_rates(res: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The majority-class rate of each task's evaluation sample (the same fixed-seed sample bench.compile drew;
+    no model needed), where the data is present."""
+    import collections
+    import tempfile
+
+    from bench.compile import TASKS, sample
+
+    out: dict[str, float] = {}
+    for key in TASKS:
+        r = next((r for k, r in res.items() if k.startswith(f"{key}:") and "train_n" in r), None)
+        if r is None:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            files = sample(TASKS[key], r["train_n"], r["eval_n"], Path(tmp))
+            if isinstance(files, str):
+                continue
+            labels = [json.loads(line)["label"] for line in Path(files[1]).read_text().splitlines()]
+        out[key] = 100 * max(collections.Counter(labels).values()) / len(labels)
+    return out
+
+
+def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None = None) -> list[str]:
     runs = {m: res.get(f"{key}:{m}") for m, _ in ROWS}
     icl16 = runs.get("icl16")
     if icl16 and "uncached" in icl16:
@@ -84,6 +106,8 @@ def task_table(key: str, res: dict[str, dict[str, Any]]) -> list[str]:
     steps = next((r["steps"] for m in ("pt", "lora", "distill") if (r := runs.get(m)) and "steps" in r), None)
     lines = [f"## {TASK_NAMES.get(key, key)}, smollm2-135m", "", "| " + " | ".join(HEADER) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADER))) + "|"]  # fmt: skip
+    if majority is not None:
+        lines.append(f"| majority class of the evaluation sample | {majority:.1f} |" + " |" * (len(HEADER) - 2))
     for m, label in ROWS:
         if m == "icl16-uncached" and runs.get(m) is None:
             continue
@@ -136,7 +160,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def render(res: dict[str, dict[str, Any]]) -> str:
+def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None) -> str:
     dates = sorted({r["date"] for r in res.values() if "date" in r})
     lines = [
         TITLE,
@@ -158,7 +182,7 @@ def render(res: dict[str, dict[str, Any]]) -> str:
     ]  # fmt: skip
     for key in TASK_NAMES:
         if any(k.startswith(f"{key}:") for k in res):
-            lines += task_table(key, res) + [""]
+            lines += task_table(key, res, (majority or {}).get(key)) + [""]
     lines += targets(res)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -174,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out)
     tmp = out.with_name("." + out.name + ".tmp")
-    tmp.write_text(render(load(src)), encoding="utf-8")
+    res = load(src)
+    tmp.write_text(render(res, majority_rates(res)), encoding="utf-8")
     tmp.replace(out)  # atomic: the page is never half-written
     print(out)
     return 0

@@ -37,9 +37,10 @@ def fake(path: Path) -> Path:
 
 
 def test_targets_are_stated_from_the_numbers(tmp_path: Path) -> None:
-    page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")))
+    page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")), {"sst2": 50.0})
     assert page.startswith("# Prompts, ICL, prompt tuning, LoRA\n")
     assert "| zero-shot (template only) | 78.0 |" in page  # the rerun's record
+    assert "| majority class of the evaluation sample | 50.0 |" in page
     assert "the 16-shot context is 441 tokens (≥ 400: yes), the student 20 soft tokens (≤ 20: yes)" in page
     assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page
     assert "within 1 point of the teacher's accuracy: 80.5% vs 81.0% (gap 0.5) — met" in page
