@@ -176,7 +176,9 @@ def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = N
         "loaded CPU (absolute milliseconds do not; the zero-shot row's own ratio, zero-shot against itself, shows "
         "the timing noise). Per-task K/V bytes: the keys/values a server keeps per task "
         "(the context's for ICL, the prompt's for a soft prompt); checkpoint bytes of ICL: the context as text. "
-        "Peak RSS: the process's peak during the run (the model included). One thread (`OMP_NUM_THREADS=1`) on a "
+        "Peak RSS: the process's peak during the run, reset at its start (the model included; memory that earlier "
+        "runs of the same process freed but the allocator kept counts too, so compare runs of one task with care). "
+        "One thread (`OMP_NUM_THREADS=1`) on a "
         "2-core machine shared with other jobs.",
         "",
     ]  # fmt: skip
