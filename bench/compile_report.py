@@ -181,6 +181,12 @@ def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = N
         "One thread (`OMP_NUM_THREADS=1`) on a "
         "2-core machine shared with other jobs.",
         "",
+        "The distilled prompt's teacher is the 16-shot context, as the targets name it, not the best ICL setting. Its "
+        "inputs were the training rows without their labels (`--alpha 0`). The demonstrations are balanced per "
+        "class and drawn with seed 0 from the training sample. Every context starts with the task's hand-written "
+        "instructions, the `k = 0` row. Full fine-tuning ran only a few steps on this CPU budget, for its time per "
+        "step and memory.",
+        "",
     ]  # fmt: skip
     for key in TASK_NAMES:
         if any(k.startswith(f"{key}:") for k in res):
