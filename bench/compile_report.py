@@ -131,22 +131,25 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"- {name}: the 16-shot context is {t['context_tokens']} tokens (≥ 400: "
                    f"{'yes' if t['context_tokens'] >= 400 else 'NO'}), the student {d['num_tokens']} soft tokens "
                    f"(≤ 20: {'yes' if d['num_tokens'] <= 20 else 'NO'}).")  # fmt: skip
-        agree = d["agreement"] >= 95
+
+        def verdict(ok: bool, ok_len: bool = ok_len) -> str:
+            return ("met" if ok_len else "met, but not in the target's setting (see above)") if ok else "MISSED"
+
         out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {d['agreement']:.1f}% — "
-                   f"{'met' if agree and ok_len else 'MISSED'}.")  # fmt: skip
+                   f"{verdict(d['agreement'] >= 95)}.")  # fmt: skip
         gap = abs(d["accuracy"] - d["teacher_accuracy"])
         out.append(f"  - within 1 point of the teacher's accuracy: {d['accuracy']:.1f}% vs {d['teacher_accuracy']:.1f}%"
-                   f" (gap {gap:.1f}) — {'met' if gap <= 1 else 'MISSED'}.")  # fmt: skip
+                   f" (gap {gap:.1f}) — {verdict(gap <= 1)}.")  # fmt: skip
         if "uncached" in t:  # both ratios are to the zero-shot model timed alongside: their quotient is load-free
             speed = t["uncached"]["latency_ratio"] / d["latency_ratio"]
             cached = t["latency_ratio"] / d["latency_ratio"]
             out.append(f"  - ≥ 5× lower per-example latency than the teacher without a context cache: {speed:.1f}× "
                        f"({t['uncached']['latency_ms']:.0f} vs {d['latency_ms']:.0f} ms) — "
-                       f"{'met' if speed >= 5 else 'MISSED'}. With its K/V cached the teacher costs {cached:.2f}× the "
+                       f"{verdict(speed >= 5)}. With its K/V cached the teacher costs {cached:.2f}× the "
                        "student per example.")  # fmt: skip
         mem = t["kv_bytes"] / max(1, d["kv_bytes"])
         out.append(f"  - ≥ 20× less per-task prompt memory (K/V bytes) than the cached teacher: {mem:.1f}× "
-                   f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {'met' if mem >= 20 else 'MISSED'}.")  # fmt: skip
+                   f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {verdict(mem >= 20)}.")  # fmt: skip
     for key in ("sst2", "agnews"):
         pt = res.get(f"{key}:pt")
         icl = [r for m in ("icl4", "icl8", "icl16") if (r := res.get(f"{key}:{m}"))]
