@@ -75,7 +75,29 @@ def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[s
     ]
 
 
-def task_table(key: str, res: dict[str, dict[str, Any]]) -> list[str]:
+def majority_rates(res: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The majority-class rate of each task's evaluation sample (the same fixed-seed sample bench.compile drew;
+    no model needed), where the data is present."""
+    import collections
+    import tempfile
+
+    from bench.compile import TASKS, sample
+
+    out: dict[str, float] = {}
+    for key in TASKS:
+        r = next((r for k, r in res.items() if k.startswith(f"{key}:") and "train_n" in r), None)
+        if r is None:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            files = sample(TASKS[key], r["train_n"], r["eval_n"], Path(tmp))
+            if isinstance(files, str):
+                continue
+            labels = [json.loads(line)["label"] for line in Path(files[1]).read_text().splitlines()]
+        out[key] = 100 * max(collections.Counter(labels).values()) / len(labels)
+    return out
+
+
+def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None = None) -> list[str]:
     runs = {m: res.get(f"{key}:{m}") for m, _ in ROWS}
     icl16 = runs.get("icl16")
     if icl16 and "uncached" in icl16:
@@ -84,14 +106,18 @@ def task_table(key: str, res: dict[str, dict[str, Any]]) -> list[str]:
     steps = next((r["steps"] for m in ("pt", "lora", "distill") if (r := runs.get(m)) and "steps" in r), None)
     lines = [f"## {TASK_NAMES.get(key, key)}, smollm2-135m", "", "| " + " | ".join(HEADER) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADER))) + "|"]  # fmt: skip
+    if majority is not None:
+        lines.append(f"| majority class of the evaluation sample | {majority:.1f} |" + " |" * (len(HEADER) - 2))
     for m, label in ROWS:
         if m == "icl16-uncached" and runs.get(m) is None:
             continue
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
     if any_run:
-        lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows; {steps} "
-                  "steps of batch 8 for every trained method." if steps else ""]  # fmt: skip
+        lrs = ", ".join(f"{m} {r['lr']:g}" for m in ("pt", "distill", "lora", "ft") if (r := runs.get(m)) and "lr" in r)
+        lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows"
+                  + (f"; {steps} steps of batch {any_run.get('batch_size', 8)} for every trained method (peak lr: "
+                     f"{lrs}; linear schedule, 10% warm-up)" if steps else "") + "."]  # fmt: skip
     return lines
 
 
@@ -105,22 +131,25 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"- {name}: the 16-shot context is {t['context_tokens']} tokens (≥ 400: "
                    f"{'yes' if t['context_tokens'] >= 400 else 'NO'}), the student {d['num_tokens']} soft tokens "
                    f"(≤ 20: {'yes' if d['num_tokens'] <= 20 else 'NO'}).")  # fmt: skip
-        agree = d["agreement"] >= 95
+
+        def verdict(ok: bool, ok_len: bool = ok_len) -> str:
+            return ("met" if ok_len else "met, but not in the target's setting (see above)") if ok else "MISSED"
+
         out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {d['agreement']:.1f}% — "
-                   f"{'met' if agree and ok_len else 'MISSED'}.")  # fmt: skip
+                   f"{verdict(d['agreement'] >= 95)}.")  # fmt: skip
         gap = abs(d["accuracy"] - d["teacher_accuracy"])
         out.append(f"  - within 1 point of the teacher's accuracy: {d['accuracy']:.1f}% vs {d['teacher_accuracy']:.1f}%"
-                   f" (gap {gap:.1f}) — {'met' if gap <= 1 else 'MISSED'}.")  # fmt: skip
+                   f" (gap {gap:.1f}) — {verdict(gap <= 1)}.")  # fmt: skip
         if "uncached" in t:  # both ratios are to the zero-shot model timed alongside: their quotient is load-free
             speed = t["uncached"]["latency_ratio"] / d["latency_ratio"]
             cached = t["latency_ratio"] / d["latency_ratio"]
             out.append(f"  - ≥ 5× lower per-example latency than the teacher without a context cache: {speed:.1f}× "
                        f"({t['uncached']['latency_ms']:.0f} vs {d['latency_ms']:.0f} ms) — "
-                       f"{'met' if speed >= 5 else 'MISSED'}. With its K/V cached the teacher costs {cached:.2f}× the "
+                       f"{verdict(speed >= 5)}. With its K/V cached the teacher costs {cached:.2f}× the "
                        "student per example.")  # fmt: skip
         mem = t["kv_bytes"] / max(1, d["kv_bytes"])
         out.append(f"  - ≥ 20× less per-task prompt memory (K/V bytes) than the cached teacher: {mem:.1f}× "
-                   f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {'met' if mem >= 20 else 'MISSED'}.")  # fmt: skip
+                   f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {verdict(mem >= 20)}.")  # fmt: skip
     for key in ("sst2", "agnews"):
         pt = res.get(f"{key}:pt")
         icl = [r for m in ("icl4", "icl8", "icl16") if (r := res.get(f"{key}:{m}"))]
@@ -134,7 +163,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def render(res: dict[str, dict[str, Any]]) -> str:
+def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None) -> str:
     dates = sorted({r["date"] for r in res.values() if "date" in r})
     lines = [
         TITLE,
@@ -150,13 +179,21 @@ def render(res: dict[str, dict[str, Any]]) -> str:
         "loaded CPU (absolute milliseconds do not; the zero-shot row's own ratio, zero-shot against itself, shows "
         "the timing noise). Per-task K/V bytes: the keys/values a server keeps per task "
         "(the context's for ICL, the prompt's for a soft prompt); checkpoint bytes of ICL: the context as text. "
-        "Peak RSS: the process's peak during the run (the model included). One thread (`OMP_NUM_THREADS=1`) on a "
+        "Peak RSS: the process's peak during the run, reset at its start (the model included; memory that earlier "
+        "runs of the same process freed but the allocator kept counts too, so compare runs of one task with care). "
+        "One thread (`OMP_NUM_THREADS=1`) on a "
         "2-core machine shared with other jobs.",
+        "",
+        "The distilled prompt's teacher is the 16-shot context, as the targets name it, not the best ICL setting. Its "
+        "inputs were the training rows without their labels (`--alpha 0`). The demonstrations are balanced per "
+        "class and drawn with seed 0 from the training sample. Every context starts with the task's hand-written "
+        "instructions, the `k = 0` row. Full fine-tuning ran only a few steps on this CPU budget, for its time per "
+        "step and memory.",
         "",
     ]  # fmt: skip
     for key in TASK_NAMES:
         if any(k.startswith(f"{key}:") for k in res):
-            lines += task_table(key, res) + [""]
+            lines += task_table(key, res, (majority or {}).get(key)) + [""]
     lines += targets(res)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -172,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out)
     tmp = out.with_name("." + out.name + ".tmp")
-    tmp.write_text(render(load(src)), encoding="utf-8")
+    res = load(src)
+    tmp.write_text(render(res, majority_rates(res)), encoding="utf-8")
     tmp.replace(out)  # atomic: the page is never half-written
     print(out)
     return 0

@@ -30,7 +30,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,10 @@ from softprompt.prefix import Batch, Prefix
 from softprompt.prompted import PromptedModel
 from softprompt.train import PromptObjective
 from softprompt.trainer import Evaluation
+
+if TYPE_CHECKING:
+    from softprompt.commands import DistillConfig
+    from softprompt.task import TaskSpec
 
 
 def token_logp(pm: PromptedModel, prefix: Prefix, batch: Batch) -> torch.Tensor:
@@ -183,7 +187,7 @@ class DistillObjective:
 
 
 # ---- `softprompt distill` ------------------------------------------------------------------------------------
-def teacher_context(pm: PromptedModel, dc: Any, spec: Any, columns: str | None) -> Context:
+def teacher_context(pm: PromptedModel, dc: DistillConfig, spec: TaskSpec, columns: str | None) -> Context:
     """The hard prompt: the --teacher-prompt file's text, then k demonstrations from --demos (either or both)."""
     from softprompt.data import load_samples
     from softprompt.icl import build_context, choose_demos, text_context

@@ -37,9 +37,10 @@ def fake(path: Path) -> Path:
 
 
 def test_targets_are_stated_from_the_numbers(tmp_path: Path) -> None:
-    page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")))
+    page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")), {"sst2": 50.0})
     assert page.startswith("# Prompts, ICL, prompt tuning, LoRA\n")
     assert "| zero-shot (template only) | 78.0 |" in page  # the rerun's record
+    assert "| majority class of the evaluation sample | 50.0 |" in page
     assert "the 16-shot context is 441 tokens (≥ 400: yes), the student 20 soft tokens (≤ 20: yes)" in page
     assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page
     assert "within 1 point of the teacher's accuracy: 80.5% vs 81.0% (gap 0.5) — met" in page
@@ -59,3 +60,11 @@ def test_main_writes_the_page_atomically_and_refuses_a_missing_file(tmp_path: Pa
     assert compile_report.main(["--results", str(fake(tmp_path / "r.jsonl")), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Prompts") and not list(tmp_path.glob(".*.tmp"))
     assert compile_report.main(["--results", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+
+
+def test_a_context_under_400_tokens_is_not_the_targets_setting(tmp_path: Path) -> None:
+    res = compile_report.load(fake(tmp_path / "r.jsonl"))
+    res["sst2:icl16"]["context_tokens"] = 355
+    page = compile_report.render(res)
+    assert "the 16-shot context is 355 tokens (≥ 400: NO)" in page
+    assert "96.0% — met, but not in the target's setting (see above)" in page
