@@ -254,7 +254,7 @@ class ImageBatcher:
         self.max_queue, self.timeout_s, self.metrics = max_queue, timeout_s, metrics
         self.decode_threads = decode_threads
         self.run_rows: Callable[[VisionModel, list[tuple[ImageTask, torch.Tensor]]], list[torch.Tensor]] = classify_rows
-        self.batches: list[int] = []  # rows of the batches run (tests)
+        self.batches: list[int] = []  # rows of each batch tried, failed ones too (tests)
         self._queue: deque[ImageRequest] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -427,8 +427,8 @@ class ImageBatcher:
             probs: list[torch.Tensor] = []
             for i in range(0, len(rows), self.max_batch):
                 chunk = rows[i : i + self.max_batch]
-                probs += self.run_rows(self.reg.vm, chunk)
                 self.batches.append(len(chunk))
+                probs += self.run_rows(self.reg.vm, chunk)
                 if self.metrics:
                     self.metrics.observe("softprompt_batch_size", len(chunk), {"kind": "classify"})
                     self.metrics.observe("softprompt_batch_tasks", len({id(t) for t, _ in chunk}), {"kind": "classify"})
