@@ -127,7 +127,7 @@ def test_softprompt_serve_builds_the_image_app_for_a_directory_of_image_prompts(
         assert h["family"] == "vision" and h["tasks"] == 6
         assert (app.state.batcher.max_queue, app.state.batcher.timeout_s) == (3, 7.5)
         r = client.delete("/v1/admin/tasks/nope", headers={"Authorization": "Bearer t"})
-        assert r.status_code == 404 and r.json()["error"]["param"] == "name"
+        assert r.status_code == 404 and r.json()["error"]["param"] == "task"
 
 
 def test_a_body_over_the_limit_is_413_and_requests_are_counted(served):

@@ -2,19 +2,25 @@
 
 When the prompt directory holds image prompts (softprompt.vision: vpt, vpt-deep, coop), `softprompt serve` builds
 this app instead of the text one (softprompt.serve.server). Every image prompt in the directory is a task; files
-that do not fit the model (another image model's fingerprint, a text prompt) are refused at start and listed.
+that do not fit the model (another image model's fingerprint, a text prompt, a name that is not a task name) are
+refused at start and listed.
 
     POST /v1/images/classify          {"task": NAME, "images": [BASE64, ...]}   (data: URLs accepted)
     POST /v1/images/classify/{task}   multipart/form-data, one file part per image
-    GET  /v1/tasks, GET /healthz
+    GET  /v1/tasks[/{name}], GET /healthz, GET /metrics
+    POST|PUT|DELETE /v1/admin/tasks/{name}   the text server's admin endpoints (softprompt.serve.app), same token
 
-Pipeline, as the text server's: decode (base64 / multipart -> bytes -> a checked RGB image, a bad one is a 422
-naming its field `images.K`) -> preprocess (the model's own image processor) -> queue -> one batch mixed across
-tasks (`classify_rows`) -> per-request results. In a batch, the rows of every CoOp task share ONE plain image
-forward (each task then scores its rows against its class text features, computed once per task and class set);
-the rows of VPT tasks of one geometry (shallow/deep, P tokens) share one forward with per-row prompt tokens (deep:
-per-row keys/values), each row then read by its own task's head. A mixed batch gives each row what its task alone
-gives it (tests/test_serve_images.py). Notation: B rows, C classes, P prompt tokens, L' prompt layers, d width.
+Pipeline, as the text server's: count check (413 over --max-inputs, before anything is decoded; the body size is
+the middleware's) -> decode (base64 / multipart -> bytes -> a checked RGB image, a bad one is a 422 naming its
+field `images.K`) and preprocess (the model's own image processor), both in a decode thread off the event loop ->
+bounded queue (429 + Retry-After at --max-queue; 504 at --timeout-s, queued or running) -> one batch mixed across
+tasks (`classify_rows`, in the model thread; a failing batch is retried request by request) -> per-request
+results. Errors have the text server's shape (softprompt.serve.http), requests and rows are counted in its metrics.
+In a batch, the rows of every CoOp task share ONE plain image forward (each task then scores its rows against its
+class text features, computed once per task and class set); the rows of VPT tasks of one geometry (shallow/deep,
+P tokens) share one forward with per-row prompt tokens (deep: per-row keys/values), each row then read by its own
+task's head. A mixed batch gives each row what its task alone gives it (tests/test_serve_images.py). Notation: B
+rows, C classes, P prompt tokens, L' prompt layers, d width.
 """
 
 from __future__ import annotations
@@ -110,9 +116,11 @@ class ImageRegistry:
             if path.name.startswith("."):
                 continue
             try:
-                task = self._make_task(path.name[: -len(SUFFIX)], path)
-            except (CheckpointError, ValueError) as e:
-                self.refused.append({"file": path.name, "reason": str(e).splitlines()[0]})
+                task = self._make_task(validate_name(path.name[: -len(SUFFIX)]), path)
+            except (Unprocessable, CheckpointError, ValueError) as e:
+                reason = getattr(e, "message", None) or str(e).splitlines()[0]
+                self.refused.append({"file": path.name, "reason": reason})
+                log.warning("refusing image prompt %s: %s", path, reason)
                 continue
             self.tasks[task.name] = task
 
@@ -182,7 +190,9 @@ class ImageRegistry:
     def remove(self, name: str) -> ImageTask:
         validate_name(name)
         with self._admin:
-            task = self.get(name, "name")
+            task = self.tasks.get(name)
+            if task is None:
+                raise NotFound(f"unknown task {name!r}", param="task")  # the text Registry's words
             try:
                 task.path.unlink()
             except FileNotFoundError:
