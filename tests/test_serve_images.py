@@ -239,7 +239,7 @@ def test_decoding_and_preprocessing_run_off_the_event_loop(served, monkeypatch):
 
     def slow_decode(raw, where):
         threads.append(threading.current_thread().name)
-        time.sleep(0.3)  # on the event loop this would hold /healthz
+        time.sleep(0.6)  # on the event loop this would hold /healthz
         return real_decode(raw, where)
 
     def pre(ims, processor):
@@ -250,7 +250,7 @@ def test_decoding_and_preprocessing_run_off_the_event_loop(served, monkeypatch):
     monkeypatch.setattr(images, "preprocess", pre)
 
     async def go():
-        async with _client(reg) as (c, _):
+        async with _client(reg, max_inputs=3) as (c, _):
             files = [("file", (f"{i}.png", base64.b64decode(_b64(im)), "image/png")) for i, im in enumerate(_images(2))]
             work = [asyncio.create_task(c.post("/v1/images/classify", json=_body("s1", 3))),
                     asyncio.create_task(c.post("/v1/images/classify/c1", files=files))]  # fmt: skip
@@ -259,12 +259,15 @@ def test_decoding_and_preprocessing_run_off_the_event_loop(served, monkeypatch):
             t0 = time.perf_counter()
             health = await c.get("/healthz")
             waited = time.perf_counter() - t0
-            return await asyncio.gather(*work), health, waited
+            rs = await asyncio.gather(*work)
+            over = await c.post("/v1/images/classify", json=_body("s1", 4))  # over --max-inputs: nothing decoded
+            return rs, health, waited, over
 
-    rs, health, waited = asyncio.run(go())
+    rs, health, waited, over = asyncio.run(go())
     assert [r.status_code for r in rs] == [200, 200]
-    assert health.status_code == 200 and waited < 0.25, waited
+    assert health.status_code == 200 and waited < 0.5, waited
     assert len(threads) == 7 and all(t.startswith("softprompt-decode") for t in threads), threads
+    assert over.status_code == 413 and over.json()["error"]["param"] == "images"
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(served, monkeypatch):
