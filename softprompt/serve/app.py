@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -241,20 +241,36 @@ async def read_upload(request: Request, max_upload_bytes: int) -> tuple[bytes | 
     return bytes(data), None
 
 
+class TaskStore(Protocol):
+    """What the admin endpoints change: the text Registry, or the image app's ImageRegistry. Each returns the task
+    (with `.name` and `.info()`); a bad file raises BadRequest and changes nothing."""
+
+    def add(self, name: str, data: bytes, *, replace: bool, from_path: str | None = None) -> tuple[Any, bool]: ...
+
+    def add_path(self, name: str, source: str, *, replace: bool, max_bytes: int) -> tuple[Any, bool]: ...
+
+    def remove(self, name: str) -> Any: ...
+
+
 def admin_router(s: Served) -> APIRouter:
+    return task_admin_router(s.registry, s.metrics, s.admin_token, s.max_upload_bytes)
+
+
+def task_admin_router(store: TaskStore, metrics: Metrics, admin_token: str | None, max_upload_bytes: int) -> APIRouter:
+    """POST|PUT|DELETE /v1/admin/tasks/{name} over `store`, behind the bearer token (check_admin)."""
     router = APIRouter(tags=["admin"], responses=ADMIN_ERRORS)
 
     async def upsert(name: str, request: Request, replace: bool) -> JSONResponse:
-        check_admin(request, s.admin_token)
+        check_admin(request, admin_token)
         validate_name(name)
-        data, path = await read_upload(request, s.max_upload_bytes)
+        data, path = await read_upload(request, max_upload_bytes)
         if path is not None:
             entry, replaced = await asyncio.to_thread(
-                s.registry.add_path, name, path, replace=replace, max_bytes=s.max_upload_bytes
+                store.add_path, name, path, replace=replace, max_bytes=max_upload_bytes
             )
         else:
             assert data is not None
-            entry, replaced = await asyncio.to_thread(s.registry.add, name, data, replace=replace)
+            entry, replaced = await asyncio.to_thread(store.add, name, data, replace=replace)
         request.state.task = entry.name
         return JSONResponse({"task": entry.info(), "replaced": replaced}, 200 if replaced else 201)
 
@@ -272,9 +288,9 @@ def admin_router(s: Served) -> APIRouter:
     @router.delete("/v1/admin/tasks/{name}")
     async def delete_task(name: str, request: Request) -> dict[str, Any]:
         """Remove a task and its file. Bearer token required."""
-        check_admin(request, s.admin_token)
-        entry = await asyncio.to_thread(s.registry.remove, name)
-        s.metrics.forget("task", entry.name)  # its series go with it: labels stay bounded by the tasks there are
+        check_admin(request, admin_token)
+        entry = await asyncio.to_thread(store.remove, name)
+        metrics.forget("task", entry.name)  # its series go with it: labels stay bounded by the tasks there are
         return {"deleted": entry.name}
 
     return router

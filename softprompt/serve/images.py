@@ -2,19 +2,25 @@
 
 When the prompt directory holds image prompts (softprompt.vision: vpt, vpt-deep, coop), `softprompt serve` builds
 this app instead of the text one (softprompt.serve.server). Every image prompt in the directory is a task; files
-that do not fit the model (another image model's fingerprint, a text prompt) are refused at start and listed.
+that do not fit the model (another image model's fingerprint, a text prompt, a name that is not a task name) are
+refused at start and listed.
 
     POST /v1/images/classify          {"task": NAME, "images": [BASE64, ...]}   (data: URLs accepted)
     POST /v1/images/classify/{task}   multipart/form-data, one file part per image
-    GET  /v1/tasks, GET /healthz
+    GET  /v1/tasks[/{name}], GET /healthz, GET /metrics
+    POST|PUT|DELETE /v1/admin/tasks/{name}   the text server's admin endpoints (softprompt.serve.app), same token
 
-Pipeline, as the text server's: decode (base64 / multipart -> bytes -> a checked RGB image, a bad one is a 422
-naming its field `images.K`) -> preprocess (the model's own image processor) -> queue -> one batch mixed across
-tasks (`classify_rows`) -> per-request results. In a batch, the rows of every CoOp task share ONE plain image
-forward (each task then scores its rows against its class text features, computed once per task and class set);
-the rows of VPT tasks of one geometry (shallow/deep, P tokens) share one forward with per-row prompt tokens (deep:
-per-row keys/values), each row then read by its own task's head. A mixed batch gives each row what its task alone
-gives it (tests/test_serve_images.py). Notation: B rows, C classes, P prompt tokens, L' prompt layers, d width.
+Pipeline, as the text server's: count check (413 over --max-inputs, before anything is decoded; the body size is
+the middleware's) -> decode (base64 / multipart -> bytes -> a checked RGB image, a bad one is a 422 naming its
+field `images.K`) and preprocess (the model's own image processor), both in a decode thread off the event loop ->
+bounded queue (429 + Retry-After at --max-queue; 504 at --timeout-s, queued or running) -> one batch mixed across
+tasks (`classify_rows`, in the model thread; a failing batch is retried request by request) -> per-request
+results. Errors have the text server's shape (softprompt.serve.http), requests and rows are counted in its metrics.
+In a batch, the rows of every CoOp task share ONE plain image forward (each task then scores its rows against its
+class text features, computed once per task and class set); the rows of VPT tasks of one geometry (shallow/deep,
+P tokens) share one forward with per-row prompt tokens (deep: per-row keys/values), each row then read by its own
+task's head. A mixed batch gives each row what its task alone gives it (tests/test_serve_images.py). Notation: B
+rows, C classes, P prompt tokens, L' prompt layers, d width.
 """
 
 from __future__ import annotations
@@ -24,24 +30,50 @@ import base64
 import binascii
 import email.parser
 import email.policy
+import logging
+import os
+import stat
+import tempfile
+import threading
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
-from softprompt.checkpoint import CheckpointError, load_prompt
-from softprompt.serve.errors import BadRequest, NotFound, ServeError, TooLarge, Unprocessable
-from softprompt.serve.http import serve_error, validation_error
+from softprompt.checkpoint import CheckpointError, load_prompt, read_regular
+from softprompt.serve.app import task_admin_router
+from softprompt.serve.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    ServeError,
+    Timeout,
+    TooLarge,
+    Unavailable,
+    Unprocessable,
+)
+from softprompt.serve.http import INFERENCE_ERRORS, Observe, serve_error, until_disconnect, validation_error
+from softprompt.serve.limits import RateLimitedLog
+from softprompt.serve.metrics import Metrics, server_metrics
+from softprompt.serve.registry import _not_a_prompt, validate_name
+from softprompt.serve.scheduler import check_room, wait_for_result
 from softprompt.vision.api import loaded_prompt, rows_of
 from softprompt.vision.encoder import VisionModel, VisualPrompt
 from softprompt.vision.images import BadImageError, image_from_bytes, preprocess
 
+log = logging.getLogger("softprompt.serve")
+_notes = RateLimitedLog(log)
+T = TypeVar("T")
 SUFFIX = ".safetensors"
 
 
@@ -63,33 +95,111 @@ class ImageTask:
         return ("vpt", vp.deep, vp.num_tokens)
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "labels": self.classes, "kind": "image-classify"}
+        return {"name": self.name, "method": self.method, "labels": self.classes, "kind": "image-classify",
+                "created": int(self.created)}  # fmt: skip
 
 
 class ImageRegistry:
-    """The image tasks of a directory on one VisionModel."""
+    """The image tasks of a directory on one VisionModel. add / replace / remove (the admin endpoints) change the
+    directory as the text Registry does: an upload is written to a temporary file in DIR, validated by the one
+    prompt-file loader (softprompt.checkpoint.load_prompt) and the image model's fingerprint (loaded_prompt), and
+    only then renamed over NAME.safetensors; a bad file changes nothing. The task table is replaced, never changed
+    in place, so readers on the event loop see one table; a request in flight keeps the ImageTask it resolved."""
 
     def __init__(self, vm: VisionModel, directory: str | Path, *, allow_other_model: bool = False) -> None:
         self.vm, self.directory = vm, Path(directory)
+        self.allow_other_model = allow_other_model
         self.tasks: dict[str, ImageTask] = {}
         self.refused: list[dict[str, str]] = []
+        self._admin = threading.Lock()
         for path in sorted(self.directory.glob("*" + SUFFIX)):
             if path.name.startswith("."):
                 continue
             try:
-                ck = load_prompt(path)
-                prompt, head = loaded_prompt(vm, ck, allow_other_model=allow_other_model)
-            except (CheckpointError, ValueError) as e:
-                self.refused.append({"file": path.name, "reason": str(e).splitlines()[0]})
+                task = self._make_task(validate_name(path.name[: -len(SUFFIX)]), path)
+            except (Unprocessable, CheckpointError, ValueError) as e:
+                reason = getattr(e, "message", None) or str(e).splitlines()[0]
+                self.refused.append({"file": path.name, "reason": reason})
+                log.warning("refusing image prompt %s: %s", path, reason)
                 continue
-            name = path.name[: -len(SUFFIX)]
-            self.tasks[name] = ImageTask(name, path, str(ck.meta["method"]), list(ck.meta["labels"]["labels"]),
-                                         prompt, head)  # fmt: skip
+            self.tasks[task.name] = task
+
+    def _make_task(self, name: str, path: Path, *, source: Path | None = None) -> ImageTask:
+        ck = load_prompt(source or path)
+        prompt, head = loaded_prompt(self.vm, ck, allow_other_model=self.allow_other_model)
+        return ImageTask(name, path, str(ck.meta["method"]), list(ck.meta["labels"]["labels"]), prompt, head)
 
     def get(self, name: str, param: str = "task") -> ImageTask:
-        if name not in self.tasks:
+        task = self.tasks.get(name)
+        if task is None:
             raise NotFound(f"unknown task {name!r} (GET /v1/tasks lists them)", param=param)
-        return self.tasks[name]
+        return task
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    # ---- admin (softprompt.serve.app.task_admin_router; runs in a worker thread) ------------------------
+    def add(self, name: str, data: bytes, *, replace: bool, from_path: str | None = None) -> tuple[ImageTask, bool]:
+        """Register `data` (a prompt file's bytes) as task `name`, persisted as DIR/name.safetensors; 409 for an
+        existing name unless `replace`; 400 (nothing changed) when the file is not an image prompt for this model."""
+        validate_name(name)
+        with self._admin:
+            old = self.tasks.get(name)
+            if old is not None and not replace:
+                raise Conflict(f"task {name!r} already exists (PUT replaces it)", param="name")
+            final = self.directory / (name + SUFFIX)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".upload.tmp", dir=self.directory)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    task = self._make_task(name, final, source=tmp)
+                except (CheckpointError, ValueError, RuntimeError, KeyError, OSError) as e:
+                    if from_path is not None and (getattr(e, "framing", True) or isinstance(e, OSError)):
+                        raise _not_a_prompt(from_path) from None  # never quote bytes or sizes of a server file
+                    where = "path" if from_path is not None else "upload"
+                    msg = str(e).splitlines()[0].replace(str(tmp), where).replace(str(final), where)
+                    raise BadRequest(
+                        f"invalid prompt for task {name!r}: {msg}", param="path" if from_path else "body"
+                    ) from None
+                os.replace(tmp, final)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            self.tasks = {**self.tasks, name: task}
+            self.refused = [r for r in self.refused if r["file"] != final.name]
+            log.info("%s image task %s (%s)", "replaced" if old else "added", name, task.method)
+            return task, old is not None
+
+    def add_path(self, name: str, source: str, *, replace: bool, max_bytes: int) -> tuple[ImageTask, bool]:
+        """Register a prompt file already on the server (copied into DIR; the source is left alone)."""
+        try:
+            st = os.stat(source)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+                raise _not_a_prompt(source)
+            data = read_regular(source)
+        except (CheckpointError, OSError, ValueError):
+            raise _not_a_prompt(source) from None
+        if len(data) > max_bytes:
+            raise _not_a_prompt(source)
+        return self.add(name, data, replace=replace, from_path=source)
+
+    def remove(self, name: str) -> ImageTask:
+        validate_name(name)
+        with self._admin:
+            task = self.tasks.get(name)
+            if task is None:
+                raise NotFound(f"unknown task {name!r}", param="task")  # the text Registry's words
+            try:
+                task.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.tasks = {k: v for k, v in self.tasks.items() if k != name}
+            log.info("removed image task %s", name)
+            return task
 
 
 @torch.no_grad()
@@ -117,56 +227,238 @@ def classify_rows(vm: VisionModel, rows: list[tuple[ImageTask, torch.Tensor]]) -
     return [o.float().softmax(-1).cpu() for o in out if o is not None]
 
 
-class ImageBatcher:
-    """Rows of every image task go into one queue; the worker takes up to max_batch_size of them (waiting at most
-    max_wait_ms for more) and runs classify_rows in the model thread."""
+@dataclass(eq=False)
+class ImageRequest:
+    """One request's rows in the queue: its task (resolved at arrival) and preprocessed pixels (B, 3, H, W)."""
 
-    def __init__(self, reg: ImageRegistry, *, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
+    task: ImageTask
+    pixels: torch.Tensor
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # its waiter timed out or left: skipped
+
+
+class ImageBatcher:
+    """The image scheduler, with the text scheduler's rules (softprompt.serve.scheduler): requests of every image
+    task go into one bounded queue (QueueFull, 429 with Retry-After, at `max_queue`); the worker takes requests up to
+    `max_batch_size` rows (waiting at most `max_wait_ms` for more) and runs them in one model thread, `max_batch_size`
+    rows a forward; a request still queued or running at its deadline is a Timeout (504); a failing batch is retried
+    request by request, so one bad request fails alone; `stop()` finishes every accepted request first (Unavailable,
+    503, for new ones). Decoding and preprocessing run in the decode threads (`run_cpu`), off the event loop."""
+
+    def __init__(
+        self,
+        reg: ImageRegistry,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        timeout_s: float = 60.0,
+        metrics: Metrics | None = None,
+        decode_threads: int = 2,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or timeout_s <= 0:
+            raise ValueError("--max-batch-size and --max-queue must be >= 1, --max-wait-ms >= 0, --timeout-s > 0")
         self.reg, self.max_batch, self.max_wait = reg, max_batch_size, max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[ImageTask, torch.Tensor, asyncio.Future]] | None = None
-        self.worker: asyncio.Task | None = None
-        self.batches: list[int] = []  # sizes of the batches run (tests, metrics)
+        self.max_queue, self.timeout_s, self.metrics = max_queue, timeout_s, metrics
+        self.decode_threads = decode_threads
+        self.run_rows: Callable[[VisionModel, list[tuple[ImageTask, torch.Tensor]]], list[torch.Tensor]] = classify_rows
+        self.batches: list[int] = []  # rows of each batch tried, failed ones too (tests)
+        self._queue: deque[ImageRequest] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._model: ThreadPoolExecutor | None = None
+        self._cpu: ThreadPoolExecutor | None = None
+        self._closing = False
+        self._batch_s = 0.5  # running mean of a batch, for Retry-After
+        self._idle_since = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
 
     async def start(self) -> None:
-        self.queue = asyncio.Queue()
-        self.worker = asyncio.create_task(self._run())
+        if self.running:
+            return
+        self._closing = False
+        self._wakeup = asyncio.Event()
+        self._model = ThreadPoolExecutor(1, thread_name_prefix="softprompt-model")
+        self._cpu = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="softprompt-decode")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-image-scheduler")
 
-    async def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
+    async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; with drain, finish every request already accepted, then stop the worker."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            if not drain:
+                self._task.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+            self._task = None
+        for req in list(self._queue):
+            self._fail(req, Unavailable("server shut down before the request ran"))
+        self._queue.clear()
+        for pool in (self._model, self._cpu):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._model = self._cpu = None
 
-    async def classify(self, task: ImageTask, pixels: torch.Tensor) -> list[torch.Tensor]:
-        assert self.queue is not None, "the batcher is not started"
-        loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in range(pixels.shape[0])]
-        for k, f in enumerate(futs):
-            self.queue.put_nowait((task, pixels[k], f))
-        return list(await asyncio.gather(*futs))
+    async def run_cpu(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (decoding, preprocessing) in a decode thread, off the event loop."""
+        if self._cpu is None:
+            raise Unavailable("server is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
+    # ---- submission ------------------------------------------------------------------------------------
+    def check_room(self) -> None:
+        """Unavailable (503) while shutting down, QueueFull (429) when the queue is full: checked again at submit."""
+        if self._closing:
+            raise Unavailable("server is shutting down")
+        check_room(len(self._queue), self.max_queue, self.max_batch, self._batch_s)
+        if not self.running:
+            raise Unavailable("scheduler is not running")
+
+    async def classify(
+        self, task: ImageTask, pixels: torch.Tensor, *, timeout: float | None = None
+    ) -> list[torch.Tensor]:
+        """Class probabilities (C,) of each image of `pixels` (B, 3, H, W) under `task`."""
+        self.check_room()
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout_s)
+        req = ImageRequest(task, pixels, deadline, asyncio.get_running_loop().create_future())
+        self._queue.append(req)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return list(await wait_for_result(req, self.timeout_s))
+
+    # ---- worker ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
-        assert self.queue is not None
+        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            self.batches.append(len(items))
+            reqs: list[ImageRequest] = []
             try:
-                probs = await asyncio.to_thread(classify_rows, self.reg.vm, [(t, px) for t, px, _ in items])
-                for (_, _, f), p in zip(items, probs, strict=True):
-                    if not f.done():
-                        f.set_result(p)
-            except Exception as e:  # noqa: BLE001  # every waiting request gets the error
-                for _, _, f in items:
-                    if not f.done():
-                        f.set_exception(e)
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if self.max_wait > 0:
+                    await self._gather()
+                reqs = self._take()
+                if reqs:
+                    t0 = time.perf_counter()
+                    results = await loop.run_in_executor(self._model, self._run_batch, reqs)
+                    dt = time.perf_counter() - t0
+                    self._batch_s = 0.8 * self._batch_s + 0.2 * dt
+                    for req, res in zip(reqs, results, strict=True):
+                        if isinstance(res, BaseException):
+                            self._fail(req, res)
+                        elif not req.future.done():
+                            req.future.set_result(res)
+                self._idle_since = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never let the worker die, nor leave a request waiting
+                _notes("iteration", logging.ERROR, "image scheduler iteration failed: %s", e, exc_info=e)
+                for req in reqs:
+                    self._fail(req, e)
+                await asyncio.sleep(0.01)
+
+    async def _gather(self) -> None:
+        """Wait until max_batch_size rows are queued or max_wait has passed since the oldest request arrived (or
+        since the model became free), as the text scheduler does."""
+        assert self._wakeup is not None
+        while self._queue and not self._closing:
+            rows = sum(r.pixels.shape[0] for r in self._queue)
+            remaining = max(self._queue[0].enqueued, self._idle_since) + self.max_wait - time.monotonic()
+            if rows >= self.max_batch or remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[ImageRequest]:
+        """Requests of this batch, oldest first, up to max_batch_size rows (a larger request alone); expired ones
+        fail with Timeout, abandoned ones are dropped."""
+        now = time.monotonic()
+        out: list[ImageRequest] = []
+        rest: deque[ImageRequest] = deque()
+        rows = 0
+        for req in self._queue:
+            if req.cancelled or req.future.done():
+                continue
+            if now >= req.deadline:
+                self._fail(req, Timeout(f"request timed out after {self.timeout_s:g} s in the queue"))
+                continue
+            n = req.pixels.shape[0]
+            if not out or rows + n <= self.max_batch:
+                out.append(req)
+                rows += n
+                continue
+            rest.append(req)
+        self._queue = rest
+        if self.metrics:
+            for req in out:
+                self.metrics.observe("softprompt_queue_wait_seconds", now - req.enqueued, {"task": req.task.name})
+        return out
+
+    def _fail(self, req: ImageRequest, exc: BaseException) -> None:
+        if req.future.done():
+            return
+        if not isinstance(exc, ServeError):
+            _notes("failed", logging.ERROR, "request on image task %s failed: %s", req.task.name, exc, exc_info=exc)
+            exc = ServeError(f"internal error while running the model ({type(exc).__name__}: {str(exc)[:200]})")
+        req.future.set_exception(exc)
+        req.future.exception()  # mark retrieved: a timed-out waiter may never read it
+
+    # ---- model thread ----------------------------------------------------------------------------------
+    def _run_batch(self, reqs: list[ImageRequest]) -> list[list[torch.Tensor] | BaseException]:
+        """Probabilities per request; when the batch fails, each request is run alone, so only those that fail by
+        themselves get the error."""
+        try:
+            rows = [(r.task, r.pixels[k]) for r in reqs for k in range(r.pixels.shape[0])]
+            probs: list[torch.Tensor] = []
+            for i in range(0, len(rows), self.max_batch):
+                chunk = rows[i : i + self.max_batch]
+                self.batches.append(len(chunk))
+                probs += self.run_rows(self.reg.vm, chunk)
+                if self.metrics:
+                    self.metrics.observe("softprompt_batch_size", len(chunk), {"kind": "classify"})
+                    self.metrics.observe("softprompt_batch_tasks", len({id(t) for t, _ in chunk}), {"kind": "classify"})
+            if len(probs) != len(rows):
+                raise RuntimeError(f"{len(probs)} results for {len(rows)} rows")
+            out: list[list[torch.Tensor] | BaseException] = []
+            at = 0
+            for r in reqs:
+                n = r.pixels.shape[0]
+                out.append(probs[at : at + n])
+                at += n
+                if self.metrics:
+                    self.metrics.inc("softprompt_rows_total", {"task": r.task.name}, n)
+            return out
+        except Exception as e:
+            if len(reqs) == 1:
+                return [e]
+            _notes("retry", logging.WARNING, "image batch of %d requests failed (%s); retrying them one by one",
+                   len(reqs), e)  # fmt: skip
+            return [self._run_batch([r])[0] for r in reqs]
 
 
 class ImageClassifyBody(BaseModel):
@@ -219,67 +511,108 @@ def response(task: ImageTask, probs: list[torch.Tensor]) -> dict[str, Any]:
 
 
 def image_router(reg: ImageRegistry, batcher: ImageBatcher, *, max_inputs: int = 256) -> APIRouter:
-    router = APIRouter(tags=["images"])
+    router = APIRouter(tags=["images"], responses=INFERENCE_ERRORS)
 
-    async def run(task: ImageTask, images: list[Any]) -> dict[str, Any]:
-        px = await asyncio.to_thread(preprocess, images, reg.vm.processor)  # (B, 3, H, W)
-        return response(task, await batcher.classify(task, px))
+    async def run(request: Request, task: ImageTask, decode: Callable[[], list[Any]]) -> dict[str, Any]:
+        request.state.task = task.name  # the request's metrics label
+        batcher.check_room()  # a full queue answers 429 before any image is decoded
+        px = await batcher.run_cpu(lambda: preprocess(decode(), reg.vm.processor))  # (B, 3, H, W), off the loop
+        return response(task, await until_disconnect(request, batcher.classify(task, px)))
 
     @router.post("/v1/images/classify")
-    async def classify(body: ImageClassifyBody) -> dict[str, Any]:
+    async def classify(body: ImageClassifyBody, request: Request) -> dict[str, Any]:
         """Label and class probabilities of each base64 image, batched with every other image task's rows."""
         task = reg.get(body.task)
-        return await run(task, decode_base64(body.images, max_inputs))
+        if len(body.images) > max_inputs:  # bounded before anything is decoded
+            raise TooLarge(f"images: {len(body.images)} images, at most {max_inputs} per request", param="images")
+        return await run(request, task, lambda: decode_base64(body.images, max_inputs))
 
     @router.post("/v1/images/classify/{task}")
     async def classify_upload(task: str, request: Request) -> dict[str, Any]:
         """The same for a multipart/form-data upload (one file part per image)."""
         t = reg.get(task, "task")
-        images = decode_multipart(request.headers.get("content-type", ""), await request.body(), max_inputs)
-        return await run(t, images)
+        ctype, body = request.headers.get("content-type", ""), await request.body()
+        return await run(request, t, lambda: decode_multipart(ctype, body, max_inputs))
+
+    return router
+
+
+def image_ops_router(reg: ImageRegistry, batcher: ImageBatcher, metrics: Metrics) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        """200 while serving; 503 once shutdown has begun."""
+        ok = batcher.running and not batcher.closing
+        body = {"status": "ok" if ok else "unavailable", "model": reg.vm.model_id, "family": "vision",
+                "tasks": len(reg), "queue_depth": batcher.queue_depth}  # fmt: skip
+        return JSONResponse(body, 200 if ok else 503)
+
+    @router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        """Prometheus text format, the text server's names: requests, errors, latency, rows, batches, queue."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @router.get("/v1/tasks", tags=["tasks"])
     async def tasks() -> dict[str, Any]:
         return {"model": reg.vm.model_id, "tasks": [t.info() for t in reg.tasks.values()], "refused": reg.refused}
 
-    @router.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": reg.vm.model_id, "family": "vision", "tasks": len(reg.tasks)}
+    @router.get("/v1/tasks/{name}", tags=["tasks"])
+    async def task(name: str, request: Request) -> dict[str, Any]:
+        t = reg.get(name, "name")
+        request.state.task = t.name
+        return t.info()
 
     return router
 
 
-def create_image_app(reg: ImageRegistry, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                     max_inputs: int = 256, max_body_bytes: int = 64 * 2**20) -> FastAPI:  # fmt: skip
-    """The image app; the text server's request middleware (softprompt.serve.http.Observe) counts every request
-    and answers a body over max_body_bytes with 413 while it is read."""
-    from fastapi.responses import Response
-
-    from softprompt.serve.http import Observe
-    from softprompt.serve.metrics import server_metrics
-
-    batcher = ImageBatcher(reg, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-    metrics = server_metrics()
+def create_image_app(
+    reg: ImageRegistry,
+    *,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_inputs: int = 256,
+    max_body_bytes: int = 64 * 2**20,
+    max_queue: int = 1024,
+    timeout_s: float = 60.0,
+    admin_token: str | None = None,
+    max_upload_bytes: int = 16 * 2**20,
+    metrics: Metrics | None = None,
+    drain_timeout_s: float | None = None,
+) -> FastAPI:
+    """The image app: the text server's request middleware (softprompt.serve.http.Observe: every request counted,
+    a body over max_body_bytes a 413 while it is read), error shape, limits (ImageBatcher) and admin endpoints
+    (softprompt.serve.app.task_admin_router, behind `admin_token`). The batcher starts and stops with the app's
+    lifespan; shutdown finishes every accepted request first."""
+    metrics = metrics or server_metrics()
+    batcher = ImageBatcher(reg, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                           timeout_s=timeout_s, metrics=metrics)  # fmt: skip
+    metrics.watch("softprompt_tasks", lambda: len(reg))
+    metrics.watch("softprompt_queue_depth", lambda: batcher.queue_depth)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
+        log.info("serving %d image task(s) on %s", len(reg), reg.vm.model_id)
         try:
             yield
         finally:
-            await batcher.stop()
+            log.info("shutting down: finishing %d queued request(s)", batcher.queue_depth)
+            await batcher.stop(drain=True, timeout=drain_timeout_s)
 
     app = FastAPI(title="softprompt (images)", version="1", lifespan=lifespan)
     app.add_exception_handler(ServeError, serve_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_middleware(Observe, metrics=metrics, max_body_bytes=max_body_bytes, max_admin_bytes=max_body_bytes)  # type: ignore[arg-type]
+    app.add_middleware(
+        Observe,  # type: ignore[arg-type]
+        metrics=metrics,
+        max_body_bytes=max_body_bytes,
+        max_admin_bytes=max(max_upload_bytes, 64 * 1024) + 1024,
+    )
     app.state.registry, app.state.batcher, app.state.metrics = reg, batcher, metrics
+    app.include_router(image_ops_router(reg, batcher, metrics))
     app.include_router(image_router(reg, batcher, max_inputs=max_inputs))
-
-    @app.get("/metrics", tags=["ops"])
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
+    app.include_router(task_admin_router(reg, metrics, admin_token, max_upload_bytes))
     return app
 
 
@@ -296,11 +629,25 @@ def image_prompts_in(directory: str | Path) -> str | None:
 
 
 def build_image_app(cfg: Any) -> FastAPI:
-    """The image app for a ServeConfig whose prompt directory holds image prompts."""
+    """The image app for a ServeConfig whose prompt directory holds image prompts: the same flags as the text
+    server where they apply (batching, --max-queue, --timeout-s, --max-inputs, --max-body-mb, --admin-token or
+    $SOFTPROMPT_ADMIN_TOKEN, --max-upload-mb)."""
+    from softprompt.serve.server import TOKEN_ENV
     from softprompt.vision.encoder import load_vision_model
 
+    cfg.validate()
     model = cfg.model or image_prompts_in(cfg.prompts)
     vm = load_vision_model(str(model), device=cfg.device, dtype=cfg.dtype, check=not cfg.skip_equivalence_check)
     reg = ImageRegistry(vm, cfg.prompts, allow_other_model=cfg.allow_other_model)
-    return create_image_app(reg, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                            max_inputs=cfg.max_inputs, max_body_bytes=int(cfg.max_body_mb * 2**20))  # fmt: skip
+    return create_image_app(
+        reg,
+        max_batch_size=cfg.max_batch_size,
+        max_wait_ms=cfg.max_wait_ms,
+        max_inputs=cfg.max_inputs,
+        max_body_bytes=int(cfg.max_body_mb * 2**20),
+        max_queue=cfg.max_queue,
+        timeout_s=cfg.timeout_s,
+        admin_token=cfg.admin_token or os.environ.get(TOKEN_ENV) or None,
+        max_upload_bytes=int(cfg.max_upload_mb * 2**20),
+        drain_timeout_s=cfg.timeout_s + 5,
+    )

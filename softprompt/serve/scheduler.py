@@ -56,6 +56,28 @@ class Request:
     cancelled: bool = False
 
 
+def check_room(depth: int, max_queue: int, max_batch_size: int, batch_s: float) -> None:
+    """QueueFull (429) when `depth` requests already wait in a queue of `max_queue`; Retry-After: the time the
+    queue takes to drain at `batch_s` seconds a batch (at least 1 s). Shared by the text and image schedulers."""
+    if depth >= max_queue:
+        wait = math.ceil(max(1.0, depth / max_batch_size * batch_s))
+        raise QueueFull(f"queue full ({max_queue} requests waiting); retry later", headers={"Retry-After": str(wait)})
+
+
+async def wait_for_result(req: Any, timeout_s: float) -> Any:
+    """The result of a queued request (`.future`, `.deadline` in time.monotonic(), `.cancelled`): Timeout (504)
+    at its deadline, queued or running; either way, or when the waiter is cancelled, the request is marked
+    cancelled so the worker skips it. Shared by the text and image schedulers."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(req.future), max(req.deadline - time.monotonic(), 0.001))
+    except asyncio.TimeoutError:
+        req.cancelled = True
+        raise Timeout(f"request timed out after {timeout_s:g} s") from None
+    except asyncio.CancelledError:
+        req.cancelled = True
+        raise
+
+
 @dataclass
 class BatchRecord:
     """What one model pass held (kept for tests, the benchmark and metrics)."""
@@ -175,11 +197,7 @@ class Scheduler:
     def _submit(self, req: Request) -> None:
         if self._closing:
             raise Unavailable("server is shutting down")
-        if len(self._queue) >= self.max_queue:
-            wait = math.ceil(max(1.0, len(self._queue) / self.max_batch_size * self._batch_s))
-            raise QueueFull(
-                f"queue full ({self.max_queue} requests waiting); retry later", headers={"Retry-After": str(wait)}
-            )
+        check_room(len(self._queue), self.max_queue, self.max_batch_size, self._batch_s)
         if not self.running:
             raise Unavailable("scheduler is not running")
         self._queue.append(req)
@@ -243,14 +261,7 @@ class Scheduler:
             req.cancelled = True  # no-op when done; stops the decoding of an abandoned stream
 
     async def _wait(self, req: Request) -> Any:
-        try:
-            return await asyncio.wait_for(asyncio.shield(req.future), max(req.deadline - time.monotonic(), 0.001))
-        except asyncio.TimeoutError:
-            req.cancelled = True
-            raise Timeout(f"request timed out after {self.timeout_s:g} s") from None
-        except asyncio.CancelledError:
-            req.cancelled = True
-            raise
+        return await wait_for_result(req, self.timeout_s)
 
     # ---- worker ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
