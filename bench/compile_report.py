@@ -163,7 +163,9 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None) -> str:
+def render(
+    res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None, notes: list[str] | None = None
+) -> str:
     dates = sorted({r["date"] for r in res.values() if "date" in r})
     lines = [
         TITLE,
@@ -195,6 +197,8 @@ def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = N
         if any(k.startswith(f"{key}:") for k in res):
             lines += task_table(key, res, (majority or {}).get(key)) + [""]
     lines += targets(res)
+    if notes:  # checks made by hand on the study's files, each saying how
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(ROOT / "runs" / "compile" / "results.jsonl"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results-compile.md"))
+    p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     a = p.parse_args(argv)
     src = Path(a.results)
     if not src.is_file():
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     tmp = out.with_name("." + out.name + ".tmp")
     res = load(src)
-    tmp.write_text(render(res, majority_rates(res)), encoding="utf-8")
+    tmp.write_text(render(res, majority_rates(res), a.note), encoding="utf-8")
     tmp.replace(out)  # atomic: the page is never half-written
     print(out)
     return 0
