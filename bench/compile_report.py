@@ -112,12 +112,14 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
         if m == "icl16-uncached" and runs.get(m) is None:
             continue
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
+    commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
     if any_run:
         lrs = ", ".join(f"{m} {r['lr']:g}" for m in ("pt", "distill", "lora", "ft") if (r := runs.get(m)) and "lr" in r)
         lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows"
                   + (f"; {steps} steps of batch {any_run.get('batch_size', 8)} for every trained method (peak lr: "
                      f"{lrs}; linear schedule, 10% warm-up)" if steps else "") + "."]  # fmt: skip
+        lines += [f"Command: `{c}` (finished runs are skipped)" for c in commands]
     return lines
 
 
