@@ -104,6 +104,7 @@ def sample(t: Task, train_n: int, eval_n: int, tmp: Path) -> tuple[str, str] | s
     seen = {json.dumps(r, sort_keys=True) for r in ev}
     tr = [r for r in pool if json.dumps(r, sort_keys=True) not in seen][:train_n]
     paths = []
+    tmp.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", tr), ("eval", ev)):
         p = tmp / f"{t.name}-{name}.jsonl"
         p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -184,7 +185,8 @@ class Study:
             r = getattr(self, f"run_{m}")(key)
             r.update(name=f"{key}:{m}", task=key, method=m, model=MODEL, wall_s=round(time.time() - t0, 1),
                      peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
-                     train_n=self.a.train_n, eval_n=len(self.eval_set), date=time.strftime("%Y-%m-%d"))  # fmt: skip
+                     train_n=self.a.train_n, eval_n=len(self.eval_set), date=time.strftime("%Y-%m-%d"),
+                     command="python -m bench.compile " + " ".join(sys.argv[1:]))  # fmt: skip
             self.record(r)
 
     # ---- timing -------------------------------------------------------------------------------------

@@ -112,12 +112,14 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
         if m == "icl16-uncached" and runs.get(m) is None:
             continue
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
+    commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
     if any_run:
         lrs = ", ".join(f"{m} {r['lr']:g}" for m in ("pt", "distill", "lora", "ft") if (r := runs.get(m)) and "lr" in r)
         lines += ["", f"Sample: {any_run['train_n']} training rows, {any_run['eval_n']} evaluation rows"
                   + (f"; {steps} steps of batch {any_run.get('batch_size', 8)} for every trained method (peak lr: "
                      f"{lrs}; linear schedule, 10% warm-up)" if steps else "") + "."]  # fmt: skip
+        lines += [f"Command: `{c}` (finished runs are skipped)" for c in commands]
     return lines
 
 
@@ -163,7 +165,9 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None) -> str:
+def render(
+    res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None, notes: list[str] | None = None
+) -> str:
     dates = sorted({r["date"] for r in res.values() if "date" in r})
     lines = [
         TITLE,
@@ -195,6 +199,8 @@ def render(res: dict[str, dict[str, Any]], majority: dict[str, float] | None = N
         if any(k.startswith(f"{key}:") for k in res):
             lines += task_table(key, res, (majority or {}).get(key)) + [""]
     lines += targets(res)
+    if notes:  # checks made by hand on the study's files, each saying how
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=str(ROOT / "runs" / "compile" / "results.jsonl"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results-compile.md"))
+    p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     a = p.parse_args(argv)
     src = Path(a.results)
     if not src.is_file():
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     tmp = out.with_name("." + out.name + ".tmp")
     res = load(src)
-    tmp.write_text(render(res, majority_rates(res)), encoding="utf-8")
+    tmp.write_text(render(res, majority_rates(res), a.note), encoding="utf-8")
     tmp.replace(out)  # atomic: the page is never half-written
     print(out)
     return 0

@@ -68,3 +68,8 @@ def test_a_context_under_400_tokens_is_not_the_targets_setting(tmp_path: Path) -
     page = compile_report.render(res)
     assert "the 16-shot context is 355 tokens (≥ 400: NO)" in page
     assert "96.0% — met, but not in the target's setting (see above)" in page
+
+
+def test_notes_are_listed(tmp_path: Path) -> None:
+    page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")), notes=["checked by hand"])
+    assert page.endswith("## Notes\n\n- checked by hand\n")
