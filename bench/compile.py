@@ -45,7 +45,7 @@ from bench._common import interleaved, note, peak_rss_bytes, rss_bytes
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
-METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft")
+METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp")
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class Study:
             reset_peak()
             base_rss = rss_bytes()
             t0 = time.time()
-            r = getattr(self, f"run_{m}")(key)
+            r = getattr(self, "run_" + m.replace("-", "_"))(key)
             r.update(name=f"{key}:{m}", task=key, method=m, model=MODEL, wall_s=round(time.time() - t0, 1),
                      peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
                      train_n=self.a.train_n, eval_n=len(self.eval_set), date=time.strftime("%Y-%m-%d"),
@@ -277,7 +277,9 @@ class Study:
         return {"steps": res.steps, "train_s_per_step": round(per_step, 3), "lr": cfg.train.lr,
                 "batch_size": cfg.train.batch_size, "metrics": res.last.metrics if res.last else {}}  # fmt: skip
 
-    def _prompt(self, key: str, method: str, lr: float, teacher_k: int | None = None) -> dict[str, Any]:
+    def _prompt(
+        self, key: str, method: str, lr: float, teacher_k: int | None = None, temperature: float = 1.0
+    ) -> dict[str, Any]:
         from softprompt.checkpoint import load_prompt
         from softprompt.distill import DistillObjective
         from softprompt.methods import checkpoint_prefix
@@ -286,7 +288,7 @@ class Study:
         cfg = self.cfg(key, method, lr)
         obj: Any = build_objective(cfg, self.backbone(), log=note)
         if teacher_k is not None:
-            obj = DistillObjective(obj, self.contexts[teacher_k])
+            obj = DistillObjective(obj, self.contexts[teacher_k], temperature=temperature)
         r = self._fit(obj, cfg)
         ck = load_prompt(cfg.train.out)
         with torch.no_grad():
@@ -307,6 +309,10 @@ class Study:
 
     def run_distill(self, key: str) -> dict[str, Any]:
         return self._prompt(key, "distill", self.a.pt_lr, teacher_k=16)
+
+    def run_distill_sharp(self, key: str) -> dict[str, Any]:  # --teacher-temperature: pulled toward the argmax
+        r = self._prompt(key, "distill-sharp", self.a.pt_lr, teacher_k=16, temperature=self.a.sharp_temperature)
+        return {**r, "teacher_temperature": self.a.sharp_temperature}
 
     def _weights(self, key: str, method: str, lr: float) -> dict[str, Any]:
         from softprompt.prompted import PromptedModel
@@ -416,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, default=200, help="evaluation rows of the fixed-seed sample")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sharp-temperature", type=float, default=0.25, help="distill-sharp's --teacher-temperature")
     p.add_argument("--tokens", type=int, default=20, help="soft tokens of the tuned and the distilled prompt")
     p.add_argument("--pt-lr", type=float, default=0.03)
     p.add_argument("--lora-lr", type=float, default=1e-3)

@@ -30,6 +30,7 @@ ROWS = [  # (method key, label)
     ("icl16-uncached", "ICL, k = 16, no context cache"),
     ("pt", "prompt tuning"),
     ("distill", "prompt distilled from the 16-shot context"),
+    ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
     ("ft", "full fine-tuning (AdamW, all weights)"),
 ]
@@ -126,9 +127,15 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
 def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     out = ["## Targets", ""]
     for key, name in TASK_NAMES.items():
-        d, t = res.get(f"{key}:distill"), res.get(f"{key}:icl16")
-        if not d or not t:
+        t = res.get(f"{key}:icl16")
+        tried = [r for m in ("distill", "distill-sharp") if (r := res.get(f"{key}:{m}"))]
+        if not tried or not t:
             continue
+        d = max(tried, key=lambda r: r["agreement"])  # the better-agreeing distilled prompt, named below
+        if len(tried) > 1:
+            pcts = " vs ".join(f"{r['agreement']:.1f}%" for r in tried)
+            out.append(f"- {name}: of the distilled prompts, {d['method']} agrees best with its teacher ({pcts}); "
+                       "the lines below are its.")  # fmt: skip
         ok_len = t["context_tokens"] >= 400 and d["num_tokens"] <= 20
         out.append(f"- {name}: the 16-shot context is {t['context_tokens']} tokens (≥ 400: "
                    f"{'yes' if t['context_tokens'] >= 400 else 'NO'}), the student {d['num_tokens']} soft tokens "

@@ -167,6 +167,9 @@ class DistillConfig:
     """longest sampled template field, in tokens (self-study)"""
     self_study_temperature: float = 1.0
     """sampling temperature of self-study"""
+    teacher_temperature: float = 1.0
+    """the teacher's class (or token) distribution is softmax(scores / T); T < 1 sharpens it toward its argmax, so the
+    student is pulled to agree with the teacher's predictions, not only to match near-ties"""
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for a missing hard prompt, a missing file or an out-of-range value."""
@@ -183,6 +186,8 @@ class DistillConfig:
             raise ConfigError("--self-study must be >= 0 and --self-study-tokens >= 1")
         if not (math.isfinite(self.self_study_temperature) and self.self_study_temperature > 0):
             raise ConfigError(f"--self-study-temperature must be > 0, got {self.self_study_temperature}")
+        if not (math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0):
+            raise ConfigError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")
 
 
 @dataclass(kw_only=True)

@@ -61,6 +61,7 @@ class DistillObjective:
     base: PromptObjective
     teacher: Context
     alpha: float = 0.0  # weight of the labelled cross-entropy next to the KL term
+    temperature: float = 1.0  # the teacher's distribution is softmax(scores / T): T < 1 sharpens it toward its argmax
 
     def __post_init__(self) -> None:
         if self.base.pm.family != "causal":
@@ -113,7 +114,7 @@ class DistillObjective:
         pm, labels = self.base.pm, self.base.task.label_ids
         batch = pm.collate([e.input_ids for e in rows], labels=[int(e.label or 0) for e in rows]).to(self.device)
         with torch.no_grad():
-            t = pm.label_scores(self.teacher_prefix, None, batch, labels).log_softmax(-1)  # (B, L)
+            t = (pm.label_scores(self.teacher_prefix, None, batch, labels) / self.temperature).log_softmax(-1)  # (B, L)
         s = pm.label_scores(self.base.prompt.prefix(pm), None, batch, labels).log_softmax(-1)  # (B, L)
         loss = F.kl_div(s, t, log_target=True, reduction="batchmean")
         labelled = torch.tensor([e.label is not None for e in rows], device=self.device)
@@ -128,7 +129,7 @@ class DistillObjective:
         assert batch.targets is not None
         valid = (batch.targets != -100).float()  # (B, M)
         with torch.no_grad():
-            t = token_logp(pm, self.teacher_prefix, batch)  # (B, M, V)
+            t = (token_logp(pm, self.teacher_prefix, batch) / self.temperature).log_softmax(-1)  # (B, M, V)
         s = token_logp(pm, self.base.prompt.prefix(pm), batch)  # (B, M, V)
         kl = (t.exp() * (t - s)).sum(-1)  # (B, M)
         loss = (kl * valid).sum() / valid.sum().clamp(min=1)
@@ -178,12 +179,18 @@ class DistillObjective:
             "student_tokens": n,
             "compression": round(len(self.teacher.token_ids) / max(1, n), 2),
             "alpha": self.alpha,
+            "teacher_temperature": self.temperature,
             **({"agreement": metrics.metrics["agreement"]} if isinstance(metrics, Evaluation) else {}),
         }
         self.base.save(metrics)
 
     def identity(self) -> dict[str, Any]:
-        return {**self.base.identity(), "--teacher": self.teacher.sha256, "--alpha": self.alpha}
+        return {
+            **self.base.identity(),
+            "--teacher": self.teacher.sha256,
+            "--alpha": self.alpha,
+            "--teacher-temperature": self.temperature,
+        }
 
 
 # ---- `softprompt distill` ------------------------------------------------------------------------------------
@@ -255,7 +262,7 @@ def run(args: argparse.Namespace, log=_stderr) -> int:
         rows += student.encode_texts(texts)[0]
         log(f"self-study: the model wrote {len(texts)} inputs from the hard prompt ({len(ctx.token_ids)} tokens)")
     base = build_objective(cfg, bb, log, train_set=rows)
-    obj = DistillObjective(base, ctx, alpha=dc.alpha)
+    obj = DistillObjective(base, ctx, alpha=dc.alpha, temperature=dc.teacher_temperature)
     res = fit(obj, cfg, files, log=log, t0=t0)
     last = res.last.metrics if res.last else {}
     log(f"distilled {len(ctx.token_ids)} hard-prompt tokens into {cfg.prompt.num_tokens} soft tokens: {cfg.train.out}"

@@ -48,11 +48,13 @@ def setup(tmp_path: Path, bb: Backbone, model_dir: Path) -> tuple[RunConfig, Dis
     return cfg, DistillObjective(base, ctx)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
 def test_loss_is_the_kl_of_the_models_own_forwards(
-    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, temperature: float
 ) -> None:
     bb = sharp_backbone("llama")
     _, obj = setup(tmp_path, bb, tiny_models_root / "sharp-llama")
+    obj.temperature = temperature  # --teacher-temperature: the teacher's class distribution is softmax(scores / T)
     rows = obj.base.train_set[:4]
     got = obj.loss(rows)
     pm, words = obj.base.pm, [v[0] for v in obj.base.task.label_ids]
@@ -61,7 +63,7 @@ def test_loss_is_the_kl_of_the_models_own_forwards(
     with torch.no_grad():
         for e in rows:  # teacher: [BOS][context tokens][input] as ids; student: hand-built embeddings
             ids = torch.tensor([pm.prefix_ids + obj.teacher.token_ids + e.input_ids])
-            t = bb.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[words].log_softmax(-1)
+            t = (bb.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)[words] / temperature).log_softmax(-1)
             emb = bb.model.get_input_embeddings()
             x = torch.cat([emb(torch.tensor(pm.prefix_ids)), prompt, emb(torch.tensor(e.input_ids))])[None]
             s = bb.model(inputs_embeds=x).logits[0, -1].float().log_softmax(-1)[words].log_softmax(-1)
