@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,7 @@ from softprompt.prompted import PromptedModel
 
 ROUTER = ("routed.router.weight", "routed.router.bias")
 ESTIMATOR = "gumbel-softmax straight-through, tau 1"
+ROUTER_INIT = 0.1  # router weight ~ N(0, ROUTER_INIT / d): Switch Transformer's scale-0.1 router initialisation
 
 
 def route(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,14 +70,22 @@ def balance_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 class RoutedPrompt(nn.Module):
     """K routes (K, P, d) and the router (K, d) + (K,)."""
 
-    def __init__(self, init: torch.Tensor, k: int, balance_weight: float) -> None:
+    def __init__(
+        self, init: torch.Tensor, k: int, balance_weight: float, *, noise: float = 0.0, seed: int = 0
+    ) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"--routes must be >= 1, got {k}")
-        self.routes = nn.Parameter(init.detach().float()[None].repeat(k, 1, 1).clone())  # (K, P, d)
-        self.router = nn.Linear(int(init.shape[1]), k)
-        nn.init.zeros_(self.router.weight)
-        nn.init.zeros_(self.router.bias)
+        g = torch.Generator().manual_seed(seed)  # CPU draws, so the init is the same on every device
+        base = init.detach().float().cpu()  # (P, d)
+        p, d = base.shape
+        scale = noise * float(base.pow(2).mean().sqrt())  # noise relative to the init's RMS
+        routes = base[None].repeat(k, 1, 1) + scale * torch.randn(k, p, d, generator=g)  # (K, P, d)
+        self.routes = nn.Parameter(routes.to(init.device))
+        self.router = nn.Linear(d, k)
+        with torch.no_grad():
+            self.router.weight.copy_(torch.randn(k, d, generator=g) * math.sqrt(ROUTER_INIT / d))
+            self.router.bias.zero_()
         self.balance_weight = balance_weight
         self.eval_routes: list[int] | None = None  # rows per route in the latest evaluation (softprompt.train)
 
@@ -139,7 +150,9 @@ class _Routed:
     exports: frozenset[str] = frozenset()  # PEFT prompt tuning and prompt tables hold one prompt, no router
 
     def create(self, pm: PromptedModel, init: torch.Tensor, cfg: Any) -> RoutedPrompt:
-        return RoutedPrompt(init, cfg.routes, cfg.balance_weight).to(pm.backbone.device)
+        # seeded by --seed: train seeds torch with it before the prompt is created (torch.initial_seed)
+        rp = RoutedPrompt(init, cfg.routes, cfg.balance_weight, noise=cfg.route_noise, seed=torch.initial_seed())
+        return rp.to(pm.backbone.device)
 
     def load_prefix(self, pm: PromptedModel, ckpt: PromptCheckpoint, *, kv: bool | None) -> Prefix:
         """The K routes as K entries (each built once: decoder-only, its own keys/values)."""
