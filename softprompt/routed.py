@@ -82,12 +82,27 @@ class RoutedPrompt(nn.Module):
         scale = noise * float(base.pow(2).mean().sqrt())  # noise relative to the init's RMS
         routes = base[None].repeat(k, 1, 1) + scale * torch.randn(k, p, d, generator=g)  # (K, P, d)
         self.routes = nn.Parameter(routes.to(init.device))
-        self.router = nn.Linear(d, k)
+        self.router = nn.Linear(d, k)  # W (K, d), b (K,): on the centred summary x - c
         with torch.no_grad():
             self.router.weight.copy_(torch.randn(k, d, generator=g) * math.sqrt(ROUTER_INIT / d))
             self.router.bias.zero_()
+        self.register_buffer("center", torch.zeros(d))  # (d,) the mean training summary (fit_inputs), 0 until set
         self.balance_weight = balance_weight
         self.eval_routes: list[int] | None = None  # rows per route in the latest evaluation (softprompt.train)
+
+    @property
+    def router_bias(self) -> torch.Tensor:
+        """(K,) the bias on the uncentred summary, as the file holds it: W (x - c) + b = W x + (b - W c)."""
+        return self.router.bias - self.router.weight @ self.center
+
+    def fit_inputs(self, pm: PromptedModel, inputs: list[list[int]], batch: int = 256) -> None:
+        """Set the router's centre c: the mean summary of the training inputs (a function of the data, recomputed
+        identically on --resume; no backbone pass)."""
+        total = torch.zeros(self.center.shape[0], dtype=torch.float64)
+        for i in range(0, len(inputs), batch):
+            b = pm.collate(inputs[i : i + batch])
+            total += input_summary(pm, b.ids.to(self.center.device), b.mask.to(self.center.device)).double().sum(0).cpu()
+        self.center.copy_((total / max(len(inputs), 1)).float())
 
     @property
     def num_routes(self) -> int:
@@ -105,9 +120,9 @@ class RoutedPrompt(nn.Module):
         x = input_summary(pm, ids, mask)  # (N, d)
         if not train:  # the K routes as K entries (each built once), rows = each row's route
             with torch.no_grad():
-                r = route(self.router.weight, self.router.bias, x)
+                r = route(self.router.weight, self.router_bias, x)
                 return RowPrefix(pm.build_prefix(list(self.routes.detach())), r, routes=r)
-        logits = self.router(x)  # (N, K)
+        logits = F.linear(x, self.router.weight, self.router_bias)  # (N, K)
         u = torch.rand(logits.shape).clamp(1e-9, 1 - 1e-9).to(logits.device)  # CPU RNG: restored by --resume
         y = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
         soft = y.softmax(-1)  # (N, K)
@@ -124,7 +139,7 @@ class RoutedPrompt(nn.Module):
         meta = {"routes": k, "tokens": p, "balance_weight": self.balance_weight, "estimator": ESTIMATOR}
         if self.eval_routes is not None:
             meta["eval_routes"] = self.eval_routes
-        tensors = {ROUTER[0]: self.router.weight.detach(), ROUTER[1]: self.router.bias.detach()}
+        tensors = {ROUTER[0]: self.router.weight.detach(), ROUTER[1]: self.router_bias.detach()}
         return self.routes.detach().reshape(k * p, d), tensors, {"method": "routed", "routed": meta}
 
 
