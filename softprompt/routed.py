@@ -70,9 +70,7 @@ def balance_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 class RoutedPrompt(nn.Module):
     """K routes (K, P, d) and the router (K, d) + (K,)."""
 
-    def __init__(
-        self, init: torch.Tensor, k: int, balance_weight: float, *, noise: float = 0.0, seed: int = 0
-    ) -> None:
+    def __init__(self, init: torch.Tensor, k: int, balance_weight: float, *, noise: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"--routes must be >= 1, got {k}")
@@ -101,7 +99,9 @@ class RoutedPrompt(nn.Module):
         total = torch.zeros(self.center.shape[0], dtype=torch.float64)
         for i in range(0, len(inputs), batch):
             b = pm.collate(inputs[i : i + batch])
-            total += input_summary(pm, b.ids.to(self.center.device), b.mask.to(self.center.device)).double().sum(0).cpu()
+            total += (
+                input_summary(pm, b.ids.to(self.center.device), b.mask.to(self.center.device)).double().sum(0).cpu()
+            )
         self.center.copy_((total / max(len(inputs), 1)).float())
 
     @property
