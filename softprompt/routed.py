@@ -6,7 +6,7 @@ representation needing no extra backbone pass: softprompt.dynamic.input_summary,
 the input's frozen token embeddings.
 
     x = input_summary(input)                    (d,)
-    logits = W x + b                            (K,)   router: W (K, d), b (K,)
+    logits = W (x - c) + b                      (K,)   router: W (K, d), b (K,); c (d,) the centre (below)
     inference: route = argmax(logits); the row runs under route P_route (P, d) unchanged (no gate scaling)
 
 Inference is a mixed-prefix batch, the path the server already has: the K routes are K prefix entries, each built
@@ -23,11 +23,24 @@ prompts, concatenated in front of the input (one pass; no K/V sharing while trai
 Load balancing (Switch Transformer, Fedus et al. 2022): aux = --balance-weight * K * sum_k f_k * p_k, f_k the share
 of the batch's rows routed to k, p_k the mean router probability softmax(logits)_k; added to the training loss.
 
-Initialisation: every route starts from the --init prompt (P, d); the router starts at zero (uniform), so the
-Gumbel noise alone picks routes until the routes (each trained by its own rows) and then the router diverge.
+Against route collapse (the first study, docs/results-dynamic.md: identical routes, a zero router and balance
+weight 0.01 sent every evaluation row of SST-2 and AG News to one route):
+- Routes start distinct: route k = the --init prompt + --route-noise * rms(init) * N(0, 1) (default 0.1), drawn
+  from a CPU generator seeded by --seed. Identical routes give the router exactly no task gradient (its
+  straight-through gradient is <d loss / d prompt, P_k - P_j>), so only the load-balancing term moved it at first.
+- The router starts small and random, as Switch Transformer's does (W ~ N(0, 0.1 / d), b = 0), not at zero.
+- The router scores the centred summary x - c, c the mean summary of the training inputs (fit_inputs, before
+  training; a function of the data, so --resume recomputes it). Summaries share most of their direction (the
+  template's tokens: cosine ~0.8 to their mean on SST-2), so on the raw x the router's weight acts mostly as a
+  bias that Adam moves by ~lr per coordinate, i.e. every row's logits by up to lr * |x|_1 per step: one route wins
+  for every input within a few steps and the saturated softmax then hides it from the balance term. Centred, a
+  random router splits the inputs through their mean and the load is the bias's, which the balance term controls.
+- --balance-weight defaults to 0.1 (Switch: 0.01, over many tokens per batch; here a batch of 8 rows, whose noisy
+  f_k makes the term weak, and the first study's collapse at 0.01).
 
-File: `prompt` (K*P, d), the routes stacked (route k = rows k*P .. k*P+P-1); `routed.router.weight` (K, d),
-`routed.router.bias` (K,); metadata `routed` {routes, tokens, balance_weight, estimator, eval_routes: rows per
+File: `prompt` (K*P, d), the routes stacked (route k = rows k*P .. k*P+P-1); `routed.router.weight` W (K, d),
+`routed.router.bias` (K,), the centre folded in: b - W c, so a file's route is argmax(W x + b') as before the
+centre existed (files made before it load and route as they did); metadata `routed` {routes, tokens, balance_weight, estimator, eval_routes: rows per
 route in the evaluation at save}. `num_tokens` is the file's rows, K*P: the position budget reserves K*P positions
 (a row uses P). Export: none of the formats can hold a router (PEFT prompt tuning, prompt tables: refused).
 
@@ -36,9 +49,8 @@ Notation: N rows, T tokens, d embedding width, K routes, P tokens per route.
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +81,8 @@ def balance_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 class RoutedPrompt(nn.Module):
     """K routes (K, P, d) and the router (K, d) + (K,)."""
+
+    center: torch.Tensor  # (d,) buffer: the router's centre c
 
     def __init__(self, init: torch.Tensor, k: int, balance_weight: float, *, noise: float = 0.0, seed: int = 0) -> None:
         super().__init__()

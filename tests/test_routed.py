@@ -23,9 +23,9 @@ from softprompt import methods
 from softprompt.api import Predictor
 from softprompt.checkpoint import load_prompt, save_prompt
 from softprompt.config import DataConfig, ModelConfig, PromptConfig, RunConfig, TrainConfig
+from softprompt.dynamic import input_summary
 from softprompt.models import Backbone
 from softprompt.prompted import PromptedModel
-from softprompt.dynamic import input_summary
 from softprompt.routed import RoutedPrompt
 from softprompt.train import train
 
