@@ -40,6 +40,8 @@ METHODS = {
     "routed": {"method": "routed", "num_tokens": 5, "routes": 2, "balance_weight": 0.01, "route_noise": 0.0},
     # routed v2: the defaults after the route-collapse fix (route noise 0.1, small random router, balance weight 0.1)
     "routed-v2": {"method": "routed", "num_tokens": 5, "routes": 2},
+    # one extra setting: SMoP's K = 4 routes x 5 tokens (13,828 trainable parameters, 2.4x the plain prompt's)
+    "routed-v2-k4": {"method": "routed", "num_tokens": 5, "routes": 4},
     "conditioned": {"method": "conditioned", "num_tokens": 5, "rank": 1},
 }
 TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}
