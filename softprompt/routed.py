@@ -42,7 +42,8 @@ File: `prompt` (K*P, d), the routes stacked (route k = rows k*P .. k*P+P-1); `ro
 `routed.router.bias` (K,), the centre folded in: b - W c, so a file's route is argmax(W x + b') as before the
 centre existed (files made before it load and route as they did); metadata `routed` {routes, tokens,
 balance_weight, estimator, eval_routes: rows per route in the evaluation at save}. `num_tokens` is the file's
-rows, K*P: the position budget reserves K*P positions (a row uses P). Export: none of the formats can hold a router (PEFT prompt tuning, prompt tables: refused).
+rows, K*P: the position budget reserves K*P positions (a row uses P). Export: none of the formats can hold a
+router (PEFT prompt tuning, prompt tables: refused).
 
 Notation: N rows, T tokens, d embedding width, K routes, P tokens per route.
 """
