@@ -33,9 +33,9 @@ weight 0.01 sent every evaluation row of SST-2 and AG News to one route):
   training; a function of the data, so --resume recomputes it). Summaries share most of their direction (cosine
   ~0.8 to their mean on SST-2), so on the raw x the router's weight acts mostly as a bias, which Adam moves by ~lr
   per coordinate, i.e. every row's logits by up to lr * |x|_1 per step: one route can win for every input and the
-  saturated softmax then hides it from the balance term (without the centring, the fix below still collapsed on
-  SST-2). Centred, a random router splits the inputs through their mean, and the load is the bias's, which the
-  balance term controls.
+  saturated softmax then hides it from the balance term (without the centring, the other three changes still
+  collapsed on SST-2). Centred, a random router splits the inputs through their mean, and the load is the bias's,
+  which the balance term controls.
 - --balance-weight defaults to 0.1 (Switch uses 0.01, over thousands of tokens per batch). Chosen, not tuned: the
   first study collapsed at 0.01; 0.1 with the centring kept both routes used on SST-2 and AG News (one value tried).
 
