@@ -35,7 +35,14 @@ MODEL = "smollm2-135m"
 COMMON = {"max_steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 0.01, "init": "labels", "seed": 0}
 METHODS = {
     "plain": {"method": "prompt", "num_tokens": 10},
-    "routed": {"method": "routed", "num_tokens": 5, "routes": 2},
+    # routed v1 (results cached from the first study): identical route inits, zero router, balance weight 0.01. The
+    # zero router and the uncentred summary are gone from softprompt.routed, so a rerun of this row is not v1 exactly.
+    "routed": {"method": "routed", "num_tokens": 5, "routes": 2, "balance_weight": 0.01, "route_noise": 0.0},
+    # routed v2: the defaults after the route-collapse fix (route noise 0.1, small random router on the centred
+    # summary, balance weight 0.1)
+    "routed-v2": {"method": "routed", "num_tokens": 5, "routes": 2},
+    # one extra setting: SMoP's K = 4 routes x 5 tokens (13,828 trainable parameters, 2.4x the plain prompt's)
+    "routed-v2-k4": {"method": "routed", "num_tokens": 5, "routes": 4},
     "conditioned": {"method": "conditioned", "num_tokens": 5, "rank": 1},
 }
 TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}

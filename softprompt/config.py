@@ -80,8 +80,11 @@ class PromptConfig:
     """--reparam residual: the bottleneck width of its MLP."""
     routes: int = 4
     """--method routed: K, the number of prompts (routes) of --num-tokens tokens each; every input takes one."""
-    balance_weight: float = 0.01
+    balance_weight: float = 0.1
     """--method routed: weight of the load-balancing loss (Switch-Transformer style) added to the training loss."""
+    route_noise: float = 0.1
+    """--method routed: route k starts from the --init prompt plus seeded Gaussian noise of this standard deviation,
+    relative to the init's RMS (0: every route starts from the --init prompt)."""
     rank: int = 1
     """--method conditioned: rank r of the input-dependent part of the prompt (softprompt.conditioned)."""
     layer: int = 0
@@ -242,6 +245,7 @@ class RunConfig:
             (p.reparam_hidden >= 1, "--reparam-hidden must be >= 1"),
             (p.routes >= 1, "--routes must be >= 1"),
             (p.balance_weight >= 0 and math.isfinite(p.balance_weight), "--balance-weight must be a number >= 0"),
+            (p.route_noise >= 0 and math.isfinite(p.route_noise), "--route-noise must be a number >= 0"),
             (p.rank >= 1, "--rank must be >= 1"),
             (p.method != "late" or p.layer >= 1, "--layer L (0 < L < the model's layers) is required by --method late"),
             (p.method == "late" or p.layer == 0, "--layer is for --method late"),

@@ -6,7 +6,7 @@ representation needing no extra backbone pass: softprompt.dynamic.input_summary,
 the input's frozen token embeddings.
 
     x = input_summary(input)                    (d,)
-    logits = W x + b                            (K,)   router: W (K, d), b (K,)
+    logits = W (x - c) + b                      (K,)   router: W (K, d), b (K,); c (d,) the centre (below)
     inference: route = argmax(logits); the row runs under route P_route (P, d) unchanged (no gate scaling)
 
 Inference is a mixed-prefix batch, the path the server already has: the K routes are K prefix entries, each built
@@ -23,19 +23,35 @@ prompts, concatenated in front of the input (one pass; no K/V sharing while trai
 Load balancing (Switch Transformer, Fedus et al. 2022): aux = --balance-weight * K * sum_k f_k * p_k, f_k the share
 of the batch's rows routed to k, p_k the mean router probability softmax(logits)_k; added to the training loss.
 
-Initialisation: every route starts from the --init prompt (P, d); the router starts at zero (uniform), so the
-Gumbel noise alone picks routes until the routes (each trained by its own rows) and then the router diverge.
+Against route collapse (the first study, docs/results-dynamic.md: identical routes, a zero router and balance
+weight 0.01 sent every evaluation row of SST-2 and AG News to one route):
+- Routes start distinct: route k = the --init prompt + --route-noise * rms(init) * N(0, 1) (default 0.1), drawn
+  from a CPU generator seeded by --seed. Identical routes give the router exactly no task gradient (its
+  straight-through gradient is <d loss / d prompt, P_k - P_j>), so only the load-balancing term moved it at first.
+- The router starts small and random, as Switch Transformer's does (W ~ N(0, 0.1 / d), b = 0), not at zero.
+- The router scores the centred summary x - c, c the mean summary of the training inputs (fit_inputs, before
+  training; a function of the data, so --resume recomputes it). Summaries share most of their direction (cosine
+  ~0.8 to their mean on SST-2), so on the raw x the router's weight acts mostly as a bias, which Adam moves by ~lr
+  per coordinate, i.e. every row's logits by up to lr * |x|_1 per step: one route can win for every input and the
+  saturated softmax then hides it from the balance term (without the centring, the other three changes still
+  collapsed on SST-2). Centred, a random router splits the inputs through their mean, and the load is the bias's,
+  which the balance term controls.
+- --balance-weight defaults to 0.1 (Switch uses 0.01, over thousands of tokens per batch). Chosen, not tuned: the
+  first study collapsed at 0.01; 0.1 with the centring kept both routes used on SST-2 and AG News (one value tried).
 
-File: `prompt` (K*P, d), the routes stacked (route k = rows k*P .. k*P+P-1); `routed.router.weight` (K, d),
-`routed.router.bias` (K,); metadata `routed` {routes, tokens, balance_weight, estimator, eval_routes: rows per
-route in the evaluation at save}. `num_tokens` is the file's rows, K*P: the position budget reserves K*P positions
-(a row uses P). Export: none of the formats can hold a router (PEFT prompt tuning, prompt tables: refused).
+File: `prompt` (K*P, d), the routes stacked (route k = rows k*P .. k*P+P-1); `routed.router.weight` W (K, d),
+`routed.router.bias` (K,), the centre folded in: b - W c, so a file's route is argmax(W x + b') as before the
+centre existed (files made before it load and route as they did); metadata `routed` {routes, tokens,
+balance_weight, estimator, eval_routes: rows per route in the evaluation at save}. `num_tokens` is the file's
+rows, K*P: the position budget reserves K*P positions (a row uses P). Export: none of the formats can hold a
+router (PEFT prompt tuning, prompt tables: refused).
 
 Notation: N rows, T tokens, d embedding width, K routes, P tokens per route.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,6 +65,7 @@ from softprompt.prompted import PromptedModel
 
 ROUTER = ("routed.router.weight", "routed.router.bias")
 ESTIMATOR = "gumbel-softmax straight-through, tau 1"
+ROUTER_INIT = 0.1  # router weight ~ N(0, ROUTER_INIT / d): Switch Transformer's scale-0.1 router initialisation
 
 
 def route(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,16 +84,41 @@ def balance_loss(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 class RoutedPrompt(nn.Module):
     """K routes (K, P, d) and the router (K, d) + (K,)."""
 
-    def __init__(self, init: torch.Tensor, k: int, balance_weight: float) -> None:
+    center: torch.Tensor  # (d,) buffer: the router's centre c
+
+    def __init__(self, init: torch.Tensor, k: int, balance_weight: float, *, noise: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"--routes must be >= 1, got {k}")
-        self.routes = nn.Parameter(init.detach().float()[None].repeat(k, 1, 1).clone())  # (K, P, d)
-        self.router = nn.Linear(int(init.shape[1]), k)
-        nn.init.zeros_(self.router.weight)
-        nn.init.zeros_(self.router.bias)
+        g = torch.Generator().manual_seed(seed)  # CPU draws, so the init is the same on every device
+        base = init.detach().float().cpu()  # (P, d)
+        p, d = base.shape
+        scale = noise * float(base.pow(2).mean().sqrt())  # noise relative to the init's RMS
+        routes = base[None].repeat(k, 1, 1) + scale * torch.randn(k, p, d, generator=g)  # (K, P, d)
+        self.routes = nn.Parameter(routes.to(init.device))
+        self.router = nn.Linear(d, k)  # W (K, d), b (K,): on the centred summary x - c
+        with torch.no_grad():
+            self.router.weight.copy_(torch.randn(k, d, generator=g) * math.sqrt(ROUTER_INIT / d))
+            self.router.bias.zero_()
+        self.register_buffer("center", torch.zeros(d))  # (d,) the mean training summary (fit_inputs), 0 until set
         self.balance_weight = balance_weight
         self.eval_routes: list[int] | None = None  # rows per route in the latest evaluation (softprompt.train)
+
+    @property
+    def router_bias(self) -> torch.Tensor:
+        """(K,) the bias on the uncentred summary, as the file holds it: W (x - c) + b = W x + (b - W c)."""
+        return self.router.bias - self.router.weight @ self.center
+
+    def fit_inputs(self, pm: PromptedModel, inputs: list[list[int]], batch: int = 256) -> None:
+        """Set the router's centre c: the mean summary of the training inputs (a function of the data, recomputed
+        identically on --resume; no backbone pass)."""
+        total = torch.zeros(self.center.shape[0], dtype=torch.float64)
+        for i in range(0, len(inputs), batch):
+            b = pm.collate(inputs[i : i + batch])
+            total += (
+                input_summary(pm, b.ids.to(self.center.device), b.mask.to(self.center.device)).double().sum(0).cpu()
+            )
+        self.center.copy_((total / max(len(inputs), 1)).float())
 
     @property
     def num_routes(self) -> int:
@@ -94,9 +136,9 @@ class RoutedPrompt(nn.Module):
         x = input_summary(pm, ids, mask)  # (N, d)
         if not train:  # the K routes as K entries (each built once), rows = each row's route
             with torch.no_grad():
-                r = route(self.router.weight, self.router.bias, x)
+                r = route(self.router.weight, self.router_bias, x)
                 return RowPrefix(pm.build_prefix(list(self.routes.detach())), r, routes=r)
-        logits = self.router(x)  # (N, K)
+        logits = F.linear(x, self.router.weight, self.router_bias)  # (N, K)
         u = torch.rand(logits.shape).clamp(1e-9, 1 - 1e-9).to(logits.device)  # CPU RNG: restored by --resume
         y = logits - torch.log(-torch.log(u))  # + Gumbel(0, 1)
         soft = y.softmax(-1)  # (N, K)
@@ -113,7 +155,7 @@ class RoutedPrompt(nn.Module):
         meta = {"routes": k, "tokens": p, "balance_weight": self.balance_weight, "estimator": ESTIMATOR}
         if self.eval_routes is not None:
             meta["eval_routes"] = self.eval_routes
-        tensors = {ROUTER[0]: self.router.weight.detach(), ROUTER[1]: self.router.bias.detach()}
+        tensors = {ROUTER[0]: self.router.weight.detach(), ROUTER[1]: self.router_bias.detach()}
         return self.routes.detach().reshape(k * p, d), tensors, {"method": "routed", "routed": meta}
 
 
@@ -139,7 +181,9 @@ class _Routed:
     exports: frozenset[str] = frozenset()  # PEFT prompt tuning and prompt tables hold one prompt, no router
 
     def create(self, pm: PromptedModel, init: torch.Tensor, cfg: Any) -> RoutedPrompt:
-        return RoutedPrompt(init, cfg.routes, cfg.balance_weight).to(pm.backbone.device)
+        # seeded by --seed: train seeds torch with it before the prompt is created (torch.initial_seed)
+        rp = RoutedPrompt(init, cfg.routes, cfg.balance_weight, noise=cfg.route_noise, seed=torch.initial_seed())
+        return rp.to(pm.backbone.device)
 
     def load_prefix(self, pm: PromptedModel, ckpt: PromptCheckpoint, *, kv: bool | None) -> Prefix:
         """The K routes as K entries (each built once: decoder-only, its own keys/values)."""

@@ -235,6 +235,9 @@ def build_objective(
     if method.per_row and spec.task != "classify":
         raise ConfigError(f"--method {method.name}: classification tasks only (--task classify)")
     prompt = method.create(pm, init, cfg.prompt)  # started from the --init embeddings
+    fit_inputs = getattr(prompt, "fit_inputs", None)  # routed: the router's centre, from the training inputs
+    if fit_inputs is not None:
+        fit_inputs(pm, [e.input_ids for e in train_set])
     meta = {
         "base_model": bb.model_id,
         "architecture": bb.architecture,

@@ -23,6 +23,7 @@ from softprompt import methods
 from softprompt.api import Predictor
 from softprompt.checkpoint import load_prompt, save_prompt
 from softprompt.config import DataConfig, ModelConfig, PromptConfig, RunConfig, TrainConfig
+from softprompt.dynamic import input_summary
 from softprompt.models import Backbone
 from softprompt.prompted import PromptedModel
 from softprompt.routed import RoutedPrompt
@@ -177,6 +178,95 @@ def test_training_forward_is_the_route_and_gradients_reach_only_prompt_and_route
     assert rp_mod.router.weight.grad is not None and rp_mod.router.weight.grad.abs().sum() > 0
 
 
+def test_routes_start_distinct_seeded_and_the_router_random() -> None:
+    """Route k = the --init prompt + seeded Gaussian noise (--route-noise, relative to the init's RMS); the router's
+    weight ~ N(0, 0.1 / d) (Switch's scale-0.1 init), bias 0; the same seed gives the same tensors."""
+    init = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    a, b = RoutedPrompt(init, 4, 0.1, noise=0.1, seed=7), RoutedPrompt(init, 4, 0.1, noise=0.1, seed=7)
+    assert torch.equal(a.routes, b.routes) and torch.equal(a.router.weight, b.router.weight)
+    c = RoutedPrompt(init, 4, 0.1, noise=0.1, seed=8)
+    assert not torch.equal(a.routes, c.routes) and not torch.equal(a.router.weight, c.router.weight)
+    rms = float(init.pow(2).mean().sqrt())
+    for i in range(4):
+        dev = float((a.routes[i].detach() - init).pow(2).mean().sqrt()) / rms
+        assert 0.05 < dev < 0.2  # near the init, 0.1 of its RMS away
+        for j in range(i):
+            assert not torch.allclose(a.routes[i], a.routes[j])
+    assert a.router.weight.abs().sum() > 0 and float(a.router.weight.detach().std()) == pytest.approx(
+        (0.1 / 16) ** 0.5, rel=0.3
+    )
+    assert torch.equal(a.router.bias, torch.zeros(4))
+    same = RoutedPrompt(init, 4, 0.1, noise=0.0, seed=7)
+    assert all(torch.equal(r, init) for r in same.routes)  # --route-noise 0: every route is the init
+
+
+def test_the_router_centre_folds_into_the_saved_bias(tiny_backbone: BackboneFn) -> None:
+    """The router scores x - c (c: the mean training summary); the file holds W and b - W c, so the saved router's
+    argmax W x + b' is the trained one's and a row's route needs no centre at inference. At init, a random router
+    through the centre already splits inputs that share most of their summary (a long common template)."""
+    bb = tiny_backbone("llama")
+    pm = PromptedModel(bb)
+    rp = RoutedPrompt(torch.randn(2, bb.embed_dim) * 0.3, 3, 0.1, noise=0.1, seed=0)
+    common = "the following is a short review of a film and the sentiment of the review : "
+    texts = [common + t for t in TEXTS * 4]
+    inputs = [pm.encode_input(t) for t in texts]
+    rp.fit_inputs(pm, inputs)
+    batch = pm.collate(inputs)
+    x = input_summary(pm, batch.ids, batch.mask)
+    torch.testing.assert_close(rp.center, x.double().mean(0).float())
+    _, tensors, _ = rp.saved()
+    w, b = tensors["routed.router.weight"], tensors["routed.router.bias"]
+    torch.testing.assert_close(x @ w.T + b, (x - rp.center) @ rp.router.weight.T + rp.router.bias)
+    out = rp.row_prefix(pm, batch.ids, batch.mask, train=False)
+    assert out.routes is not None and torch.equal(out.routes, (x @ w.T + b).argmax(-1))
+    assert len(set(out.routes.tolist())) >= 2
+
+
+def test_routes_follow_the_input_when_the_right_route_depends_on_it(
+    sharp_backbone: BackboneFn, tiny_models_root: Path, tmp_path: Path
+) -> None:
+    """Two clusters of inputs (fruit words: label good; landscape words: label bad) behind a long common template:
+    trained with the defaults, the router sends each cluster to its own route (both routes used on the evaluation
+    rows, each cluster's rows >= 15 of 16 to one route). Before the route-collapse fix (identical routes, a zero
+    router on the uncentred summary, balance weight 0.01) this ended with the clusters mixed over the routes."""
+    import random
+
+    bb = sharp_backbone("llama")
+    fruit = "apple banana cherry grape lemon mango peach pear plum melon".split()
+    land = "river mountain ocean forest desert valley island canyon glacier meadow".split()
+    rng = random.Random(0)
+    clusters = [[" ".join(rng.choice(words) for _ in range(4)) for _ in range(16)] for words in (fruit, land)]
+    rows = [{"text": t, "label": lab} for a, b in zip(*clusters, strict=True) for t, lab in ((a, "p"), (b, "n"))]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    template = ("the following is a short review of a film , and the sentiment of the review , written by a critic for "
+                "a newspaper in the city : {text} . the sentiment of this review is")  # fmt: skip
+    cfg = RunConfig(
+        model=ModelConfig(model=str(tiny_models_root / "sharp-llama"), device="cpu"),
+        data=DataConfig(train=str(data), eval=str(data), template=template, labels="p=good,n=bad"),
+        prompt=PromptConfig(num_tokens=2, init="labels", method="routed", routes=2),
+        train=TrainConfig(
+            max_steps=30,
+            batch_size=8,
+            lr=0.3,
+            warmup_steps=0,
+            progress=False,
+            eval_every=30,
+            out=str(tmp_path / "c.safetensors"),
+        ),  # fmt: skip
+    )
+    res = train(cfg, backbone=bb, log=lambda s: None)
+    per = []
+    for texts in clusters:
+        pred = Predictor.load(res.out, backbone=bb)
+        pred.predict(texts)
+        per.append(pred.prefix.routes[0].tolist())  # type: ignore[union-attr]
+    assert sum(1 for k in range(2) if per[0][k] + per[1][k] > 0) == 2  # both routes used on the evaluation rows
+    a, b = (max(range(2), key=lambda k: c[k]) for c in per)  # each cluster's main route
+    assert a != b and per[0][a] >= 15 and per[1][b] >= 15, per
+    assert res.metrics["accuracy"] >= 0.9
+
+
 def run_config(model: Path, data: Path, out: Path, **prompt: object) -> RunConfig:
     return RunConfig(
         model=ModelConfig(model=str(model), device="cpu"),
@@ -229,13 +319,14 @@ def test_cli_train_eval_predict_info_and_export(
     out = tmp_path / "r.safetensors"
     argv = ["train", "--model", str(tiny_dir("bert")), "--train", str(data), "--eval", str(data), "--out", str(out),
             "--labels", "p=good,n=bad", "--head", "linear", "--method", "routed", "--routes", "3",
-            "--balance-weight", "0.1", "--num-tokens", "2", "--max-steps", "3", "--batch-size", "4",
+            "--balance-weight", "0.1", "--route-noise", "0.2", "--num-tokens", "2", "--max-steps", "3", "--batch-size", "4",
             "--warmup-steps", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
     rc, _, err = run(capsys, argv)
     assert rc == 0, err
     ck = load_prompt(out)
     assert ck.meta["method"] == "routed" and ck.prompt.shape == (6, ck.embed_dim)
     assert ck.meta["routed"]["routes"] == 3 and ck.meta["routed"]["balance_weight"] == 0.1
+    assert ck.meta["train_config"]["prompt"]["route_noise"] == 0.2
     rc, info, _ = run(capsys, ["info", str(out)])
     routes = json.loads(info)["routed"]["eval_routes"]  # rows per route in the evaluation at save
     assert rc == 0 and sum(routes) == len(TEXTS) * 2 and len(routes) == 3
