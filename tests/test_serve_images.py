@@ -23,7 +23,7 @@ from tiny_vision import quadrant_image, save_tiny_vision
 
 from softprompt.checkpoint import load_prompt, save_prompt
 from softprompt.config import PromptConfig
-from softprompt.serve.image_registry import ImageRegistry
+from softprompt.serve.image_tasks import ImageRegistry
 from softprompt.serve.images import classify_rows, create_image_app
 from softprompt.vision.api import ImagePredictor
 from softprompt.vision.coop import METHOD as COOP

@@ -58,42 +58,17 @@ from softprompt.serve.errors import (
     Unprocessable,
 )
 from softprompt.serve.http import INFERENCE_ERRORS, Observe, serve_error, until_disconnect, validation_error
-from softprompt.serve.image_registry import SUFFIX, ImageRegistry, ImageTask
+from softprompt.serve.image_tasks import SUFFIX, ImageRegistry, ImageTask, classify_rows
 from softprompt.serve.limits import RateLimitedLog
 from softprompt.serve.metrics import Metrics, server_metrics
 from softprompt.serve.scheduler import check_room, wait_for_result
 from softprompt.vision.api import rows_of
-from softprompt.vision.encoder import VisionModel, VisualPrompt
+from softprompt.vision.encoder import VisionModel
 from softprompt.vision.images import BadImageError, image_from_bytes, preprocess
 
 log = logging.getLogger("softprompt.serve")
 _notes = RateLimitedLog(log)
 T = TypeVar("T")
-
-
-@torch.no_grad()
-def classify_rows(vm: VisionModel, rows: list[tuple[ImageTask, torch.Tensor]]) -> list[torch.Tensor]:
-    """Class probabilities (C_task,) of each row (task, pixels (3, H, W)), computed in one batch mixed across
-    tasks: one forward per group (module docstring), in row order out."""
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (task, _) in enumerate(rows):
-        groups.setdefault(task.group(), []).append(i)
-    for key, idx in groups.items():
-        px = torch.stack([rows[i][1] for i in idx]).to(vm.device)  # (B, 3, H, W)
-        if key[0] == "coop":
-            from softprompt.vision.coop import image_features, scale_logits
-
-            img = image_features(vm, px)  # (B, D): one plain image forward for every CoOp row
-            for j, i in enumerate(idx):
-                task = rows[i][0]
-                out[i] = scale_logits(vm, img[j : j + 1], task.prompt.text_features(vm, grad=False))[0]
-            continue
-        tokens = torch.cat([rows[i][0].prompt.prefix(vm).tokens for i in idx])  # (B, L', P, d): per-row prompts
-        feats = vm.features(px, VisualPrompt(tokens, deep=bool(key[1]), kv=True))  # (B, d)
-        for j, i in enumerate(idx):
-            out[i] = rows[i][0].head(feats[j : j + 1])[0]
-    return [o.float().softmax(-1).cpu() for o in out if o is not None]
 
 
 @dataclass(eq=False)

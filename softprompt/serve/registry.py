@@ -22,10 +22,11 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ log = logging.getLogger("softprompt.serve")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUFFIX = ".safetensors"
+T = TypeVar("T")
 _uids = count(1)
 
 
@@ -353,29 +355,8 @@ class Registry:
             old = self._tasks.get(name)
             if old is not None and not replace:
                 raise Conflict(f"task {name!r} already exists (PUT replaces it)", param="name")
-            final = self.dir / (name + SUFFIX)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".upload.tmp", dir=self.dir)
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    entry = self._make_entry(name, final, source=tmp)
-                except (CheckpointError, DataError, ValueError, RuntimeError, OSError) as e:
-                    if from_path is not None and (getattr(e, "framing", True) or isinstance(e, OSError)):
-                        raise _not_a_prompt(from_path) from None  # never quote bytes or sizes of a server file
-                    where = "path" if from_path is not None else "upload"
-                    msg = str(e).splitlines()[0].replace(str(tmp), where).replace(str(final), where)
-                    raise BadRequest(
-                        f"invalid prompt for task {name!r}: {msg}", param="path" if from_path else "body"
-                    ) from None
-                os.replace(tmp, final)
-                _fsync_dir(self.dir)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            entry = persist_task(self.dir, name, data, lambda final, tmp: self._make_entry(name, final, source=tmp),
+                                 from_path=from_path)  # fmt: skip
             entry.created = time.time()
             with self._lock:
                 self._tasks[name] = entry
@@ -386,16 +367,7 @@ class Registry:
 
     def add_path(self, name: str, source: str, *, replace: bool, max_bytes: int) -> tuple[TaskEntry, bool]:
         """Register a prompt file that is already on the server (copied into DIR; the source is left alone)."""
-        try:
-            st = os.stat(source)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-                raise _not_a_prompt(source)
-            data = read_regular(source)  # never opens a FIFO or device (checked again on the open file)
-        except (CheckpointError, OSError, ValueError):
-            raise _not_a_prompt(source) from None
-        if len(data) > max_bytes:
-            raise _not_a_prompt(source)
-        return self.add(name, data, replace=replace, from_path=source)
+        return self.add(name, read_server_prompt(source, max_bytes), replace=replace, from_path=source)
 
     def remove(self, name: str) -> TaskEntry:
         validate_name(name)
@@ -434,6 +406,53 @@ def _longest_token(tok: Any) -> int:
         return max(8, max((len(t) for t in vocab), default=8))
     except Exception:  # a tokenizer without get_vocab: a generous bound
         return 64
+
+
+def read_server_prompt(source: str, max_bytes: int) -> bytes:
+    """The bytes of a prompt file already on the server (admin `{"path"}`): a regular file of at most `max_bytes`,
+    never a FIFO or device (checked again on the open file); anything else is "not a valid prompt file"."""
+    try:
+        st = os.stat(source)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise _not_a_prompt(source)
+        data = read_regular(source)
+    except (CheckpointError, OSError, ValueError):
+        raise _not_a_prompt(source) from None
+    if len(data) > max_bytes:
+        raise _not_a_prompt(source)
+    return data
+
+
+def persist_task(directory: Path, name: str, data: bytes, make: Callable[[Path, Path], T], *,
+                 from_path: str | None) -> T:  # fmt: skip
+    """An admin upload made durable (text and image registries): `data` written to a temp file in `directory`,
+    `make(final, tmp)` builds (and so validates) the task from it, then the file is renamed to DIR/name.safetensors
+    and the directory fsynced. On any failure the directory is unchanged; a bad file is a 400 naming the upload (a
+    server path: only that it is not a valid prompt file, never its bytes or size)."""
+    final = directory / (name + SUFFIX)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".upload.tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            made = make(final, tmp)
+        except (CheckpointError, DataError, ValueError, RuntimeError, KeyError, OSError) as e:
+            if from_path is not None and (getattr(e, "framing", True) or isinstance(e, OSError)):
+                raise _not_a_prompt(from_path) from None  # never quote bytes or sizes of a server file
+            where = "path" if from_path is not None else "upload"
+            msg = str(e).splitlines()[0].replace(str(tmp), where).replace(str(final), where)
+            raise BadRequest(
+                f"invalid prompt for task {name!r}: {msg}", param="path" if from_path else "body"
+            ) from None
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        return made
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,31 +1,33 @@
-"""The image server's task table (softprompt.serve.images): every image prompt of the directory is a task on one
-image model, validated by the one prompt-file loader and the model's fingerprint; admin add / replace / remove
-write a temporary file in the directory, check it, rename it into place and swap the whole table (a request in flight
-keeps the task it looked up), as the text server's Registry (softprompt.serve.registry) does.
+"""The image server's tasks (softprompt.serve.images): the task table and how a batch of their rows is classified.
+
+Every image prompt of the directory is a task on one image model, validated by the one prompt-file loader and the
+model's fingerprint; admin add / replace / remove write a temporary file in the directory, check it, rename it into
+place and swap the whole table (a request in flight keeps the task it looked up), as the text server's Registry
+(softprompt.serve.registry) does. `classify_rows` runs one batch mixed across tasks: every CoOp row shares ONE plain
+image forward; VPT rows of one geometry share one forward with per-row prompt tokens.
+Notation: B rows, C classes, P prompt tokens, L' prompt layers, d width.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from softprompt.checkpoint import CheckpointError, load_prompt, read_regular
+import torch
+
+from softprompt.checkpoint import CheckpointError, load_prompt
 from softprompt.serve.errors import (
-    BadRequest,
     Conflict,
     NotFound,
     Unprocessable,
 )
-from softprompt.serve.registry import _not_a_prompt, validate_name
+from softprompt.serve.registry import persist_task, read_server_prompt, validate_name
 from softprompt.vision.api import loaded_prompt
-from softprompt.vision.encoder import VisionModel
+from softprompt.vision.encoder import VisionModel, VisualPrompt
 
 log = logging.getLogger("softprompt.serve")
 SUFFIX = ".safetensors"
@@ -101,28 +103,9 @@ class ImageRegistry:
             old = self.tasks.get(name)
             if old is not None and not replace:
                 raise Conflict(f"task {name!r} already exists (PUT replaces it)", param="name")
+            task = persist_task(self.directory, name, data, lambda final, tmp: self._make_task(name, final, source=tmp),
+                                from_path=from_path)  # fmt: skip
             final = self.directory / (name + SUFFIX)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".upload.tmp", dir=self.directory)
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                try:
-                    task = self._make_task(name, final, source=tmp)
-                except (CheckpointError, ValueError, RuntimeError, KeyError, OSError) as e:
-                    if from_path is not None and (getattr(e, "framing", True) or isinstance(e, OSError)):
-                        raise _not_a_prompt(from_path) from None  # never quote bytes or sizes of a server file
-                    where = "path" if from_path is not None else "upload"
-                    msg = str(e).splitlines()[0].replace(str(tmp), where).replace(str(final), where)
-                    raise BadRequest(
-                        f"invalid prompt for task {name!r}: {msg}", param="path" if from_path else "body"
-                    ) from None
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
             self.tasks = {**self.tasks, name: task}
             self.refused = [r for r in self.refused if r["file"] != final.name]
             log.info("%s image task %s (%s)", "replaced" if old else "added", name, task.method)
@@ -130,16 +113,7 @@ class ImageRegistry:
 
     def add_path(self, name: str, source: str, *, replace: bool, max_bytes: int) -> tuple[ImageTask, bool]:
         """Register a prompt file already on the server (copied into DIR; the source is left alone)."""
-        try:
-            st = os.stat(source)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-                raise _not_a_prompt(source)
-            data = read_regular(source)
-        except (CheckpointError, OSError, ValueError):
-            raise _not_a_prompt(source) from None
-        if len(data) > max_bytes:
-            raise _not_a_prompt(source)
-        return self.add(name, data, replace=replace, from_path=source)
+        return self.add(name, read_server_prompt(source, max_bytes), replace=replace, from_path=source)
 
     def remove(self, name: str) -> ImageTask:
         validate_name(name)
@@ -154,3 +128,28 @@ class ImageRegistry:
             self.tasks = {k: v for k, v in self.tasks.items() if k != name}
             log.info("removed image task %s", name)
             return task
+
+
+@torch.no_grad()
+def classify_rows(vm: VisionModel, rows: list[tuple[ImageTask, torch.Tensor]]) -> list[torch.Tensor]:
+    """Class probabilities (C_task,) of each row (task, pixels (3, H, W)), computed in one batch mixed across
+    tasks: one forward per group (module docstring), in row order out."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (task, _) in enumerate(rows):
+        groups.setdefault(task.group(), []).append(i)
+    for key, idx in groups.items():
+        px = torch.stack([rows[i][1] for i in idx]).to(vm.device)  # (B, 3, H, W)
+        if key[0] == "coop":
+            from softprompt.vision.coop import image_features, scale_logits
+
+            img = image_features(vm, px)  # (B, D): one plain image forward for every CoOp row
+            for j, i in enumerate(idx):
+                task = rows[i][0]
+                out[i] = scale_logits(vm, img[j : j + 1], task.prompt.text_features(vm, grad=False))[0]
+            continue
+        tokens = torch.cat([rows[i][0].prompt.prefix(vm).tokens for i in idx])  # (B, L', P, d): per-row prompts
+        feats = vm.features(px, VisualPrompt(tokens, deep=bool(key[1]), kv=True))  # (B, d)
+        for j, i in enumerate(idx):
+            out[i] = rows[i][0].head(feats[j : j + 1])[0]
+    return [o.float().softmax(-1).cpu() for o in out if o is not None]
