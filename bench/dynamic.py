@@ -44,6 +44,8 @@ METHODS = {
     # one extra setting: SMoP's K = 4 routes x 5 tokens (13,828 trainable parameters, 2.4x the plain prompt's)
     "routed-v2-k4": {"method": "routed", "num_tokens": 5, "routes": 4},
     "conditioned": {"method": "conditioned", "num_tokens": 5, "rank": 1},
+    # Residual Prompt Tuning: the plain 10-token prompt trained through a residual MLP, folded away at save
+    "residual": {"method": "prompt", "num_tokens": 10, "reparam": "residual"},
 }
 TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}
 
