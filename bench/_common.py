@@ -6,6 +6,7 @@ Nothing here knows about softprompt or PEFT; bench/speed.py puts the two systems
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import resource
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SST2_TRAIN = Path(os.environ.get("SOFTPROMPT_BENCH_SST2", "/work/shared/data/sst2/train.tsv"))
 
@@ -175,3 +177,24 @@ def spread(ratios: list[float]) -> str:
 def note(msg: str) -> None:
     """Progress and check lines: to stderr, so stdout stays the table and the final JSON line."""
     print(msg, file=sys.stderr, flush=True)
+
+
+class ResultLog:
+    """A study's finished runs: OUT/results.jsonl, one JSON object per run keyed by its "name", so a rerun skips what
+    is done and an interrupted study resumes. `record` appends (and prints) a run as soon as it finishes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                self.done[r["name"]] = r
+
+    def record(self, r: dict[str, Any], *, hide: tuple[str, ...] = ()) -> dict[str, Any]:
+        self.done[r["name"]] = r
+        with open(self.path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps({k: v for k, v in r.items() if k not in hide}), flush=True)
+        return r

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench._common import interleaved, note, peak_rss_bytes, rss_bytes
+from bench._common import ResultLog, interleaved, note, peak_rss_bytes, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -125,12 +125,8 @@ class Study:
         self.a = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.results = self.out / "results.jsonl"
-        self.done: dict[str, dict[str, Any]] = {}
-        if self.results.exists():
-            for line in self.results.read_text().splitlines():
-                r = json.loads(line)
-                self.done[r["name"]] = r
+        self.log = ResultLog(self.out / "results.jsonl")
+        self.done = self.log.done
         self.tmp = Path(tempfile.mkdtemp(prefix="compile-"))
         self._bb: Any = None
 
@@ -141,11 +137,8 @@ class Study:
             self._bb = load_backbone(MODEL, progress=False)
         return self._bb
 
-    def record(self, r: dict[str, Any]) -> None:
-        self.done[r["name"]] = r
-        with open(self.results, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(json.dumps(r), flush=True)
+    def record(self, r: dict[str, Any]) -> dict[str, Any]:
+        return self.log.record(r)
 
     # ---- one task -------------------------------------------------------------------------------------
     def task(self, key: str) -> None:

@@ -22,13 +22,13 @@ of ../shared/data (bench.methods.data); skips with a reason when it is absent.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench._common import ResultLog
 from bench.methods import ROOT, SHARED, data
 
 MODEL = "smollm2-135m"
@@ -54,12 +54,8 @@ class Study:
     def __init__(self, out: Path, eval_rows: int) -> None:
         self.out, self.eval_rows = out, eval_rows
         out.mkdir(parents=True, exist_ok=True)
-        self.results = out / "results.jsonl"
-        self.done: dict[str, dict[str, Any]] = {}
-        if self.results.exists():
-            for line in self.results.read_text().splitlines():
-                r = json.loads(line)
-                self.done[r["name"]] = r
+        self.log = ResultLog(out / "results.jsonl")
+        self.done = self.log.done
         self._bb: Any = None
 
     @property
@@ -71,11 +67,7 @@ class Study:
         return self._bb
 
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
-        self.done[r["name"]] = r
-        with open(self.results, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(json.dumps(r), flush=True)
-        return r
+        return self.log.record(r)
 
     def train(self, ds: str, method: str, task: dict[str, str]) -> dict[str, Any]:
         name = f"{ds}-{method}"

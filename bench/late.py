@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from bench._common import ResultLog
 from bench.methods import SHARED, data, read_tsv, write_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +52,8 @@ class Bench:
     def __init__(self, out: Path) -> None:
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.results = out / "results.jsonl"
-        self.done: dict[str, dict[str, Any]] = {}
-        if self.results.exists():
-            for line in self.results.read_text().splitlines():
-                r = json.loads(line)
-                self.done[r["name"]] = r
+        self.log = ResultLog(out / "results.jsonl")
+        self.done = self.log.done
         self._bb: Any = None
 
     def backbone(self) -> Any:
@@ -95,11 +92,7 @@ class Bench:
         r = {"name": name, "method": cfg.prompt.method, "layer": cfg.prompt.layer, "opts": opts,
              "accuracy": round(acc, 4), "eval_rows": len(examples), "params": params, "step_s": round(step_s, 3),
              "train_s": round(res.wall_s, 1), "rows_per_s": round(len(examples) / eval_s, 1)}  # fmt: skip
-        self.done[name] = r
-        with open(self.results, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(json.dumps(r), flush=True)
-        return r
+        return self.log.record(r)
 
 
 def small_sst2(tmp: Path, n: int) -> dict[str, str]:

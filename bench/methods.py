@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench._common import ResultLog
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -62,12 +63,8 @@ def data(tmp: Path) -> dict[str, dict[str, str]]:
 class Runner:
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.results = out / "results.jsonl"
-        self.done = {}
-        if self.results.exists():
-            for line in self.results.read_text().splitlines():
-                r = json.loads(line)
-                self.done[r["name"]] = r
+        self.log = ResultLog(out / "results.jsonl")
+        self.done = self.log.done
         self.backbones: dict[str, Any] = {}
 
     def backbone(self, name: str):
@@ -78,11 +75,7 @@ class Runner:
         return self.backbones[name]
 
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
-        self.done[r["name"]] = r
-        with open(self.results, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
-        return r
+        return self.log.record(r, hide=("curve",))
 
     def train(self, name: str, model: str, task: dict[str, str], **opts: Any) -> dict[str, Any]:
         """One `softprompt train` run (Python API); options are RunConfig fields by their flag names."""
