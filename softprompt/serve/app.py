@@ -23,19 +23,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from softprompt.serve import pipeline as pl
-from softprompt.serve.errors import Forbidden, NotFound, ServeError, TooLarge, Unauthorized, Unprocessable
+from softprompt.serve.errors import Forbidden, NotFound, TooLarge, Unauthorized, Unprocessable
 from softprompt.serve.http import (
     ADMIN_ERRORS,
     INFERENCE_ERRORS,
-    Observe,
-    serve_error,
+    serve_app,
     sse,
     until_disconnect,
-    validation_error,
 )
 from softprompt.serve.metrics import Metrics, server_metrics
 from softprompt.serve.pipeline import ClassifyBody, ClassifyResponse, CompletionBody, GenerateBody, GenerateResponse
@@ -370,19 +367,14 @@ def create_app(
             )
             await scheduler.stop(drain=True, timeout=drain_timeout_s)
 
-    app = FastAPI(
+    app = serve_app(
+        metrics,
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
         title="softprompt",
         version="1",
         summary="Many prompt-tuned tasks on one frozen model, batched across tasks.",
         lifespan=lifespan,
-    )
-    app.add_exception_handler(ServeError, serve_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_middleware(
-        Observe,  # type: ignore[arg-type]
-        metrics=metrics,
-        max_body_bytes=max_body_bytes,
-        max_admin_bytes=max(max_upload_bytes, 64 * 1024) + 1024,
     )
     app.state.registry, app.state.scheduler, app.state.metrics = registry, scheduler, metrics
     served = Served(registry, scheduler, metrics, admin_token, max_upload_bytes, max_inputs, max_new_tokens)

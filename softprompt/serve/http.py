@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -261,3 +261,18 @@ async def sse(
     return StreamingResponse(
         body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
+
+
+def serve_app(metrics: Metrics, *, max_body_bytes: int, max_upload_bytes: int, **fastapi: Any) -> FastAPI:
+    """A FastAPI app with the server's error shape (ServeError, request validation) and its request middleware
+    (Observe: body limits while reading, metrics): what the text and the image apps share before their routers."""
+    app = FastAPI(**fastapi)
+    app.add_exception_handler(ServeError, serve_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_middleware(
+        Observe,  # type: ignore[arg-type]
+        metrics=metrics,
+        max_body_bytes=max_body_bytes,
+        max_admin_bytes=max(max_upload_bytes, 64 * 1024) + 1024,
+    )
+    return app

@@ -43,7 +43,6 @@ from typing import Any, TypeVar
 
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
@@ -57,7 +56,7 @@ from softprompt.serve.errors import (
     Unavailable,
     Unprocessable,
 )
-from softprompt.serve.http import INFERENCE_ERRORS, Observe, serve_error, until_disconnect, validation_error
+from softprompt.serve.http import INFERENCE_ERRORS, serve_app, until_disconnect
 from softprompt.serve.image_tasks import SUFFIX, ImageRegistry, ImageTask, classify_rows
 from softprompt.serve.limits import RateLimitedLog
 from softprompt.serve.metrics import Metrics, server_metrics
@@ -444,15 +443,8 @@ def create_image_app(
             log.info("shutting down: finishing %d queued request(s)", batcher.queue_depth)
             await batcher.stop(drain=True, timeout=drain_timeout_s)
 
-    app = FastAPI(title="softprompt (images)", version="1", lifespan=lifespan)
-    app.add_exception_handler(ServeError, serve_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_middleware(
-        Observe,  # type: ignore[arg-type]
-        metrics=metrics,
-        max_body_bytes=max_body_bytes,
-        max_admin_bytes=max(max_upload_bytes, 64 * 1024) + 1024,
-    )
+    app = serve_app(metrics, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
+                    title="softprompt (images)", version="1", lifespan=lifespan)  # fmt: skip
     app.state.registry, app.state.batcher, app.state.metrics = reg, batcher, metrics
     app.include_router(image_ops_router(reg, batcher, metrics))
     app.include_router(image_router(reg, batcher, max_inputs=max_inputs))
