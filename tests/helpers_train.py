@@ -144,3 +144,17 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", SOFTPROMPT_TENSORBOARD="0", HF_HUB_OFFLINE="1")
     return env
+
+
+def assert_ensemble_is_the_mean(bb: Any, paths: list[Path], texts: list[str]) -> None:
+    """An ensemble of two prompt files (any methods) scores each text with the mean of each prompt's probabilities
+    alone (Predictor.load of one file vs of both), and the two prompts really differ."""
+    from softprompt import Predictor
+
+    alone = []
+    for p in paths:
+        one = Predictor.load(str(p), backbone=bb)
+        alone.append(one.probs(one.task.encode_texts(texts)[0]))
+    both = Predictor.load([str(p) for p in paths], backbone=bb)
+    torch.testing.assert_close(both.probs(both.task.encode_texts(texts)[0]), (alone[0] + alone[1]) / 2)
+    assert not torch.allclose(alone[0], alone[1])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import assert_ensemble_is_the_mean
 from tiny import tiny_model_dir  # pytest puts tests/ on sys.path
 
 from softprompt.api import Predictor
@@ -282,13 +283,7 @@ def test_ensemble_of_deep_and_plain_prompts(root: Path) -> None:
     )
     plain = root / "p.safetensors"
     save_prompt(plain, torch.randn(5, bb.embed_dim, generator=torch.Generator().manual_seed(7)), meta)
-    alone = []
-    for p in (deep, plain):
-        one = Predictor.load(str(p), backbone=bb)
-        alone.append(one.probs(one.task.encode_texts(TEXTS)[0]))
-    both = Predictor.load([str(deep), str(plain)], backbone=bb)
-    torch.testing.assert_close(both.probs(both.task.encode_texts(TEXTS)[0]), (alone[0] + alone[1]) / 2)
-    assert not torch.allclose(alone[0], alone[1])
+    assert_ensemble_is_the_mean(bb, [deep, plain], TEXTS)
 
 
 def test_checkpoint_errors(root: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_train import assert_ensemble_is_the_mean
 from serve_support import lively_model_dir
 from tiny import tiny_model_dir
 
@@ -324,13 +325,7 @@ def test_ensemble_of_late_and_plain_prompts(root: Path, tmp_path: Path) -> None:
     save_prompt(lp, torch.zeros(0, 32), {**meta, "method": "late", "late": {"layer": 1, "layers": 2, "tokens": 3}},
                 {"late.states": states(seed=4)})  # fmt: skip
     save_prompt(pp, states(5, seed=5), meta)
-    alone = []
-    for p in (lp, pp):
-        one = Predictor.load(str(p), backbone=bb)
-        alone.append(one.probs(one.task.encode_texts(TEXTS)[0]))
-    both = Predictor.load([str(lp), str(pp)], backbone=bb)
-    torch.testing.assert_close(both.probs(both.task.encode_texts(TEXTS)[0]), (alone[0] + alone[1]) / 2)
-    assert not torch.allclose(alone[0], alone[1])
+    assert_ensemble_is_the_mean(bb, [lp, pp], TEXTS)
 
 
 def test_exports_are_refused_naming_the_formats(root: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_train import assert_cli_error, log_records, run
+from helpers_train import assert_cli_error, assert_ensemble_is_the_mean, log_records, run
 
 from softprompt import methods
 from softprompt.api import Predictor
@@ -142,13 +142,7 @@ def test_an_ensemble_mixes_routed_and_plain_prompts(tiny_backbone: BackboneFn, t
     routed, *_ = routed_file(bb, tmp_path / "r.safetensors", seed=3)
     plain = tmp_path / "p.safetensors"
     save_prompt(plain, torch.randn(5, bb.embed_dim, generator=torch.Generator().manual_seed(4)), file_meta(bb))
-    alone = []
-    for p in (routed, plain):
-        one = Predictor.load(str(p), backbone=bb)
-        alone.append(one.probs(one.task.encode_texts(TEXTS)[0]))
-    both = Predictor.load([str(routed), str(plain)], backbone=bb)
-    torch.testing.assert_close(both.probs(both.task.encode_texts(TEXTS)[0]), (alone[0] + alone[1]) / 2)
-    assert not torch.allclose(alone[0], alone[1])
+    assert_ensemble_is_the_mean(bb, [routed, plain], TEXTS)
 
 
 # ---- training ------------------------------------------------------------------------------------------------
