@@ -60,7 +60,7 @@ from softprompt.serve.http import INFERENCE_ERRORS, serve_app, until_disconnect
 from softprompt.serve.image_tasks import SUFFIX, ImageRegistry, ImageTask, classify_rows
 from softprompt.serve.limits import RateLimitedLog
 from softprompt.serve.metrics import Metrics, server_metrics
-from softprompt.serve.scheduler import check_room, wait_for_result
+from softprompt.serve.scheduler import check_room, finish_worker, wait_for_result
 from softprompt.vision.api import rows_of
 from softprompt.vision.encoder import VisionModel
 from softprompt.vision.images import BadImageError, image_from_bytes, preprocess
@@ -145,12 +145,7 @@ class ImageBatcher:
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None:
-            if not drain:
-                self._task.cancel()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+            await finish_worker(self._task, drain=drain, timeout=timeout)
             self._task = None
         for req in list(self._queue):
             self._fail(req, Unavailable("server shut down before the request ran"))

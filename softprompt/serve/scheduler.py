@@ -56,6 +56,17 @@ class Request:
     cancelled: bool = False
 
 
+async def finish_worker(task: asyncio.Task, *, drain: bool, timeout: float | None) -> None:
+    """A scheduler's worker task at shutdown: with drain, wait (at most `timeout`) for it to finish the requests it
+    accepted, else cancel it at once; past the timeout it is cancelled (the text and image schedulers)."""
+    if not drain:
+        task.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        task.cancel()
+
+
 def check_room(depth: int, max_queue: int, max_batch_size: int, batch_s: float) -> None:
     """QueueFull (429) when `depth` requests already wait in a queue of `max_queue`; Retry-After: the time the
     queue takes to drain at `batch_s` seconds a batch (at least 1 s). Shared by the text and image schedulers."""
@@ -159,12 +170,7 @@ class Scheduler:
         if self._wakeup is not None:
             self._wakeup.set()
         if self._task is not None:
-            if not drain:
-                self._task.cancel()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+            await finish_worker(self._task, drain=drain, timeout=timeout)
             self._task = None
         for req in list(self._queue):
             self._fail(req, Unavailable("server shut down before the request ran"))
