@@ -12,6 +12,15 @@ Prompt tuning, distillation, LoRA and full fine-tuning all train through the one
 the same optimiser code, lr schedule, clipping and batch schedule), LoRA and full fine-tuning on a copy of the model
 scored by the same forward path (softprompt.prompted) with no prompt.
 
+Further rows, each on the same evaluation rows: `icl16-long` (SST-2 only: 16 demonstrations among the training rows
+of at least Task.long_demo_words words, since SST-2's train split is mostly phrase fragments and its 16-shot context
+stays under 400 tokens); `distill-deep` (a deep prompt, per-layer keys/values, as the student: initialised from the
+K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, and the teacher sharpened by
+--sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
+same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows); `minilm-pt`,
+`minilm-ft` (minilm-l6, an encoder: prompt tuning with a linear head through the one trainer, and full fine-tuning
+with bench.quality_experiments.encoder_reference) and their `-long` variants.
+
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
 and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
 the same run (the ratio is the robust number on a shared machine); ICL and prompts also their per-task key/value
@@ -45,7 +54,10 @@ from bench._common import ResultLog, interleaved, note, peak_rss_bytes, rss_byte
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
-METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp")
+METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
+           "distill-deep", "distill-deep-long", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
+           "minilm-ft-long")  # fmt: skip
+ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class Task:
     labels: str
     instructions: str  # the hand-written part of the hard prompt (in front of the demonstrations)
     columns: str | None = None
+    long_demo_words: int = 0  # > 0: also a 16-shot context of demonstrations with at least this many words
 
 
 HOLDOUT = 1000
@@ -67,6 +80,7 @@ TASKS = {
         "sentiment. The sentiment is positive when the reviewer liked the film, its acting, its story or its "
         "direction, and negative when the reviewer disliked it, found it dull, badly made or a waste of time. "
         "Mixed reviews take the sentiment of their overall verdict. Answer with one word: positive or negative.",
+        long_demo_words=15,  # SST-2's train split is mostly phrase fragments, its dev split whole sentences
     ),
     "agnews": Task(
         "AG News", "agnews/train10k.tsv", None, "Article: {text}\nTopic:",
@@ -129,6 +143,14 @@ class Study:
         self.done = self.log.done
         self.tmp = Path(tempfile.mkdtemp(prefix="compile-"))
         self._bb: Any = None
+        self._encoder: Any = None
+
+    def encoder(self):
+        from softprompt import load_backbone
+
+        if self._encoder is None:
+            self._encoder = load_backbone(ENCODER, progress=False)
+        return self._encoder
 
     def backbone(self):
         from softprompt import load_backbone
@@ -144,6 +166,9 @@ class Study:
     def task(self, key: str) -> None:
         t = TASKS[key]
         todo = [m for m in self.a.methods if f"{key}:{m}" not in self.done]
+        if not t.long_demo_words and "icl16-long" in todo:
+            todo.remove("icl16-long")  # the task's 16-shot context is long already
+        self.key = key
         if not todo:
             return
         files = sample(t, self.a.train_n, self.a.eval_n, self.tmp)
@@ -165,6 +190,18 @@ class Study:
         pool = load_samples(self.train_file, self.spec.data_config(), self.spec.verbalizer)
         self.contexts = {k: build_context(probe, choose_demos(pool, k, seed=0, balanced=True), t.instructions)
                          for k in (0, 4, 8, 16)}  # fmt: skip
+        self.teacher_key: int | str = 16  # the teacher of the distill-deep rows: the long context where there is one
+        if t.long_demo_words:  # 16 balanced demonstrations (seed 0) among the training rows of >= N words
+            long = [s for s in pool if len(s.record[self.spec.fields[0]].split()) >= t.long_demo_words]
+            self.contexts["16long"] = build_context(probe, choose_demos(long, 16, seed=0, balanced=True),
+                                                    t.instructions)  # fmt: skip
+            self.teacher_key = "16long"
+        self.instructions = t.instructions
+        self.big_train = None
+        if any(m.endswith("-long") and m != "icl16-long" for m in todo):  # a superset of the same sample's rows
+            big = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "long")
+            assert not isinstance(big, str) and Path(big[1]).read_text() == Path(self.eval_file).read_text()
+            self.big_train = big[0]
         self.eval_set, _, _ = probe.encode_file(self.eval_file)
         self.lat_rows = self.eval_set[: self.a.latency_rows]
         with torch.no_grad():
@@ -176,7 +213,8 @@ class Study:
             base_rss = rss_bytes()
             t0 = time.time()
             r = getattr(self, "run_" + m.replace("-", "_"))(key)
-            r.update(name=f"{key}:{m}", task=key, method=m, model=MODEL, wall_s=round(time.time() - t0, 1),
+            r.update(name=f"{key}:{m}", task=key, method=m, model=r.get("model", MODEL),
+                     wall_s=round(time.time() - t0, 1),
                      peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
                      train_n=self.a.train_n, eval_n=len(self.eval_set), date=time.strftime("%Y-%m-%d"),
                      command="python -m bench.compile " + " ".join(sys.argv[1:]))  # fmt: skip
@@ -207,7 +245,7 @@ class Study:
         r = {"accuracy": self.accuracy(self.pm0, self.prefix0), "trainable": 0, "checkpoint_bytes": 0}
         return {**r, **self.latency(lambda: self._score(self.pm0, self.prefix0)), "kv_bytes": self.prefix0.nbytes()}
 
-    def _icl(self, k: int) -> dict[str, Any]:
+    def _icl(self, k: int | str) -> dict[str, Any]:
         from softprompt.icl import context_prefix
 
         ctx = self.contexts[k]
@@ -215,9 +253,11 @@ class Study:
         prefix = context_prefix(self.pm0, ctx)  # the context's K/V: once per task
         prefill_s = time.perf_counter() - t0
         r = {"accuracy": self.accuracy(self.pm0, prefix), "trainable": 0, "checkpoint_bytes": len(ctx.text.encode()),
-             "k": k, "context_tokens": len(ctx.token_ids), "kv_bytes": prefix.nbytes(), "prefill_s": round(prefill_s,
-             3), **self.latency(lambda: self._score(self.pm0, prefix))}  # fmt: skip
-        if k == 16:
+             "k": 16 if k == "16long" else k, "context_tokens": len(ctx.token_ids), "kv_bytes": prefix.nbytes(),
+             "prefill_s": round(prefill_s, 3), **self.latency(lambda: self._score(self.pm0, prefix))}  # fmt: skip
+        if k == "16long":
+            r["demo_min_words"] = TASKS[self.key].long_demo_words
+        if k in (16, "16long"):
             r["uncached"] = self.latency(lambda: self._uncached(ctx))
         return r
 
@@ -241,15 +281,18 @@ class Study:
     def run_icl16(self, key: str) -> dict[str, Any]:
         return self._icl(16)
 
+    def run_icl16_long(self, key: str) -> dict[str, Any]:  # the 16-shot context of long demonstrations
+        return self._icl("16long")
+
     # ---- training through softprompt.trainer.fit ------------------------------------------------------
-    def cfg(self, key: str, method: str, lr: float, steps: int = 0):
+    def cfg(self, key: str, method: str, lr: float, steps: int = 0, train: str | None = None):
         from softprompt.config import RunConfig
 
         t = TASKS[key]
         cfg = RunConfig()
         cfg.model.model, cfg.model.device = MODEL, "cpu"
         cfg.data.train, cfg.data.eval, cfg.data.template, cfg.data.labels = (
-            self.train_file, self.eval_file, t.template, t.labels)  # fmt: skip
+            train or self.train_file, self.eval_file, t.template, t.labels)  # fmt: skip
         cfg.prompt.num_tokens = self.a.tokens
         tr = cfg.train
         tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, self.a.batch, lr, 0
@@ -271,14 +314,17 @@ class Study:
                 "batch_size": cfg.train.batch_size, "metrics": res.last.metrics if res.last else {}}  # fmt: skip
 
     def _prompt(
-        self, key: str, method: str, lr: float, teacher_k: int | None = None, temperature: float = 1.0
-    ) -> dict[str, Any]:
+        self, key: str, method: str, lr: float, teacher_k: int | str | None = None, temperature: float = 1.0,
+        deep: bool = False, steps: int = 0, train: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         from softprompt.checkpoint import load_prompt
         from softprompt.distill import DistillObjective
         from softprompt.methods import checkpoint_prefix
         from softprompt.train import build_objective
 
-        cfg = self.cfg(key, method, lr)
+        cfg = self.cfg(key, method, lr, steps, train)
+        if deep:  # a deep student (per-layer keys/values) from the K/V of the hard prompt's first N tokens
+            cfg.prompt.method, cfg.prompt.init = "deep", f"text:{self.instructions}"
         obj: Any = build_objective(cfg, self.backbone(), log=note)
         if teacher_k is not None:
             obj = DistillObjective(obj, self.contexts[teacher_k], temperature=temperature)
@@ -293,19 +339,32 @@ class Study:
             m = r.pop("metrics")
             r.update(agreement=round(100 * m["agreement"], 2), teacher_accuracy=round(100 * m["teacher_accuracy"], 2),
                      teacher_tokens=len(self.contexts[teacher_k].token_ids), teacher_k=teacher_k,
-                     distill_meta=ck.meta.get("distill"))  # fmt: skip
+                     distill_meta=ck.meta.get("distill"), student=cfg.prompt.method,
+                     train_rows=obj.n_train, teacher_temperature=temperature)  # fmt: skip
         r.pop("metrics", None)
         return r
 
     def run_pt(self, key: str) -> dict[str, Any]:
         return self._prompt(key, "pt", self.a.pt_lr)
 
+    def run_pt_long(self, key: str) -> dict[str, Any]:  # the long sample and steps of distill-deep-long
+        r = self._prompt(key, "pt-long", self.a.pt_lr, steps=self.a.long_steps, train=self.big_train)
+        return {**r, "train_rows": self.a.long_train_n}
+
     def run_distill(self, key: str) -> dict[str, Any]:
         return self._prompt(key, "distill", self.a.pt_lr, teacher_k=16)
 
     def run_distill_sharp(self, key: str) -> dict[str, Any]:  # --teacher-temperature: pulled toward the argmax
-        r = self._prompt(key, "distill-sharp", self.a.pt_lr, teacher_k=16, temperature=self.a.sharp_temperature)
-        return {**r, "teacher_temperature": self.a.sharp_temperature}
+        return self._prompt(key, "distill-sharp", self.a.pt_lr, teacher_k=16, temperature=self.a.sharp_temperature)
+
+    def run_distill_deep(self, key: str) -> dict[str, Any]:  # a deep student, Cartridges-style init, sharp teacher
+        return self._prompt(key, "distill-deep", self.a.deep_lr, teacher_k=self.teacher_key,
+                            temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
+
+    def run_distill_deep_long(self, key: str) -> dict[str, Any]:  # the same, more unlabelled inputs and steps
+        return self._prompt(key, "distill-deep-long", self.a.deep_lr, teacher_k=self.teacher_key,
+                            temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
+                            train=self.big_train)  # fmt: skip
 
     def _weights(self, key: str, method: str, lr: float) -> dict[str, Any]:
         from softprompt.prompted import PromptedModel
@@ -336,6 +395,56 @@ class Study:
 
     def run_ft(self, key: str) -> dict[str, Any]:
         return self._weights(key, "ft", self.a.ft_lr)
+
+    # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation; a linear head on the mean-pooled output ------
+    def _encoder_pt(self, key: str, method: str, long: bool) -> dict[str, Any]:
+        """Prompt tuning (20 tokens, linear head) through the one trainer, on the same rows (or the long sample)."""
+        from softprompt.checkpoint import load_prompt
+        from softprompt.train import build_objective
+
+        cfg = self.cfg(key, method, self.a.pt_lr, self.a.long_steps if long else 0, self.big_train if long else None)
+        cfg.model.model, cfg.data.head, cfg.prompt.init = ENCODER, "linear", "vocab"
+        obj: Any = build_objective(cfg, self.encoder(), log=note)
+        r = self._fit(obj, cfg)
+        m = r.pop("metrics")
+        ck = load_prompt(cfg.train.out)
+        return {**r, "accuracy": round(100 * m["accuracy"], 2), "model": ENCODER, "train_rows": obj.n_train,
+                "trainable": sum(p.numel() for p in obj.params) + sum(p.numel() for p in obj.head_params),
+                "checkpoint_bytes": os.path.getsize(cfg.train.out), "num_tokens": int(ck.prompt.shape[0])}  # fmt: skip
+
+    def _encoder_ft(self, key: str, long: bool) -> dict[str, Any]:
+        """Full fine-tuning of every weight + a linear head (bench.quality_experiments.encoder_reference: AdamW,
+        linear schedule); the accuracy of the final weights, as every other row reports its final model's."""
+        from types import SimpleNamespace
+
+        from bench.quality_experiments import encoder_reference
+
+        t, train = TASKS[key], self.big_train if long else self.train_file
+        steps = self.a.long_steps if long else self.a.steps
+        shim = SimpleNamespace(backbone=lambda _: self.encoder(), tasks={key: t},
+                               files=lambda _: (train, self.eval_file),
+                               budget=SimpleNamespace(steps=steps, batch=self.a.batch))  # fmt: skip
+        t0 = time.time()
+        r = encoder_reference(shim, key, full=True, lr=self.a.encoder_ft_lr)
+        n_rows = len(Path(train).read_text(encoding="utf-8").splitlines())
+        final_step, final_acc = r["curve"][-1]
+        assert final_step == steps
+        return {"accuracy": round(100 * final_acc, 2), "trainable": r["trainable"], "steps": steps,
+                "checkpoint_bytes": r["bytes"], "train_s_per_step": round((time.time() - t0) / steps, 3),
+                "lr": self.a.encoder_ft_lr, "batch_size": self.a.batch, "model": ENCODER, "train_rows": n_rows,
+                "best_of_4_evaluations": round(100 * r["accuracy"], 2)}  # fmt: skip
+
+    def run_minilm_pt(self, key: str) -> dict[str, Any]:
+        return self._encoder_pt(key, "minilm-pt", long=False)
+
+    def run_minilm_ft(self, key: str) -> dict[str, Any]:
+        return self._encoder_ft(key, long=False)
+
+    def run_minilm_pt_long(self, key: str) -> dict[str, Any]:
+        return self._encoder_pt(key, "minilm-pt-long", long=True)
+
+    def run_minilm_ft_long(self, key: str) -> dict[str, Any]:
+        return self._encoder_ft(key, long=True)
 
 
 # ---- LoRA and full fine-tuning as an Objective of the one trainer ----------------------------------------
@@ -421,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--ft-lr", type=float, default=2e-5)
     p.add_argument("--ft-steps", type=int, default=0, help="full fine-tuning's steps (0: --steps; fewer: timing only)")
+    p.add_argument("--encoder-ft-lr", type=float, default=5e-5, help="minilm-l6 full fine-tuning's peak lr")
+    p.add_argument("--deep-lr", type=float, default=0.01, help="the deep students' peak lr (distill-deep*)")
+    p.add_argument("--long-steps", type=int, default=250, help="the *-long methods' steps")
+    p.add_argument("--long-train-n", type=int, default=2000, help="the *-long methods' training rows (a superset)")
     p.add_argument("--latency-rows", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "runs" / "compile"))
     a = p.parse_args(argv)

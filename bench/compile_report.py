@@ -28,12 +28,22 @@ ROWS = [  # (method key, label)
     ("icl8", "ICL, k = 8 (cached K/V)"),
     ("icl16", "ICL, k = 16 (cached K/V)"),
     ("icl16-uncached", "ICL, k = 16, no context cache"),
+    ("icl16-long", "ICL, k = 16 long demonstrations (cached K/V)"),
+    ("icl16-long-uncached", "ICL, k = 16 long demonstrations, no context cache"),
     ("pt", "prompt tuning"),
+    ("pt-long", "prompt tuning, more rows and steps"),
     ("distill", "prompt distilled from the 16-shot context"),
     ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
+    ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
+    ("distill-deep-long", "the same deep student, more inputs and steps"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
     ("ft", "full fine-tuning (AdamW, all weights)"),
+    ("minilm-pt", "minilm-l6 (encoder): prompt tuning, linear head"),
+    ("minilm-ft", "minilm-l6: full fine-tuning + linear head"),
+    ("minilm-pt-long", "minilm-l6: prompt tuning, linear head, more rows and steps"),
+    ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
 ]
+DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long")
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
@@ -59,6 +69,10 @@ def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[s
     acc = f"not trained to its steps ({r['steps']} of {full_steps})" if partial else _n(r.get("accuracy"), ".1f")
     if "agreement" in r:
         acc += f" (agrees with its teacher on {r['agreement']:.1f}%; teacher {r['teacher_accuracy']:.1f})"
+    if r.get("demo_min_words"):
+        label = label.replace("long demonstrations", f"demonstrations of ≥ {r['demo_min_words']} words")
+    if r.get("train_rows") and (r.get("student") == "deep" or r.get("method", "").endswith("-long")):
+        label += f", {r['train_rows']} inputs, {r['steps']} steps"
     if "context_tokens" in r:
         label += f", {r['context_tokens']} context tokens"
     if "num_tokens" in r:
@@ -100,18 +114,22 @@ def majority_rates(res: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None = None) -> list[str]:
     runs = {m: res.get(f"{key}:{m}") for m, _ in ROWS}
-    icl16 = runs.get("icl16")
-    if icl16 and "uncached" in icl16:
-        runs["icl16-uncached"] = {**icl16["uncached"], "context_tokens": icl16["context_tokens"],
-                                  "accuracy": icl16["accuracy"], "trainable": 0}  # fmt: skip
+    for m in ("icl16", "icl16-long"):
+        icl16 = runs.get(m)
+        if icl16 and "uncached" in icl16:
+            runs[f"{m}-uncached"] = {**icl16["uncached"], "context_tokens": icl16["context_tokens"],
+                                     "accuracy": icl16["accuracy"], "trainable": 0,
+                                     "demo_min_words": icl16.get("demo_min_words")}  # fmt: skip
     steps = next((r["steps"] for m in ("pt", "lora", "distill") if (r := runs.get(m)) and "steps" in r), None)
     lines = [f"## {TASK_NAMES.get(key, key)}, smollm2-135m", "", "| " + " | ".join(HEADER) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADER))) + "|"]  # fmt: skip
     if majority is not None:
         lines.append(f"| majority class of the evaluation sample | {majority:.1f} |" + " |" * (len(HEADER) - 2))
     for m, label in ROWS:
-        if m == "icl16-uncached" and runs.get(m) is None:
+        if m.startswith("icl16") and m != "icl16" and runs.get(m) is None:
             continue
+        if (m.endswith("-long") or m.startswith("minilm")) and runs.get(m) is None:
+            continue  # the optional rows
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
     commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
@@ -127,17 +145,18 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
 def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     out = ["## Targets", ""]
     for key, name in TASK_NAMES.items():
-        t = res.get(f"{key}:icl16")
-        tried = [r for m in ("distill", "distill-sharp") if (r := res.get(f"{key}:{m}"))]
-        if not tried or not t:
+        tried = [r for m in DISTILLED if (r := res.get(f"{key}:{m}"))]
+        if not tried or not res.get(f"{key}:icl16"):
             continue
-        d = max(tried, key=lambda r: r["agreement"])  # the better-agreeing distilled prompt, named below
+        d = max(tried, key=lambda r: r["agreement"])  # the best-agreeing distilled prompt, named below
+        t = res[f"{key}:icl16-long" if d.get("teacher_k") == "16long" else f"{key}:icl16"]  # its teacher
         if len(tried) > 1:
             pcts = " vs ".join(f"{r['agreement']:.1f}%" for r in tried)
             out.append(f"- {name}: of the distilled prompts, {d['method']} agrees best with its teacher ({pcts}); "
                        "the lines below are its.")  # fmt: skip
         ok_len = t["context_tokens"] >= 400 and d["num_tokens"] <= 20
-        out.append(f"- {name}: the 16-shot context is {t['context_tokens']} tokens (≥ 400: "
+        of_long = " of long demonstrations" if t["method"] != "icl16" else ""
+        out.append(f"- {name}: its teacher, the 16-shot context{of_long}, is {t['context_tokens']} tokens (≥ 400: "
                    f"{'yes' if t['context_tokens'] >= 400 else 'NO'}), the student {d['num_tokens']} soft tokens "
                    f"(≤ 20: {'yes' if d['num_tokens'] <= 20 else 'NO'}).")  # fmt: skip
 
@@ -161,7 +180,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
                    f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {verdict(mem >= 20)}.")  # fmt: skip
     for key in ("sst2", "agnews"):
         pt = res.get(f"{key}:pt")
-        icl = [r for m in ("icl4", "icl8", "icl16") if (r := res.get(f"{key}:{m}"))]
+        icl = [r for m in ("icl4", "icl8", "icl16", "icl16-long") if (r := res.get(f"{key}:{m}"))]
         if not pt or not icl:
             out.append(f"- {TASK_NAMES[key]}: prompt tuning vs the best ICL setting — not measured.")
             continue
@@ -169,6 +188,10 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         ok = pt["accuracy"] > best["accuracy"]
         out.append(f"- {TASK_NAMES[key]}: prompt tuning beats the best in-context setting ({best['method']}): "
                    f"{pt['accuracy']:.1f}% vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
+        if long := res.get(f"{key}:pt-long"):
+            met = "met" if long["accuracy"] > best["accuracy"] else "MISSED"
+            out.append(f"  - with more rows and steps ({long.get('train_rows')} rows, {long['steps']} steps): "
+                       f"{long['accuracy']:.1f}% vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip
     return out
 
 
@@ -176,6 +199,7 @@ def render(
     res: dict[str, dict[str, Any]], majority: dict[str, float] | None = None, notes: list[str] | None = None
 ) -> str:
     dates = sorted({r["date"] for r in res.values() if "date" in r})
+    partial = any(r["steps"] < (res.get(f"{r['task']}:pt") or r)["steps"] for k, r in res.items() if k.endswith(":ft"))
     lines = [
         TITLE,
         "",
@@ -198,8 +222,8 @@ def render(
         "The distilled prompt's teacher is the 16-shot context, as the targets name it, not the best ICL setting. Its "
         "inputs were the training rows without their labels (`--alpha 0`). The demonstrations are balanced per "
         "class and drawn with seed 0 from the training sample. Every context starts with the task's hand-written "
-        "instructions, the `k = 0` row. Full fine-tuning ran only a few steps on this CPU budget, for its time per "
-        "step and memory.",
+        "instructions, the `k = 0` row." + (" Full fine-tuning ran only a few steps on this CPU budget, for its "
+        "time per step and memory." if partial else ""),
         "",
     ]  # fmt: skip
     for key in TASK_NAMES:

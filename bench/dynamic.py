@@ -1,6 +1,7 @@
 """Measurements behind docs/results-dynamic.md: plain vs routed vs conditioned prompts on smollm2-135m.
 
-    OMP_NUM_THREADS=1 python -m bench.dynamic [--out runs/dynamic] [--eval-rows 200] [--only sst2 agnews serve]
+    OMP_NUM_THREADS=1 python -m bench.dynamic [--out runs/dynamic] [--eval-rows 200] [--only sst2 agnews rte serve]
+        [--methods plain residual] [--seeds 0 1 2]
 
 Side by side in one run, per dataset (SST-2, AG News): the three methods trained with the settings of the plain
 smollm2 row of docs/results-methods.md (60 steps x batch 8, --init labels, AdamW lr 0.01, 5 warm-up steps, seed 0,
@@ -47,7 +48,16 @@ METHODS = {
     # Residual Prompt Tuning: the plain 10-token prompt trained through a residual MLP, folded away at save
     "residual": {"method": "prompt", "num_tokens": 10, "reparam": "residual"},
 }
-TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}
+TEMPLATES = {
+    "sst2": "Review: {sentence}\nSentiment:",
+    "agnews": "Article: {text}\nTopic:",
+    "rte": "{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",  # docs/results.md's RTE row
+}
+
+
+def run_name(ds: str, method: str, seed: int = 0) -> str:
+    """A run's key in results.jsonl: seed 0 keeps the first study's names."""
+    return f"{ds}-{method}" + (f"-s{seed}" if seed else "")
 
 
 class Study:
@@ -69,8 +79,8 @@ class Study:
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
         return self.log.record(r)
 
-    def train(self, ds: str, method: str, task: dict[str, str]) -> dict[str, Any]:
-        name = f"{ds}-{method}"
+    def train(self, ds: str, method: str, task: dict[str, str], seed: int = 0) -> dict[str, Any]:
+        name = run_name(ds, method, seed)
         if name in self.done:
             return self.done[name]
         from softprompt import RunConfig, train
@@ -80,7 +90,7 @@ class Study:
         cfg.model.model = MODEL
         cfg.data.train, cfg.data.labels, cfg.data.template = task["train"], task["labels"], TEMPLATES[ds]
         cfg.train.out, cfg.train.progress, cfg.train.overwrite = str(self.out / f"{name}.safetensors"), False, True
-        apply_options(cfg, {**COMMON, **METHODS[method]}, name)
+        apply_options(cfg, {**COMMON, **METHODS[method], "seed": seed}, name)
         t0 = time.perf_counter()
         res = train(cfg, backbone=self.bb, log=lambda s: print(s, file=sys.stderr))
         wall = time.perf_counter() - t0
@@ -93,21 +103,24 @@ class Study:
             PromptedModel(self.bb), torch.zeros(cfg.prompt.num_tokens, self.bb.embed_dim), cfg.prompt
         )
         n_params = sum(p.numel() for p in state.trainable() if p.requires_grad)
-        return self.record({"name": name, "kind": "train", "dataset": ds, "method": method, "params": n_params,
+        return self.record({"name": name, "kind": "train", "dataset": ds, "method": method, "seed": seed,
+                            "params": n_params,
                             "steps": res.steps, "train_s": round(wall, 1),
                             "s_per_step": round(wall / max(res.steps, 1), 3), "out": res.out})  # fmt: skip
 
-    def evaluate(self, ds: str, task: dict[str, str], tmp: Path) -> None:
-        """Accuracy and throughput of the three prompts of `ds` on the same rows, interleaved."""
-        todo = [m for m in METHODS if f"{ds}-{m}-eval" not in self.done]
+    def evaluate(self, ds: str, task: dict[str, str], tmp: Path, runs: list[tuple[str, int]]) -> None:
+        """Accuracy and throughput of the prompts `runs` ((method, seed) pairs) of `ds` on the same rows,
+        interleaved."""
+        todo = {run_name(ds, m, s): (m, s) for m, s in runs if f"{run_name(ds, m, s)}-eval" not in self.done}
         if not todo:
             return
         from softprompt import Predictor
 
         rows = Path(task["eval"]).read_text(encoding="utf-8").splitlines()
-        src = tmp / f"{ds}-eval{self.eval_rows}.tsv"
-        src.write_text("\n".join(rows[: self.eval_rows + 1]) + "\n", encoding="utf-8")  # header + first rows
-        preds = {m: Predictor.load(str(self.out / f"{ds}-{m}.safetensors"), backbone=self.bb) for m in todo}
+        head = 0 if task["eval"].endswith(".jsonl") else 1  # a TSV's header line
+        src = tmp / f"{ds}-eval{self.eval_rows}{Path(task['eval']).suffix}"
+        src.write_text("\n".join(rows[: self.eval_rows + head]) + "\n", encoding="utf-8")  # the first rows
+        preds = {m: Predictor.load(str(self.out / f"{m}.safetensors"), backbone=self.bb) for m in todo}
         best: dict[str, float] = {}
         metrics: dict[str, dict[str, Any]] = {}
         for _ in range(2):  # interleaved rounds: load from other processes hits every method alike
@@ -119,7 +132,8 @@ class Study:
         for m in todo:
             pset = preds[m].prefix
             routes = getattr(pset, "routes", None)
-            self.record({"name": f"{ds}-{m}-eval", "kind": "eval", "dataset": ds, "method": m,
+            method, seed = todo[m]
+            self.record({"name": f"{m}-eval", "kind": "eval", "dataset": ds, "method": method, "seed": seed,
                          "accuracy": metrics[m]["accuracy"], "macro_f1": metrics[m]["macro_f1"], "n": metrics[m]["n"],
                          "eval_s": round(best[m], 2), "rows_per_s": round(metrics[m]["n"] / best[m], 1),
                          "routes": None if not routes or routes[0] is None else routes[0].tolist()})  # fmt: skip
@@ -196,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "dynamic"))
     ap.add_argument("--eval-rows", type=int, default=200)
-    ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve", "steptime"])
+    ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve", "steptime"],
+                    help="datasets (sst2 agnews rte) and measurements (serve steptime)")  # fmt: skip
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                    help="methods to train and evaluate on the --only datasets (serve, steptime: all)")  # fmt: skip
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0], help="training seeds (seed 0: the first study's)")
     args = ap.parse_args(argv)
     if not SHARED.is_dir():
         print(f"skipped: the benchmark data folder {SHARED} is absent", file=sys.stderr)
@@ -208,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         d = data(tmp)
-        for ds in ("sst2", "agnews"):
-            if ds in args.only or ("serve" in args.only and ds == "sst2") or "steptime" in args.only:
-                for m in METHODS:
-                    st.train(ds, m, d[ds])
+        for ds in ("sst2", "agnews", "rte"):
+            runs = [(m, s) for s in args.seeds for m in args.methods] if ds in args.only else []
+            if ds != "rte" and (("serve" in args.only and ds == "sst2") or "steptime" in args.only):
+                runs += [(m, 0) for m in METHODS if (m, 0) not in runs]
+            for m, s in runs:
+                st.train(ds, m, d[ds], seed=s)
             if ds in args.only:
-                st.evaluate(ds, d[ds], tmp)
+                st.evaluate(ds, d[ds], tmp, [(m, s) for s in args.seeds for m in args.methods])
             if "steptime" in args.only:
                 st.step_time(ds, d[ds])
         if "serve" in args.only:

@@ -36,7 +36,8 @@ def read_tsv(src: Path) -> list[list[str]]:
 
 
 def data(tmp: Path) -> dict[str, dict[str, str]]:
-    """Train/eval files: SST-2 (2,000 train sample, full dev), AG News (2,000 train / 500 held out), tickets."""
+    """Train/eval files: SST-2 (2,000 train sample, full dev), AG News (2,000 train / 500 held out), RTE (the
+    2,240 train rows, the 277 validation rows), tickets."""
     sst = read_tsv(SHARED / "sst2" / "train.tsv")[1:]
     random.Random(0).shuffle(sst)
     ag = read_tsv(SHARED / "agnews" / "train10k.tsv")
@@ -51,6 +52,11 @@ def data(tmp: Path) -> dict[str, dict[str, str]]:
             "train": write_tsv(ag[:2000], ["text", "label"], tmp / "ag_train.tsv"),
             "eval": write_tsv(ag[2000:2500], ["text", "label"], tmp / "ag_eval.tsv"),
             "labels": "Business=business,Sci/Tech=technology,Sports=sports,World=world",
+        },
+        "rte": {
+            "train": str(SHARED / "rte" / "train.jsonl"),
+            "eval": str(SHARED / "rte" / "val.jsonl"),
+            "labels": "entailment=true,not_entailment=false",
         },
         "tickets": {
             "train": str(EXAMPLES / "train.jsonl"),

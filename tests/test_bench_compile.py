@@ -31,3 +31,14 @@ def test_a_missing_data_file_is_a_reason_not_an_error(tmp_path: Path, monkeypatc
     monkeypatch.setattr(study, "SHARED", tmp_path / "nowhere")
     why = study.sample(study.TASKS["sst2"], 10, 10, tmp_path)
     assert isinstance(why, str) and why.startswith("skipped:") and "not found" in why
+
+
+def test_a_larger_sample_extends_the_training_rows_and_keeps_the_evaluation_rows(tmp_path: Path) -> None:
+    small = study.sample(study.TASKS["sst2"], 40, 20, tmp_path / "small")
+    if isinstance(small, str):
+        pytest.skip(small)
+    big = study.sample(study.TASKS["sst2"], 100, 20, tmp_path / "big")  # distill-deep-long's unlabelled inputs
+    assert not isinstance(big, str)
+    s_rows, b_rows = (Path(p[0]).read_text().splitlines() for p in (small, big))
+    assert b_rows[:40] == s_rows and len(b_rows) == 100
+    assert Path(small[1]).read_text() == Path(big[1]).read_text()

@@ -41,7 +41,9 @@ def test_targets_are_stated_from_the_numbers(tmp_path: Path) -> None:
     assert page.startswith("# Prompts, ICL, prompt tuning, LoRA\n")
     assert "| zero-shot (template only) | 78.0 |" in page  # the rerun's record
     assert "| majority class of the evaluation sample | 50.0 |" in page
-    assert "the 16-shot context is 441 tokens (≥ 400: yes), the student 20 soft tokens (≤ 20: yes)" in page
+    assert (
+        "its teacher, the 16-shot context, is 441 tokens (≥ 400: yes), the student 20 soft tokens (≤ 20: yes)" in page
+    )
     assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page
     assert "within 1 point of the teacher's accuracy: 80.5% vs 81.0% (gap 0.5) — met" in page
     assert "teacher without a context cache: 8.0× (80 vs 10 ms) — met" in page
@@ -66,8 +68,25 @@ def test_a_context_under_400_tokens_is_not_the_targets_setting(tmp_path: Path) -
     res = compile_report.load(fake(tmp_path / "r.jsonl"))
     res["sst2:icl16"]["context_tokens"] = 355
     page = compile_report.render(res)
-    assert "the 16-shot context is 355 tokens (≥ 400: NO)" in page
+    assert "its teacher, the 16-shot context, is 355 tokens (≥ 400: NO)" in page
     assert "96.0% — met, but not in the target's setting (see above)" in page
+
+
+def test_a_distilled_prompt_is_judged_against_its_own_teacher(tmp_path: Path) -> None:
+    res = compile_report.load(fake(tmp_path / "r.jsonl"))
+    res["sst2:icl16"]["context_tokens"] = 355
+    res["sst2:icl16-long"] = rec("sst2", "icl16-long", 75.0, context_tokens=520, kv_bytes=26_000_000,
+                                 demo_min_words=15, uncached={"latency_ms": 90.0, "latency_ratio": 9.0})  # fmt: skip
+    res["sst2:distill-deep"] = rec("sst2", "distill-deep", 74.0, steps=40, num_tokens=20, kv_bytes=1_000_000,
+                                   agreement=97.0, teacher_accuracy=75.0, teacher_k="16long", student="deep",
+                                   train_rows=320)  # fmt: skip
+    page = compile_report.render(res)
+    assert "of the distilled prompts, distill-deep agrees best with its teacher (96.0% vs 97.0%)" in page
+    assert "its teacher, the 16-shot context of long demonstrations, is 520 tokens (≥ 400: yes)" in page
+    assert "than the cached teacher: 26.0× (26,000,000 vs 1,000,000 bytes) — met" in page
+    assert "| ICL, k = 16 demonstrations of ≥ 15 words (cached K/V), 520 context tokens | 75.0 |" in page
+    assert "| ICL, k = 16 demonstrations of ≥ 15 words, no context cache, 520 context tokens | 75.0 |" in page
+    assert "distilled, sharpened teacher, 320 inputs, 40 steps, 20 soft tokens | 74.0 (agrees with its teacher" in page
 
 
 def test_notes_are_listed(tmp_path: Path) -> None:

@@ -87,6 +87,36 @@ def test_distillation_trains_through_the_one_trainer_and_records_its_teacher(
     assert 0.0 <= d["agreement"] <= 1.0 and "eval_agreement" in res.history[2]
 
 
+def test_a_deep_student_starts_where_the_plain_prompt_of_its_init_starts_and_trains(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
+) -> None:
+    """--method deep as the student (per-layer K/V, bench.compile's distill-deep): initialised from the hard prompt's
+    first tokens it computes exactly the plain prompt of the same --init (whose loss the test above checks against
+    the model's own forwards), and it trains to an ordinary deep prompt file with the distill metadata."""
+    bb = sharp_backbone("llama")
+    objs = {}
+    for method in ("prompt", "deep"):
+        cfg = RunConfig()
+        cfg.model.model, cfg.model.device = str(tiny_models_root / "sharp-llama"), "cpu"
+        cfg.data.train, cfg.data.eval = str(write(tmp_path / "t.jsonl", 16)), str(write(tmp_path / "e.jsonl", 6, 50))
+        cfg.data.template, cfg.data.labels = "Review: {text}\nAnswer:", "a=yes,b=no"
+        cfg.prompt.num_tokens, cfg.prompt.init, cfg.prompt.method = 3, 'text:"good film awful"', method
+        cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 4, 8, 0.05, 0
+        cfg.train.progress, cfg.train.out = False, str(tmp_path / f"{method}.safetensors")
+        base = build_objective(cfg, bb, log=lambda *a: None)
+        ctx = text_context(base.pm, "good film awful dull. Answer yes or no.")
+        objs[method] = (cfg, DistillObjective(base, ctx, temperature=0.5))
+    rows = objs["prompt"][1].base.train_set[:6]
+    plain, deep = (float(objs[m][1].loss(rows).detach()) for m in ("prompt", "deep"))
+    assert plain > 1e-4 and deep == pytest.approx(plain, rel=1e-4, abs=1e-6)
+    cfg, obj = objs["deep"]
+    res = fit(obj, cfg, run_files(cfg), log=lambda *a: None)
+    assert res.steps == 4 and float(obj.loss(rows).detach()) < deep
+    ck = load_prompt(tmp_path / "deep.safetensors")
+    assert ck.meta["method"] == "deep" and ck.meta["distill"]["student_tokens"] == 3
+    assert ck.meta["distill"]["teacher_temperature"] == 0.5
+
+
 # ---- token-level KL (generation tasks) --------------------------------------------------------------------
 def test_generation_loss_is_the_token_level_kl_of_the_models_own_forwards(
     tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
