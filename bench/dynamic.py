@@ -14,7 +14,10 @@ Predictor on the first --eval-rows rows of the evaluation set, timed (inference 
 batch 32, the best of two interleaved rounds). `serve`: the server's forward path (pipeline.classify_rows on a
 Registry, no HTTP) on 64 SST-2 rows of one task: the routed task against the single static prompt, and the
 conditioned one, interleaved rounds. `steptime`: seconds per training step of the three methods on the same batches,
-interleaved (the training runs' own wall times overlap other load on a shared machine).
+interleaved (the training runs' own wall times overlap other load on a shared machine). `serve-v2`, `steptime-v2`:
+the same two measurements of the SECOND group (plain, routed v2, conditioned, residual). `rte`: RTE (2,240 train
+rows, the 277 validation rows) for the rows asked for with --methods and --seeds, e.g. plain vs residual over three
+seeds; --seeds trains each method with each seed (seed 0 keeps the first study's run names).
 
 Each finished run is appended to OUT/results.jsonl and skipped when the script runs again. Data: fixed-seed samples
 of ../shared/data (bench.methods.data); skips with a reason when it is absent.
@@ -53,6 +56,10 @@ TEMPLATES = {
     "agnews": "Article: {text}\nTopic:",
     "rte": "{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",  # docs/results.md's RTE row
 }
+
+
+FIRST = ("plain", "routed", "conditioned")  # the first study's serve / steptime measurements
+SECOND = ("plain", "routed-v2", "conditioned", "residual")  # serve-v2 / steptime-v2: after the route-collapse fix
 
 
 def run_name(ds: str, method: str, seed: int = 0) -> str:
@@ -138,10 +145,12 @@ class Study:
                          "eval_s": round(best[m], 2), "rows_per_s": round(metrics[m]["n"] / best[m], 1),
                          "routes": None if not routes or routes[0] is None else routes[0].tolist()})  # fmt: skip
 
-    def step_time(self, ds: str, task: dict[str, str], steps: int = 6, rounds: int = 2) -> None:
-        """Seconds per training step (forward + backward of one batch of 8, no optimiser), the three methods on the
+    def step_time(
+        self, ds: str, task: dict[str, str], methods: tuple[str, ...], tag: str = "", steps: int = 6, rounds: int = 2
+    ) -> None:
+        """Seconds per training step (forward + backward of one batch of 8, no optimiser), the methods on the
         same batches, interleaved: the training runs above overlap other load on a shared machine."""
-        name = f"{ds}-steptime"
+        name = f"{ds}-steptime{tag}"
         if name in self.done:
             return
         import torch
@@ -151,7 +160,7 @@ class Study:
         from softprompt.train import build_objective
 
         objs = {}
-        for m in METHODS:
+        for m in methods:
             cfg = RunConfig()
             cfg.model.model = MODEL
             cfg.data.train, cfg.data.labels, cfg.data.template = task["train"], task["labels"], TEMPLATES[ds]
@@ -172,9 +181,9 @@ class Study:
                      "s_per_step": {m: round(v, 3) for m, v in best.items()},
                      "vs_plain": {m: round(v / best["plain"], 3) for m, v in best.items()}})  # fmt: skip
 
-    def serve(self, task: dict[str, str], tmp: Path) -> None:
-        """The server's forward path: 64 rows of one task (SST-2 dev), plain vs routed vs conditioned."""
-        if "serve" in self.done:
+    def serve(self, task: dict[str, str], tmp: Path, methods: tuple[str, ...], tag: str = "") -> None:
+        """The server's forward path: 64 rows of one task (SST-2 dev), each method's prompt against the plain one."""
+        if f"serve{tag}" in self.done:
             return
         import shutil
 
@@ -185,25 +194,25 @@ class Study:
 
         folder = tmp / "prompts"
         folder.mkdir()
-        for m in METHODS:
+        for m in methods:
             shutil.copy(self.out / f"sst2-{m}.safetensors", folder / f"{m}.safetensors")
         reg = Registry(self.bb, folder)
         texts = [line.rpartition("\t")[0] for line in Path(task["eval"]).read_text().splitlines()[1:65]]
-        batches = {m: [(reg.get(m), reg.encode(reg.get(m), t, "input")) for t in texts] for m in METHODS}
+        batches = {m: [(reg.get(m), reg.encode(reg.get(m), t, "input")) for t in texts] for m in methods}
         best: dict[str, float] = {}
         with torch.no_grad():
-            for m in METHODS:  # warm: the prefixes cached, as a running server has them
+            for m in methods:  # warm: the prefixes cached, as a running server has them
                 pl.classify_rows(reg, batches[m], max_batch_size=32)
             for _ in range(3):
-                for m in METHODS:
+                for m in methods:
                     t0 = time.perf_counter()
                     pl.classify_rows(reg, batches[m], max_batch_size=32)
                     dt = time.perf_counter() - t0
                     best[m] = min(best.get(m, dt), dt)
-        rps = {m: round(len(texts) / best[m], 1) for m in METHODS}
-        self.record({"name": "serve", "kind": "serve", "rows": len(texts), "max_batch_size": 32, "rows_per_s": rps,
-                     "routed_vs_plain": round(rps["routed"] / rps["plain"], 3),
-                     "conditioned_vs_plain": round(rps["conditioned"] / rps["plain"], 3)})  # fmt: skip
+        rps = {m: round(len(texts) / best[m], 1) for m in methods}
+        ratios = {f"{m}_vs_plain": round(rps[m] / rps["plain"], 3) for m in methods}
+        self.record({"name": f"serve{tag}", "kind": "serve", "rows": len(texts), "max_batch_size": 32,
+                     "rows_per_s": rps, **ratios})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "dynamic"))
     ap.add_argument("--eval-rows", type=int, default=200)
     ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve", "steptime"],
-                    help="datasets (sst2 agnews rte) and measurements (serve steptime)")  # fmt: skip
+                    help="datasets (sst2 agnews rte); measurements (serve steptime serve-v2 steptime-v2)")  # fmt: skip
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
-                    help="methods to train and evaluate on the --only datasets (serve, steptime: all)")  # fmt: skip
+                    help="methods to train and evaluate on the --only datasets (serve, steptime: theirs)")  # fmt: skip
     ap.add_argument("--seeds", nargs="*", type=int, default=[0], help="training seeds (seed 0: the first study's)")
     args = ap.parse_args(argv)
     if not SHARED.is_dir():
@@ -228,16 +237,19 @@ def main(argv: list[str] | None = None) -> int:
         d = data(tmp)
         for ds in ("sst2", "agnews", "rte"):
             runs = [(m, s) for s in args.seeds for m in args.methods] if ds in args.only else []
-            if ds != "rte" and (("serve" in args.only and ds == "sst2") or "steptime" in args.only):
-                runs += [(m, 0) for m in METHODS if (m, 0) not in runs]
+            for tag, group in (("", FIRST), ("-v2", SECOND)):
+                if ds != "rte" and ((f"serve{tag}" in args.only and ds == "sst2") or f"steptime{tag}" in args.only):
+                    runs += [(m, 0) for m in group if (m, 0) not in runs]
             for m, s in runs:
                 st.train(ds, m, d[ds], seed=s)
             if ds in args.only:
                 st.evaluate(ds, d[ds], tmp, [(m, s) for s in args.seeds for m in args.methods])
-            if "steptime" in args.only:
-                st.step_time(ds, d[ds])
-        if "serve" in args.only:
-            st.serve(d["sst2"], tmp)
+            for tag, group in (("", FIRST), ("-v2", SECOND)):
+                if f"steptime{tag}" in args.only and ds != "rte":
+                    st.step_time(ds, d[ds], group, tag)
+        for tag, group in (("", FIRST), ("-v2", SECOND)):
+            if f"serve{tag}" in args.only:
+                st.serve(d["sst2"], tmp, group, tag)
     return 0
 
 
