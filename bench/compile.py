@@ -16,7 +16,9 @@ Further rows, each on the same evaluation rows: `icl16-long` (SST-2 only: 16 dem
 of at least Task.long_demo_words words, since SST-2's train split is mostly phrase fragments and its 16-shot context
 stays under 400 tokens); `distill-deep` (a deep prompt, per-layer keys/values, as the student: initialised from the
 K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, and the teacher sharpened by
---sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
+--sharp-temperature; its teacher is the long context where the task has one); `distill-deep-best` (the same student, its
+teacher the most accurate ICL context measured so far: "a prompt distilled from the best ICL context");
+`distill-deep-long` and `pt-long` (the
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows); `minilm-pt`,
 `minilm-ft` (minilm-l6, an encoder: prompt tuning with a linear head through the one trainer, and full fine-tuning
 with bench.quality_experiments.encoder_reference) and their `-long` variants.
@@ -55,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
 METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
-           "distill-deep", "distill-deep-long", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
-           "minilm-ft-long")  # fmt: skip
+           "distill-deep", "distill-deep-long", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft",
+           "minilm-pt-long", "minilm-ft-long")  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
 
@@ -359,6 +361,13 @@ class Study:
 
     def run_distill_deep(self, key: str) -> dict[str, Any]:  # a deep student, Cartridges-style init, sharp teacher
         return self._prompt(key, "distill-deep", self.a.deep_lr, teacher_k=self.teacher_key,
+                            temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
+
+    def run_distill_deep_best(self, key: str) -> dict[str, Any]:  # the teacher: the most accurate ICL row so far
+        icl = {k: self.done[f"{key}:{m}"]["accuracy"] for m, k in (("icl4", 4), ("icl8", 8), ("icl16", 16),
+               ("icl16-long", "16long")) if f"{key}:{m}" in self.done}  # fmt: skip
+        best = max(icl, key=lambda k: icl[k])
+        return self._prompt(key, "distill-deep-best", self.a.deep_lr, teacher_k=best,
                             temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
 
     def run_distill_deep_long(self, key: str) -> dict[str, Any]:  # the same, more unlabelled inputs and steps

@@ -36,6 +36,7 @@ ROWS = [  # (method key, label)
     ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
     ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
     ("distill-deep-long", "the same deep student, more inputs and steps"),
+    ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
     ("ft", "full fine-tuning (AdamW, all weights)"),
     ("minilm-pt", "minilm-l6 (encoder): prompt tuning, linear head"),
@@ -68,7 +69,9 @@ def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[s
     partial = full_steps is not None and r.get("steps") is not None and r["steps"] < full_steps
     acc = f"not trained to its steps ({r['steps']} of {full_steps})" if partial else _n(r.get("accuracy"), ".1f")
     if "agreement" in r:
-        acc += f" (agrees with its teacher on {r['agreement']:.1f}%; teacher {r['teacher_accuracy']:.1f})"
+        k = r.get("teacher_k", 16)
+        who = "16 long demonstrations" if k == "16long" else f"k = {k}"
+        acc += f" (agrees with its teacher, {who}, on {r['agreement']:.1f}%; teacher {r['teacher_accuracy']:.1f})"
     if r.get("demo_min_words"):
         label = label.replace("long demonstrations", f"demonstrations of ≥ {r['demo_min_words']} words")
     if r.get("train_rows") and (r.get("student") == "deep" or r.get("method", "").endswith("-long")):
