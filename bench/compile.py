@@ -16,12 +16,13 @@ Further rows, each on the same evaluation rows: `icl16-long` (SST-2 only: 16 dem
 of at least Task.long_demo_words words, since SST-2's train split is mostly phrase fragments and its 16-shot context
 stays under 400 tokens); `distill-deep` (a deep prompt, per-layer keys/values, as the student: initialised from the
 K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, and the teacher sharpened by
---sharp-temperature; its teacher is the long context where the task has one); `distill-deep-best` (the same student, its
-teacher the most accurate ICL context measured so far: "a prompt distilled from the best ICL context");
-`distill-deep-long` and `pt-long` (the
-same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows); `minilm-pt`,
-`minilm-ft` (minilm-l6, an encoder: prompt tuning with a linear head through the one trainer, and full fine-tuning
-with bench.quality_experiments.encoder_reference) and their `-long` variants.
+--sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
+same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
+`distill-deep-sent` (SST-2: distill-deep-long's budget on training rows of >= Task.long_demo_words words only,
+inputs like the evaluation rows); `distill-deep-best` (the same student, its teacher the most accurate ICL context
+measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
+prompt tuning with a linear head through the one trainer, and full fine-tuning with
+bench.quality_experiments.encoder_reference) and their `-long` variants.
 
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
 and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
@@ -57,8 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
 METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
-           "distill-deep", "distill-deep-long", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft",
-           "minilm-pt-long", "minilm-ft-long")  # fmt: skip
+           "distill-deep", "distill-deep-long", "distill-deep-sent", "distill-deep-best", "pt-long", "minilm-pt",
+           "minilm-ft", "minilm-pt-long", "minilm-ft-long")  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
 
@@ -101,8 +102,9 @@ TASKS = {
 }  # fmt: skip
 
 
-def sample(t: Task, train_n: int, eval_n: int, tmp: Path) -> tuple[str, str] | str:
-    """(train file, eval file): fixed-seed samples as JSONL, no eval row's text in train; or why not."""
+def sample(t: Task, train_n: int, eval_n: int, tmp: Path, min_words: int = 0) -> tuple[str, str] | str:
+    """(train file, eval file): fixed-seed samples as JSONL, no eval row's text in train; or why not. min_words > 0:
+    only training rows whose first field has at least that many words (the same evaluation rows)."""
     from softprompt.data import read_records
 
     src = SHARED / t.train
@@ -118,7 +120,11 @@ def sample(t: Task, train_n: int, eval_n: int, tmp: Path) -> tuple[str, str] | s
         pool, ev = pool[:-HOLDOUT], pool[-HOLDOUT:]
     ev = ev[:eval_n]
     seen = {json.dumps(r, sort_keys=True) for r in ev}
-    tr = [r for r in pool if json.dumps(r, sort_keys=True) not in seen][:train_n]
+    tr = [r for r in pool if json.dumps(r, sort_keys=True) not in seen]
+    if min_words:
+        first = next(iter(tr[0]))  # the text field (records keep the file's field order)
+        tr = [r for r in tr if len(str(r[first]).split()) >= min_words]
+    tr = tr[:train_n]
     paths = []
     tmp.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", tr), ("eval", ev)):
@@ -204,6 +210,11 @@ class Study:
             big = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "long")
             assert not isinstance(big, str) and Path(big[1]).read_text() == Path(self.eval_file).read_text()
             self.big_train = big[0]
+        self.sent_train = None
+        if "distill-deep-sent" in todo:  # as many inputs, all whole sentences like the evaluation rows
+            sent = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "sent", min_words=t.long_demo_words)
+            assert not isinstance(sent, str) and Path(sent[1]).read_text() == Path(self.eval_file).read_text()
+            self.sent_train = sent[0]
         self.eval_set, _, _ = probe.encode_file(self.eval_file)
         self.lat_rows = self.eval_set[: self.a.latency_rows]
         with torch.no_grad():
@@ -362,6 +373,12 @@ class Study:
     def run_distill_deep(self, key: str) -> dict[str, Any]:  # a deep student, Cartridges-style init, sharp teacher
         return self._prompt(key, "distill-deep", self.a.deep_lr, teacher_k=self.teacher_key,
                             temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
+
+    def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # distill-deep-long on inputs like the eval rows
+        r = self._prompt(key, "distill-deep-sent", self.a.deep_lr, teacher_k=self.teacher_key,
+                         temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
+                         train=self.sent_train)  # fmt: skip
+        return {**r, "input_min_words": TASKS[key].long_demo_words}
 
     def run_distill_deep_best(self, key: str) -> dict[str, Any]:  # the teacher: the most accurate ICL row so far
         icl = {k: self.done[f"{key}:{m}"]["accuracy"] for m, k in (("icl4", 4), ("icl8", 8), ("icl16", 16),

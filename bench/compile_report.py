@@ -36,6 +36,7 @@ ROWS = [  # (method key, label)
     ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
     ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
     ("distill-deep-long", "the same deep student, more inputs and steps"),
+    ("distill-deep-sent", "the same deep student, more inputs and steps, whole-sentence inputs"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
     ("ft", "full fine-tuning (AdamW, all weights)"),
@@ -44,7 +45,7 @@ ROWS = [  # (method key, label)
     ("minilm-pt-long", "minilm-l6: prompt tuning, linear head, more rows and steps"),
     ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
 ]
-DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long")
+DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-sent")
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
