@@ -19,7 +19,8 @@ K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, a
 --sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
 `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows of >= Task.long_demo_words words only,
-inputs like the evaluation rows); `distill-deep-best` (the same student, its teacher the most accurate ICL context
+inputs like the evaluation rows); `distill-deep-longer` (twice distill-deep-long's rows and steps; run it on its
+own: it doubles --long-train-n and --long-steps for the whole invocation); `distill-deep-best` (the same student, its teacher the most accurate ICL context
 measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
 prompt tuning with a linear head through the one trainer, and full fine-tuning with
 bench.quality_experiments.encoder_reference) and their `-long` variants.
@@ -58,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
 METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
-           "distill-deep", "distill-deep-long", "distill-deep-sent", "distill-deep-best", "pt-long", "minilm-pt",
+           "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-best", "pt-long", "minilm-pt",
            "minilm-ft", "minilm-pt-long", "minilm-ft-long")  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
@@ -206,7 +207,11 @@ class Study:
             self.teacher_key = "16long"
         self.instructions = t.instructions
         self.big_train = None
-        if any(m.endswith("-long") and m != "icl16-long" for m in todo):  # a superset of the same sample's rows
+        if "distill-deep-longer" in todo:  # twice the long budget: the rows and the steps
+            if len([m for m in todo if m.endswith(("-long", "-longer", "-sent")) and m != "icl16-long"]) > 1:
+                raise SystemExit("--methods: run distill-deep-longer on its own (it doubles the long budget)")
+            self.a.long_train_n, self.a.long_steps = 2 * self.a.long_train_n, 2 * self.a.long_steps
+        if any(m.endswith(("-long", "-longer")) and m != "icl16-long" for m in todo):  # a superset of the rows
             big = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "long")
             assert not isinstance(big, str) and Path(big[1]).read_text() == Path(self.eval_file).read_text()
             self.big_train = big[0]
@@ -373,6 +378,11 @@ class Study:
     def run_distill_deep(self, key: str) -> dict[str, Any]:  # a deep student, Cartridges-style init, sharp teacher
         return self._prompt(key, "distill-deep", self.a.deep_lr, teacher_k=self.teacher_key,
                             temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
+
+    def run_distill_deep_longer(self, key: str) -> dict[str, Any]:  # 2x --long-train-n rows and 2x --long-steps
+        return self._prompt(key, "distill-deep-longer", self.a.deep_lr, teacher_k=self.teacher_key,
+                            temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
+                            train=self.big_train)  # fmt: skip
 
     def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # distill-deep-long on inputs like the eval rows
         r = self._prompt(key, "distill-deep-sent", self.a.deep_lr, teacher_k=self.teacher_key,

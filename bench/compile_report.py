@@ -36,6 +36,7 @@ ROWS = [  # (method key, label)
     ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
     ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
     ("distill-deep-long", "the same deep student, more inputs and steps"),
+    ("distill-deep-longer", "the same deep student, twice those inputs and steps"),
     ("distill-deep-sent", "the same deep student, more inputs and steps, whole-sentence inputs"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
@@ -45,7 +46,7 @@ ROWS = [  # (method key, label)
     ("minilm-pt-long", "minilm-l6: prompt tuning, linear head, more rows and steps"),
     ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
 ]
-DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-sent")
+DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent")
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
@@ -75,7 +76,7 @@ def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[s
         acc += f" (agrees with its teacher, {who}, on {r['agreement']:.1f}%; teacher {r['teacher_accuracy']:.1f})"
     if r.get("demo_min_words"):
         label = label.replace("long demonstrations", f"demonstrations of ≥ {r['demo_min_words']} words")
-    if r.get("train_rows") and (r.get("student") == "deep" or r.get("method", "").endswith("-long")):
+    if r.get("train_rows") and (r.get("student") == "deep" or r.get("method", "").endswith(("-long", "-longer"))):
         label += f", {r['train_rows']} inputs, {r['steps']} steps"
     if "context_tokens" in r:
         label += f", {r['context_tokens']} context tokens"
@@ -132,7 +133,7 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
     for m, label in ROWS:
         if m.startswith("icl16") and m != "icl16" and runs.get(m) is None:
             continue
-        if (m.endswith("-long") or m.startswith("minilm")) and runs.get(m) is None:
+        if (m.endswith(("-long", "-longer", "-sent", "-best")) or m.startswith("minilm")) and runs.get(m) is None:
             continue  # the optional rows
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
     commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
