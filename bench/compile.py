@@ -18,9 +18,9 @@ stays under 400 tokens); `distill-deep` (a deep prompt, per-layer keys/values, a
 K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, and the teacher sharpened by
 --sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
+`distill-deep-longer` (twice those rows and steps; run on its own, as it doubles the long budget of the invocation);
 `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows of >= Task.long_demo_words words only,
-inputs like the evaluation rows); `distill-deep-longer` (twice distill-deep-long's rows and steps; run it on its
-own: it doubles --long-train-n and --long-steps for the whole invocation); `distill-deep-best` (the same student, its teacher the most accurate ICL context
+inputs like the evaluation rows); `distill-deep-best` (the same student, its teacher the most accurate ICL context
 measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
 prompt tuning with a linear head through the one trainer, and full fine-tuning with
 bench.quality_experiments.encoder_reference) and their `-long` variants.
@@ -58,9 +58,11 @@ from bench._common import ResultLog, interleaved, note, peak_rss_bytes, rss_byte
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
-METHODS = ("zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
-           "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-best", "pt-long", "minilm-pt",
-           "minilm-ft", "minilm-pt-long", "minilm-ft-long")  # fmt: skip
+METHODS = (
+    "zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
+    "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-best", "pt-long",
+    "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long",
+)  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
 

@@ -46,7 +46,8 @@ ROWS = [  # (method key, label)
     ("minilm-pt-long", "minilm-l6: prompt tuning, linear head, more rows and steps"),
     ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
 ]
-DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent")
+DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-longer",
+             "distill-deep-sent")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
