@@ -61,7 +61,7 @@ MODEL = "smollm2-135m"
 METHODS = (
     "zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
     "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-best", "pt-long",
-    "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long",
+    "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long", "margins",
 )  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
@@ -433,6 +433,39 @@ class Study:
 
     def run_ft(self, key: str) -> dict[str, Any]:
         return self._weights(key, "ft", self.a.ft_lr)
+
+    # ---- where the distilled prompts disagree with their teachers -------------------------------------------------
+    @torch.no_grad()
+    def run_margins(self, key: str) -> dict[str, Any]:
+        """Agreement of each saved distilled prompt of `key` with its teacher, by the teacher's margin (its top class
+        probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows."""
+        from softprompt.checkpoint import load_prompt
+        from softprompt.evaluate import class_probs
+        from softprompt.icl import context_prefix
+        from softprompt.methods import checkpoint_prefix
+
+        buckets = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
+        teachers: dict[Any, torch.Tensor] = {}
+        out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "prompts": {}}
+        for m in METHODS:
+            r, path = self.done.get(f"{key}:{m}"), self.out / f"{key}-{m}.safetensors"
+            if not r or "agreement" not in r or not path.is_file():
+                continue
+            k = r.get("teacher_k", 16)
+            if k not in teachers:
+                teachers[k] = class_probs(self.pm0, context_prefix(self.pm0, self.contexts[k]), self.eval_set,
+                                          self.label_ids)  # fmt: skip
+            t = teachers[k]
+            s = class_probs(self.pm0, checkpoint_prefix(self.pm0, [load_prompt(path)]), self.eval_set, self.label_ids)
+            top2 = t.topk(2, dim=-1).values
+            margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
+            rows = []
+            for lo, hi in buckets:
+                sel = (margin >= lo) & (margin < hi)
+                rows.append({"rows": int(sel.sum()), "agree": int((same & sel).sum())})
+            out["prompts"][m] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
+                                 "by_margin": rows}  # fmt: skip
+        return out
 
     # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation; a linear head on the mean-pooled output ------
     def _encoder_pt(self, key: str, method: str, long: bool) -> dict[str, Any]:

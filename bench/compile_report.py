@@ -225,10 +225,16 @@ def render(
         "One thread (`OMP_NUM_THREADS=1`) on a "
         "2-core machine shared with other jobs.",
         "",
-        "The distilled prompt's teacher is the 16-shot context, as the targets name it, not the best ICL setting. Its "
-        "inputs were the training rows without their labels (`--alpha 0`). The demonstrations are balanced per "
-        "class and drawn with seed 0 from the training sample. Every context starts with the task's hand-written "
-        "instructions, the `k = 0` row." + (" Full fine-tuning ran only a few steps on this CPU budget, for its "
+        "A distilled prompt's teacher is a 16-shot context, as the targets name it (each row names its teacher; the "
+        "deep students' is the task's 16-shot context of long demonstrations where there is one), except the row "
+        "distilled from the best ICL context. Its inputs were the training rows without their labels (`--alpha 0`). "
+        "The demonstrations are balanced per class and drawn with seed 0 from the training sample (the long ones "
+        "from its rows of at least that many words). Every context starts with the task's hand-written "
+        "instructions, the `k = 0` row. The deep students (`--method deep`) start from the keys/values of those "
+        "instructions' first 20 tokens, as Cartridges initialise theirs; their per-task K/V is the same 20 slots per "
+        "layer as a 20-token prompt's. Rows marked with more inputs and steps used a larger sample of the same "
+        "training rows (the first rows are the table's) and their own step count; every other trained row used the "
+        "sample and steps below." + (" Full fine-tuning ran only a few steps on this CPU budget, for its "
         "time per step and memory." if partial else ""),
         "",
     ]  # fmt: skip

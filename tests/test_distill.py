@@ -178,8 +178,9 @@ def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, 
     return rc, out, err
 
 
+@pytest.mark.parametrize("student", ["prompt", "deep"])  # any prompt method; deep: per-layer K/V (the study's)
 def test_cli_distill_writes_an_ordinary_prompt_that_agrees_as_its_metadata_says(
-    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, capsys
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, capsys, student: str
 ) -> None:
     model = tiny_models_root / "sharp-llama"
     bb = sharp_backbone("llama")
@@ -188,8 +189,9 @@ def test_cli_distill_writes_an_ordinary_prompt_that_agrees_as_its_metadata_says(
     out = tmp_path / "s.safetensors"
     train = unlabelled(tmp_path / "u.jsonl", 12)  # no labels: --alpha 0 reads none
     rc, _, err = cli(capsys, distill_argv(model, tmp_path, "--teacher-prompt", str(tmp_path / "teacher.txt"),
-                                          "--train", str(train), "--out", str(out)))  # fmt: skip
+                                          "--train", str(train), "--out", str(out), "--method", student))  # fmt: skip
     assert rc == 0, err
+    assert load_prompt(out).meta["method"] == student
     d = load_prompt(out).meta["distill"]
     n_teacher = len(bb.tokenizer(teacher, add_special_tokens=False)["input_ids"])
     assert d["context_sha256"] == hashlib.sha256(teacher.encode()).hexdigest() and d["context_tokens"] == n_teacher
