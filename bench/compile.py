@@ -203,7 +203,8 @@ class Study:
         self.contexts = {k: build_context(probe, choose_demos(pool, k, seed=0, balanced=True), t.instructions)
                          for k in (0, 4, 8, 16)}  # fmt: skip
         self.teacher_key: int | str = 16  # the teacher of the distill-deep rows: the long context where there is one
-        if t.long_demo_words:  # 16 balanced demonstrations (seed 0) among the training rows of >= N words
+        needs_long = any(m == "icl16-long" or m.startswith("distill-deep") or m == "margins" for m in todo)
+        if t.long_demo_words and needs_long:  # 16 balanced demonstrations (seed 0) among the rows of >= N words
             long = [s for s in pool if len(s.record[self.spec.fields[0]].split()) >= t.long_demo_words]
             self.contexts["16long"] = build_context(probe, choose_demos(long, 16, seed=0, balanced=True),
                                                     t.instructions)  # fmt: skip
