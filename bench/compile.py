@@ -19,6 +19,7 @@ K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, a
 --sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
 `distill-deep-longer` (twice those rows and steps; run on its own, as it doubles the long budget of the invocation);
+`distill-deep-hard` (distill-deep-long with the teacher at --hard-temperature, nearly its argmax);
 `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows of >= Task.long_demo_words words only,
 inputs like the evaluation rows); `distill-deep-best` (the same student, its teacher the most accurate ICL context
 measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
@@ -61,7 +62,8 @@ SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
 METHODS = (
     "zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
-    "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-best", "pt-long",
+    "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-hard", "distill-deep-best",
+    "pt-long",
     "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long", "margins",
 )  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
@@ -212,10 +214,10 @@ class Study:
         self.instructions = t.instructions
         self.big_train = None
         if "distill-deep-longer" in todo:  # twice the long budget: the rows and the steps
-            if len([m for m in todo if m.endswith(("-long", "-longer", "-sent")) and m != "icl16-long"]) > 1:
+            if len([m for m in todo if m.endswith(("-long", "-longer", "-sent", "-hard")) and m != "icl16-long"]) > 1:
                 raise SystemExit("--methods: run distill-deep-longer on its own (it doubles the long budget)")
             self.a.long_train_n, self.a.long_steps = 2 * self.a.long_train_n, 2 * self.a.long_steps
-        if any(m.endswith(("-long", "-longer")) and m != "icl16-long" for m in todo):  # a superset of the rows
+        if any(m.endswith(("-long", "-longer", "-hard")) and m != "icl16-long" for m in todo):  # a superset of the rows
             big = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "long")
             assert not isinstance(big, str) and Path(big[1]).read_text() == Path(self.eval_file).read_text()
             self.big_train = big[0]
@@ -388,6 +390,11 @@ class Study:
                             temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
                             train=self.big_train)  # fmt: skip
 
+    def run_distill_deep_hard(self, key: str) -> dict[str, Any]:  # distill-deep-long, a near-argmax teacher
+        return self._prompt(key, "distill-deep-hard", self.a.deep_lr, teacher_k=self.teacher_key,
+                            temperature=self.a.hard_temperature, deep=True, steps=self.a.long_steps,
+                            train=self.big_train)  # fmt: skip
+
     def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # distill-deep-long on inputs like the eval rows
         r = self._prompt(key, "distill-deep-sent", self.a.deep_lr, teacher_k=self.teacher_key,
                          temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
@@ -535,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-lr", type=float, default=2e-5)
     p.add_argument("--ft-steps", type=int, default=0, help="full fine-tuning's steps (0: --steps; fewer: timing only)")
     p.add_argument("--encoder-ft-lr", type=float, default=5e-5, help="minilm-l6 full fine-tuning's peak lr")
+    p.add_argument("--hard-temperature", type=float, default=0.05, help="distill-deep-hard's --teacher-temperature")
     p.add_argument("--deep-lr", type=float, default=0.01, help="the deep students' peak lr (distill-deep*)")
     p.add_argument("--long-steps", type=int, default=250, help="the *-long methods' steps")
     p.add_argument("--long-train-n", type=int, default=2000, help="the *-long methods' training rows (a superset)")

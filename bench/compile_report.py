@@ -37,6 +37,7 @@ ROWS = [  # (method key, label)
     ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
     ("distill-deep-long", "the same deep student, more inputs and steps"),
     ("distill-deep-longer", "the same deep student, twice those inputs and steps"),
+    ("distill-deep-hard", "the same deep student, more inputs and steps, teacher near its argmax"),
     ("distill-deep-sent", "the same deep student, more inputs and steps, whole-sentence inputs"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
@@ -47,7 +48,7 @@ ROWS = [  # (method key, label)
     ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
 ]
 DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-longer",
-             "distill-deep-sent")  # fmt: skip
+             "distill-deep-sent", "distill-deep-hard")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
@@ -134,7 +135,7 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
     for m, label in ROWS:
         if m.startswith("icl16") and m != "icl16" and runs.get(m) is None:
             continue
-        if (m.endswith(("-long", "-longer", "-sent", "-best")) or m.startswith("minilm")) and runs.get(m) is None:
+        if (m.endswith(("-long", "-longer", "-sent", "-best", "-hard")) or m.startswith("minilm")) and runs.get(m) is None:
             continue  # the optional rows
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
     commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
