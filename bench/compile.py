@@ -62,9 +62,8 @@ SHARED = ROOT.parent / "shared" / "data"
 MODEL = "smollm2-135m"
 METHODS = (
     "zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
-    "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-hard", "distill-deep-best",
-    "pt-long",
-    "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long", "margins",
+    "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-hard",
+    "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long", "margins",
 )  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 

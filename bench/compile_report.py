@@ -135,8 +135,9 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
     for m, label in ROWS:
         if m.startswith("icl16") and m != "icl16" and runs.get(m) is None:
             continue
-        if (m.endswith(("-long", "-longer", "-sent", "-best", "-hard")) or m.startswith("minilm")) and runs.get(m) is None:
-            continue  # the optional rows
+        optional = m.endswith(("-long", "-longer", "-sent", "-best", "-hard")) or m.startswith("minilm")
+        if optional and runs.get(m) is None:
+            continue
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
     commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
