@@ -20,9 +20,10 @@ K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, a
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
 `distill-deep-longer` (twice those rows and steps; run on its own, as it doubles the long budget of the invocation);
 `distill-deep-hard` (distill-deep-long with the teacher at --hard-temperature, nearly its argmax);
-`distill-deep-sent` (SST-2: distill-deep-long's budget on training rows of >= Task.long_demo_words words only,
-inputs like the evaluation rows); `distill-deep-best` (the same student, its teacher the most accurate ICL context
-measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
+`distill-deep-boundary` (distill-deep-long's budget; half its inputs the ones nearest the teacher's decision
+boundary among twice as many sample rows); `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows
+of >= Task.long_demo_words words only, inputs like the evaluation rows); `distill-deep-best` (the same student, its
+teacher the most accurate ICL context measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
 prompt tuning with a linear head through the one trainer, and full fine-tuning with
 bench.quality_experiments.encoder_reference) and their `-long` variants.
 
@@ -63,7 +64,8 @@ MODEL = "smollm2-135m"
 METHODS = (
     "zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
     "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-hard",
-    "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long", "minilm-ft-long", "margins",
+    "distill-deep-boundary", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
+    "minilm-ft-long", "margins",
 )  # fmt: skip
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
@@ -225,6 +227,7 @@ class Study:
             sent = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "sent", min_words=t.long_demo_words)
             assert not isinstance(sent, str) and Path(sent[1]).read_text() == Path(self.eval_file).read_text()
             self.sent_train = sent[0]
+        self.probe = probe
         self.eval_set, _, _ = probe.encode_file(self.eval_file)
         self.lat_rows = self.eval_set[: self.a.latency_rows]
         with torch.no_grad():
@@ -393,6 +396,36 @@ class Study:
         return self._prompt(key, "distill-deep-hard", self.a.deep_lr, teacher_k=self.teacher_key,
                             temperature=self.a.hard_temperature, deep=True, steps=self.a.long_steps,
                             train=self.big_train)  # fmt: skip
+
+    def run_distill_deep_boundary(self, key: str) -> dict[str, Any]:  # distill-deep-long on boundary-heavy inputs
+        r = self._prompt(key, "distill-deep-boundary", self.a.deep_lr, teacher_k=self.teacher_key,
+                         temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
+                         train=self.boundary_rows(key))  # fmt: skip
+        return {**r, "boundary_pool": 2 * self.a.long_train_n}
+
+    @torch.no_grad()
+    def boundary_rows(self, key: str) -> str:
+        """--long-train-n unlabelled inputs, half of them the ones nearest the teacher's decision boundary: among
+        2 x --long-train-n rows of the sample, the half of the output with the smallest teacher margins (top class
+        minus second, T = 1), the other half drawn (seed 0) from the remaining rows."""
+        from softprompt.evaluate import class_probs
+        from softprompt.icl import context_prefix
+
+        pool = sample(TASKS[key], 2 * self.a.long_train_n, self.a.eval_n, self.tmp / "pool")
+        assert not isinstance(pool, str) and Path(pool[1]).read_text() == Path(self.eval_file).read_text()
+        lines = Path(pool[0]).read_text(encoding="utf-8").splitlines()
+        enc, _, _ = self.probe.encode_file(pool[0])
+        assert len(enc) == len(lines)
+        prefix = context_prefix(self.pm0, self.contexts[self.teacher_key])
+        top2 = class_probs(self.pm0, prefix, enc, self.label_ids).topk(2, dim=-1).values
+        order = (top2[:, 0] - top2[:, 1]).argsort().tolist()  # nearest the boundary first
+        half = self.a.long_train_n // 2
+        rest = order[half:]
+        random.Random(0).shuffle(rest)
+        chosen = sorted(order[:half] + rest[: self.a.long_train_n - half])
+        out = self.tmp / f"{key}-boundary.jsonl"
+        out.write_text("".join(lines[i] + "\n" for i in chosen), encoding="utf-8")
+        return str(out)
 
     def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # distill-deep-long on inputs like the eval rows
         r = self._prompt(key, "distill-deep-sent", self.a.deep_lr, teacher_k=self.teacher_key,

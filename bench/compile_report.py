@@ -38,6 +38,10 @@ ROWS = [  # (method key, label)
     ("distill-deep-long", "the same deep student, more inputs and steps"),
     ("distill-deep-longer", "the same deep student, twice those inputs and steps"),
     ("distill-deep-hard", "the same deep student, more inputs and steps, teacher near its argmax"),
+    (
+        "distill-deep-boundary",
+        "the same deep student, more inputs and steps, half near the teacher's boundary",
+    ),
     ("distill-deep-sent", "the same deep student, more inputs and steps, whole-sentence inputs"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
@@ -48,7 +52,7 @@ ROWS = [  # (method key, label)
     ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
 ]
 DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-longer",
-             "distill-deep-sent", "distill-deep-hard")  # fmt: skip
+             "distill-deep-sent", "distill-deep-hard", "distill-deep-boundary")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
@@ -135,7 +139,7 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
     for m, label in ROWS:
         if m.startswith("icl16") and m != "icl16" and runs.get(m) is None:
             continue
-        optional = m.endswith(("-long", "-longer", "-sent", "-best", "-hard")) or m.startswith("minilm")
+        optional = m.endswith(("-long", "-longer", "-sent", "-best", "-hard", "-boundary")) or m.startswith("minilm")
         if optional and runs.get(m) is None:
             continue
         lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
