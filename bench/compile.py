@@ -23,9 +23,10 @@ same with --long-train-n rows and --long-steps steps: a superset of the same sam
 `distill-deep-boundary` (distill-deep-long's budget; half its inputs the ones nearest the teacher's decision
 boundary among twice as many sample rows); `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows
 of >= Task.long_demo_words words only, inputs like the evaluation rows); `distill-deep-best` (the same student, its
-teacher the most accurate ICL context measured so far: "a prompt distilled from the best ICL context"); `minilm-pt`, `minilm-ft` (minilm-l6, an encoder:
-prompt tuning with a linear head through the one trainer, and full fine-tuning with
-bench.quality_experiments.encoder_reference) and their `-long` variants.
+teacher the most accurate ICL context measured so far: "a prompt distilled from the best ICL context");
+`minilm-pt`, `minilm-ft` (minilm-l6, an encoder: prompt tuning with a linear head through the one trainer, and full
+fine-tuning with bench.quality_experiments.encoder_reference) and their `-long` variants; `margins` (each saved
+distilled prompt's agreement with its teacher by the teacher's top-2 margin).
 
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
 and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
