@@ -68,6 +68,7 @@ METHODS = (
     "distill-deep-boundary", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
     "minilm-ft-long", "margins",
 )  # fmt: skip
+ICL_K = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}  # the ICL rows: their contexts
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
 
@@ -239,7 +240,7 @@ class Study:
             reset_peak()
             base_rss = rss_bytes()
             t0 = time.time()
-            r = getattr(self, "run_" + m.replace("-", "_"))(key)
+            r = self._icl(ICL_K[m]) if m in ICL_K else getattr(self, "run_" + m.replace("-", "_"))(key)
             r.update(name=f"{key}:{m}", task=key, method=m, model=r.get("model", MODEL),
                      wall_s=round(time.time() - t0, 1),
                      peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
@@ -295,21 +296,6 @@ class Study:
         for e in self.lat_rows:  # the model's own forward of [BOS] context input, no cache
             ids = torch.tensor([lead + ctx.token_ids + e.input_ids])
             model(input_ids=ids, logits_to_keep=1).logits[0, -1].log_softmax(-1)[words]
-
-    def run_instr(self, key: str) -> dict[str, Any]:
-        return self._icl(0)
-
-    def run_icl4(self, key: str) -> dict[str, Any]:
-        return self._icl(4)
-
-    def run_icl8(self, key: str) -> dict[str, Any]:
-        return self._icl(8)
-
-    def run_icl16(self, key: str) -> dict[str, Any]:
-        return self._icl(16)
-
-    def run_icl16_long(self, key: str) -> dict[str, Any]:  # the 16-shot context of long demonstrations
-        return self._icl("16long")
 
     # ---- training through softprompt.trainer.fit ------------------------------------------------------
     def cfg(self, key: str, method: str, lr: float, steps: int = 0, train: str | None = None):
