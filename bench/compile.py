@@ -18,7 +18,7 @@ stays under 400 tokens); `distill-deep` (a deep prompt, per-layer keys/values, a
 K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, and the teacher sharpened by
 --sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
-`distill-deep-longer` (twice those rows and steps; run on its own, as it doubles the long budget of the invocation);
+`distill-deep-longer` (twice those rows and steps);
 `distill-deep-hard` (distill-deep-long with the teacher at --hard-temperature, nearly its argmax);
 `distill-deep-boundary` (distill-deep-long's budget; half its inputs the ones nearest the teacher's decision
 boundary among twice as many sample rows); `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows
@@ -68,7 +68,8 @@ METHODS = (
     "distill-deep-boundary", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
     "minilm-ft-long", "margins",
 )  # fmt: skip
-ICL_K = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}  # the ICL rows: their contexts
+# the ICL rows: their contexts
+ICL_K: dict[str, int | str] = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}
 ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
 
 
@@ -161,6 +162,21 @@ class Study:
         self.tmp = Path(tempfile.mkdtemp(prefix="compile-"))
         self._bb: Any = None
         self._encoder: Any = None
+        self._supersets: dict[str, str] = {}
+
+    def superset(self, n: int, min_words: int = 0) -> str:
+        """A training file of n rows of the task's fixed-seed sample: a superset of the table's rows (min_words > 0:
+        only its rows of at least that many words), with the same evaluation rows; written once per run."""
+        name = f"{self.key}-{n}-{min_words}"
+        if name not in self._supersets:
+            files = sample(TASKS[self.key], n, self.a.eval_n, self.tmp / name, min_words=min_words)
+            assert not isinstance(files, str) and Path(files[1]).read_text() == Path(self.eval_file).read_text()
+            self._supersets[name] = files[0]
+        return self._supersets[name]
+
+    def long_rows(self, times: int = 1) -> str:
+        """The training file of the *-long rows: times x --long-train-n rows of the sample."""
+        return self.superset(times * self.a.long_train_n)
 
     def encoder(self):
         from softprompt import load_backbone
@@ -205,8 +221,9 @@ class Study:
         probe = BoundTask(self.spec, self.pm0, num_tokens=0)
         self.label_ids = probe.label_ids
         pool = load_samples(self.train_file, self.spec.data_config(), self.spec.verbalizer)
-        self.contexts = {k: build_context(probe, choose_demos(pool, k, seed=0, balanced=True), t.instructions)
-                         for k in (0, 4, 8, 16)}  # fmt: skip
+        self.contexts: dict[int | str, Any] = {
+            k: build_context(probe, choose_demos(pool, k, seed=0, balanced=True), t.instructions) for k in (0, 4, 8, 16)
+        }
         self.teacher_key: int | str = 16  # the teacher of the distill-deep rows: the long context where there is one
         needs_long = any(m == "icl16-long" or m.startswith("distill-deep") or m == "margins" for m in todo)
         if t.long_demo_words and needs_long:  # 16 balanced demonstrations (seed 0) among the rows of >= N words
@@ -215,20 +232,6 @@ class Study:
                                                     t.instructions)  # fmt: skip
             self.teacher_key = "16long"
         self.instructions = t.instructions
-        self.big_train = None
-        if "distill-deep-longer" in todo:  # twice the long budget: the rows and the steps
-            if len([m for m in todo if m.endswith(("-long", "-longer", "-sent", "-hard")) and m != "icl16-long"]) > 1:
-                raise SystemExit("--methods: run distill-deep-longer on its own (it doubles the long budget)")
-            self.a.long_train_n, self.a.long_steps = 2 * self.a.long_train_n, 2 * self.a.long_steps
-        if any(m.endswith(("-long", "-longer", "-hard")) and m != "icl16-long" for m in todo):  # a superset of the rows
-            big = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "long")
-            assert not isinstance(big, str) and Path(big[1]).read_text() == Path(self.eval_file).read_text()
-            self.big_train = big[0]
-        self.sent_train = None
-        if "distill-deep-sent" in todo:  # as many inputs, all whole sentences like the evaluation rows
-            sent = sample(t, self.a.long_train_n, self.a.eval_n, self.tmp / "sent", min_words=t.long_demo_words)
-            assert not isinstance(sent, str) and Path(sent[1]).read_text() == Path(self.eval_file).read_text()
-            self.sent_train = sent[0]
         self.probe = probe
         self.eval_set, _, _ = probe.encode_file(self.eval_file)
         self.lat_rows = self.eval_set[: self.a.latency_rows]
@@ -353,16 +356,16 @@ class Study:
             r.update(agreement=round(100 * m["agreement"], 2), teacher_accuracy=round(100 * m["teacher_accuracy"], 2),
                      teacher_tokens=len(self.contexts[teacher_k].token_ids), teacher_k=teacher_k,
                      distill_meta=ck.meta.get("distill"), student=cfg.prompt.method,
-                     train_rows=obj.n_train, teacher_temperature=temperature)  # fmt: skip
+                     teacher_temperature=temperature)  # fmt: skip
         r.pop("metrics", None)
+        r["train_rows"] = obj.n_train
         return r
 
     def run_pt(self, key: str) -> dict[str, Any]:
         return self._prompt(key, "pt", self.a.pt_lr)
 
     def run_pt_long(self, key: str) -> dict[str, Any]:  # the long sample and steps of distill-deep-long
-        r = self._prompt(key, "pt-long", self.a.pt_lr, steps=self.a.long_steps, train=self.big_train)
-        return {**r, "train_rows": self.a.long_train_n}
+        return self._prompt(key, "pt-long", self.a.pt_lr, steps=self.a.long_steps, train=self.long_rows())
 
     def run_distill(self, key: str) -> dict[str, Any]:
         return self._prompt(key, "distill", self.a.pt_lr, teacher_k=16)
@@ -370,24 +373,38 @@ class Study:
     def run_distill_sharp(self, key: str) -> dict[str, Any]:  # --teacher-temperature: pulled toward the argmax
         return self._prompt(key, "distill-sharp", self.a.pt_lr, teacher_k=16, temperature=self.a.sharp_temperature)
 
-    def run_distill_deep(self, key: str) -> dict[str, Any]:  # a deep student, Cartridges-style init, sharp teacher
-        return self._prompt(key, "distill-deep", self.a.deep_lr, teacher_k=self.teacher_key,
-                            temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
+    def _deep(
+        self, key: str, method: str, *, times: int = 1, train: str | None = None, temperature: float | None = None,
+        teacher_k: int | str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A deep student (the distill-deep* rows): Cartridges-style init, the sharpened teacher (the long context
+        where the task has one); times 0: the table's rows and steps; times k: k x --long-steps steps over `train`,
+        by default k x --long-train-n rows of the sample."""
+        if times and train is None:
+            train = self.long_rows(times)
+        return self._prompt(key, method, self.a.deep_lr, teacher_k=self.teacher_key if teacher_k is None else teacher_k,
+                            temperature=self.a.sharp_temperature if temperature is None else temperature, deep=True,
+                            steps=times * self.a.long_steps, train=train)  # fmt: skip
+
+    def run_distill_deep(self, key: str) -> dict[str, Any]:
+        return self._deep(key, "distill-deep", times=0)
+
+    def run_distill_deep_long(self, key: str) -> dict[str, Any]:  # more unlabelled inputs and steps
+        return self._deep(key, "distill-deep-long")
 
     def run_distill_deep_longer(self, key: str) -> dict[str, Any]:  # 2x --long-train-n rows and 2x --long-steps
-        return self._prompt(key, "distill-deep-longer", self.a.deep_lr, teacher_k=self.teacher_key,
-                            temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
-                            train=self.big_train)  # fmt: skip
+        return self._deep(key, "distill-deep-longer", times=2)
 
-    def run_distill_deep_hard(self, key: str) -> dict[str, Any]:  # distill-deep-long, a near-argmax teacher
-        return self._prompt(key, "distill-deep-hard", self.a.deep_lr, teacher_k=self.teacher_key,
-                            temperature=self.a.hard_temperature, deep=True, steps=self.a.long_steps,
-                            train=self.big_train)  # fmt: skip
+    def run_distill_deep_hard(self, key: str) -> dict[str, Any]:  # a near-argmax teacher
+        return self._deep(key, "distill-deep-hard", temperature=self.a.hard_temperature)
 
-    def run_distill_deep_boundary(self, key: str) -> dict[str, Any]:  # distill-deep-long on boundary-heavy inputs
-        r = self._prompt(key, "distill-deep-boundary", self.a.deep_lr, teacher_k=self.teacher_key,
-                         temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
-                         train=self.boundary_rows(key))  # fmt: skip
+    def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # inputs like the eval rows
+        words = TASKS[key].long_demo_words
+        r = self._deep(key, "distill-deep-sent", train=self.superset(self.a.long_train_n, min_words=words))
+        return {**r, "input_min_words": words}
+
+    def run_distill_deep_boundary(self, key: str) -> dict[str, Any]:  # boundary-heavy inputs
+        r = self._deep(key, "distill-deep-boundary", train=self.boundary_rows(key))
         return {**r, "boundary_pool": 2 * self.a.long_train_n}
 
     @torch.no_grad()
@@ -398,10 +415,9 @@ class Study:
         from softprompt.evaluate import class_probs
         from softprompt.icl import context_prefix
 
-        pool = sample(TASKS[key], 2 * self.a.long_train_n, self.a.eval_n, self.tmp / "pool")
-        assert not isinstance(pool, str) and Path(pool[1]).read_text() == Path(self.eval_file).read_text()
-        lines = Path(pool[0]).read_text(encoding="utf-8").splitlines()
-        enc, _, _ = self.probe.encode_file(pool[0])
+        pool = self.long_rows(2)
+        lines = Path(pool).read_text(encoding="utf-8").splitlines()
+        enc, _, _ = self.probe.encode_file(pool)
         assert len(enc) == len(lines)
         prefix = context_prefix(self.pm0, self.contexts[self.teacher_key])
         top2 = class_probs(self.pm0, prefix, enc, self.label_ids).topk(2, dim=-1).values
@@ -414,23 +430,9 @@ class Study:
         out.write_text("".join(lines[i] + "\n" for i in chosen), encoding="utf-8")
         return str(out)
 
-    def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # distill-deep-long on inputs like the eval rows
-        r = self._prompt(key, "distill-deep-sent", self.a.deep_lr, teacher_k=self.teacher_key,
-                         temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
-                         train=self.sent_train)  # fmt: skip
-        return {**r, "input_min_words": TASKS[key].long_demo_words}
-
     def run_distill_deep_best(self, key: str) -> dict[str, Any]:  # the teacher: the most accurate ICL row so far
-        icl = {k: self.done[f"{key}:{m}"]["accuracy"] for m, k in (("icl4", 4), ("icl8", 8), ("icl16", 16),
-               ("icl16-long", "16long")) if f"{key}:{m}" in self.done}  # fmt: skip
-        best = max(icl, key=lambda k: icl[k])
-        return self._prompt(key, "distill-deep-best", self.a.deep_lr, teacher_k=best,
-                            temperature=self.a.sharp_temperature, deep=True)  # fmt: skip
-
-    def run_distill_deep_long(self, key: str) -> dict[str, Any]:  # the same, more unlabelled inputs and steps
-        return self._prompt(key, "distill-deep-long", self.a.deep_lr, teacher_k=self.teacher_key,
-                            temperature=self.a.sharp_temperature, deep=True, steps=self.a.long_steps,
-                            train=self.big_train)  # fmt: skip
+        icl = {k: self.done[f"{key}:{m}"]["accuracy"] for m, k in ICL_K.items() if k and f"{key}:{m}" in self.done}
+        return self._deep(key, "distill-deep-best", times=0, teacher_k=max(icl, key=lambda k: icl[k]))
 
     def _weights(self, key: str, method: str, lr: float) -> dict[str, Any]:
         from softprompt.prompted import PromptedModel
@@ -501,7 +503,7 @@ class Study:
         from softprompt.checkpoint import load_prompt
         from softprompt.train import build_objective
 
-        cfg = self.cfg(key, method, self.a.pt_lr, self.a.long_steps if long else 0, self.big_train if long else None)
+        cfg = self.cfg(key, method, self.a.pt_lr, self.a.long_steps if long else 0, self.long_rows() if long else None)
         cfg.model.model, cfg.data.head, cfg.prompt.init = ENCODER, "linear", "vocab"
         obj: Any = build_objective(cfg, self.encoder(), log=note)
         r = self._fit(obj, cfg)
@@ -518,7 +520,7 @@ class Study:
 
         from bench.quality_experiments import encoder_reference
 
-        t, train = TASKS[key], self.big_train if long else self.train_file
+        t, train = TASKS[key], self.long_rows() if long else self.train_file
         steps = self.a.long_steps if long else self.a.steps
         shim = SimpleNamespace(backbone=lambda _: self.encoder(), tasks={key: t},
                                files=lambda _: (train, self.eval_file),

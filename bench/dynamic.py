@@ -15,7 +15,7 @@ batch 32, the best of two interleaved rounds). `serve`: the server's forward pat
 Registry, no HTTP) on 64 SST-2 rows of one task: the routed task against the single static prompt, and the
 conditioned one, interleaved rounds. `steptime`: seconds per training step of the three methods on the same batches,
 interleaved (the training runs' own wall times overlap other load on a shared machine). `serve-v2`, `steptime-v2`:
-the same two measurements of the SECOND group (plain, routed v2, conditioned, residual). `rte`: RTE (2,240 train
+the same two measurements of GROUPS["-v2"] (plain, routed v2, conditioned, residual). `rte`: RTE (2,240 train
 rows, the 277 validation rows) for the rows asked for with --methods and --seeds, e.g. plain vs residual over three
 seeds; --seeds trains each method with each seed (seed 0 keeps the first study's run names).
 
@@ -58,8 +58,10 @@ TEMPLATES = {
 }
 
 
-FIRST = ("plain", "routed", "conditioned")  # the first study's serve / steptime measurements
-SECOND = ("plain", "routed-v2", "conditioned", "residual")  # serve-v2 / steptime-v2: after the route-collapse fix
+GROUPS = {  # the serve / steptime measurements by name suffix: the methods each compares
+    "": ("plain", "routed", "conditioned"),  # the first study's serve / steptime
+    "-v2": ("plain", "routed-v2", "conditioned", "residual"),  # serve-v2 / steptime-v2: after the route-collapse fix
+}
 
 
 def run_name(ds: str, method: str, seed: int = 0) -> str:
@@ -237,17 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         d = data(tmp)
         for ds in ("sst2", "agnews", "rte"):
             runs = [(m, s) for s in args.seeds for m in args.methods] if ds in args.only else []
-            for tag, group in (("", FIRST), ("-v2", SECOND)):
+            for tag, group in GROUPS.items():
                 if ds != "rte" and ((f"serve{tag}" in args.only and ds == "sst2") or f"steptime{tag}" in args.only):
                     runs += [(m, 0) for m in group if (m, 0) not in runs]
             for m, s in runs:
                 st.train(ds, m, d[ds], seed=s)
             if ds in args.only:
                 st.evaluate(ds, d[ds], tmp, [(m, s) for s in args.seeds for m in args.methods])
-            for tag, group in (("", FIRST), ("-v2", SECOND)):
+            for tag, group in GROUPS.items():
                 if f"steptime{tag}" in args.only and ds != "rte":
                     st.step_time(ds, d[ds], group, tag)
-        for tag, group in (("", FIRST), ("-v2", SECOND)):
+        for tag, group in GROUPS.items():
             if f"serve{tag}" in args.only:
                 st.serve(d["sst2"], tmp, group, tag)
     return 0

@@ -33,7 +33,8 @@ def write(path: Path, n: int, offset: int = 0) -> Path:
     return path
 
 
-def setup(tmp_path: Path, bb: Backbone, model_dir: Path) -> tuple[RunConfig, DistillObjective]:
+def student_config(tmp_path: Path, model_dir: Path) -> RunConfig:
+    """The student's run: 16 training and 6 evaluation rows, 3 vocab-init tokens, 6 steps of batch 8."""
     cfg = RunConfig()
     cfg.model.model, cfg.model.device = str(model_dir), "cpu"
     cfg.data.train, cfg.data.eval = str(write(tmp_path / "t.jsonl", 16)), str(write(tmp_path / "e.jsonl", 6, 50))
@@ -41,6 +42,11 @@ def setup(tmp_path: Path, bb: Backbone, model_dir: Path) -> tuple[RunConfig, Dis
     cfg.prompt.num_tokens, cfg.prompt.init = 3, "vocab"
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 6, 8, 0.05, 0
     cfg.train.eval_every, cfg.train.progress, cfg.train.out = 3, False, str(tmp_path / "s.safetensors")
+    return cfg
+
+
+def setup(tmp_path: Path, bb: Backbone, model_dir: Path) -> tuple[RunConfig, DistillObjective]:
+    cfg = student_config(tmp_path, model_dir)
     base = build_objective(cfg, bb, log=lambda *a: None)
     demos_file = write(tmp_path / "demos.jsonl", 8, 100)
     pool = load_samples(str(demos_file), base.spec.data_config(), base.spec.verbalizer)
@@ -96,13 +102,9 @@ def test_a_deep_student_starts_where_the_plain_prompt_of_its_init_starts_and_tra
     bb = sharp_backbone("llama")
     objs = {}
     for method in ("prompt", "deep"):
-        cfg = RunConfig()
-        cfg.model.model, cfg.model.device = str(tiny_models_root / "sharp-llama"), "cpu"
-        cfg.data.train, cfg.data.eval = str(write(tmp_path / "t.jsonl", 16)), str(write(tmp_path / "e.jsonl", 6, 50))
-        cfg.data.template, cfg.data.labels = "Review: {text}\nAnswer:", "a=yes,b=no"
-        cfg.prompt.num_tokens, cfg.prompt.init, cfg.prompt.method = 3, 'text:"good film awful"', method
-        cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps = 4, 8, 0.05, 0
-        cfg.train.progress, cfg.train.out = False, str(tmp_path / f"{method}.safetensors")
+        cfg = student_config(tmp_path, tiny_models_root / "sharp-llama")
+        cfg.prompt.init, cfg.prompt.method = 'text:"good film awful"', method
+        cfg.train.max_steps, cfg.train.eval_every, cfg.train.out = 4, 0, str(tmp_path / f"{method}.safetensors")
         base = build_objective(cfg, bb, log=lambda *a: None)
         ctx = text_context(base.pm, "good film awful dull. Answer yes or no.")
         objs[method] = (cfg, DistillObjective(base, ctx, temperature=0.5))
