@@ -1,7 +1,7 @@
 """Prompts, ICL, prompt tuning, LoRA: the measurements behind docs/results-compile.md and docs/choosing.md.
 
     python -m bench.compile [--tasks sst2,agnews,rte] [--methods zero,instr,icl4,...] [--steps 60] [--out runs/compile]
-    python -m bench.compile_report            # runs/compile/results.jsonl -> docs/results-compile.md
+    python -m bench.compile_report            # bench/results/compile.jsonl -> docs/results-compile.md
 
 On one fixed-seed sample per task (the same train rows, eval rows, batches, steps and seed for every method):
 zero-shot (the template alone); hand-written instructions (k = 0); ICL with k = 4, 8, 16 balanced demonstrations
@@ -20,19 +20,32 @@ K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, a
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
 `distill-deep-longer` (twice those rows and steps);
 `distill-deep-hard` (distill-deep-long with the teacher at --hard-temperature, nearly its argmax);
+`distill-deep-soft` (the same with the teacher's own distribution, T = 1); `distill-deep-fast` (the same at 3x
+--deep-lr); `distill-deep-vocab` (distill-deep-long
+plus --vocab-kl: the teacher's whole next-token distribution at the answer position); `distill-deep-input` (the
+same KL at every position of the input, --vocab-kl-at input); `distill-deep-anchors` (the same student started
+from the teacher context's own keys/values at its label words, --student-init anchors); `distill-deep-pos` (the
+input at the positions it has behind the teacher's context, --student-positions teacher) and
+`distill-deep-pos-anchors` (both); `distill-deep-self`
+(distill-deep-long's budget on --long-train-n inputs the model writes itself behind the teacher's context:
+softprompt.icl.self_study, seed 0, instead of the training rows);
 `distill-deep-boundary` (distill-deep-long's budget; half its inputs the ones nearest the teacher's decision
 boundary among twice as many sample rows); `distill-deep-sent` (SST-2: distill-deep-long's budget on training rows
 of >= Task.long_demo_words words only, inputs like the evaluation rows); `distill-deep-best` (the same student, its
 teacher the most accurate ICL context measured so far: "a prompt distilled from the best ICL context");
 `minilm-pt`, `minilm-ft` (minilm-l6, an encoder: prompt tuning with a linear head through the one trainer, and full
-fine-tuning with bench.quality_experiments.encoder_reference) and their `-long` variants; `margins` (each saved
+fine-tuning with bench.quality_experiments.encoder_reference), `minilm-lora` (LoRA rank 8 on its attention
+projections + the head, the same reference) and their `-long` variants; `lora-long`, `ft-long` (LoRA and full
+fine-tuning with pt-long's rows and steps); `margins` (each saved
 distilled prompt's agreement with its teacher by the teacher's top-2 margin).
 
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
 and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
 the same run (the ratio is the robust number on a shared machine); ICL and prompts also their per-task key/value
 bytes, ICL 16 the uncached latency (the model's own forward of [BOS] context input), the distilled prompt its
-agreement with its teacher. Each finished run is appended to OUT/results.jsonl and skipped on a rerun.
+agreement with its teacher. Each finished run is appended to bench/results/compile.jsonl (--results; committed, so
+a new machine resumes the study and the page can be rebuilt) and skipped on a rerun; --seed S > 0 repeats the
+trained rows as runs NAME@sS.
 Data: fixed-seed samples of ../shared/data (read there, written to a temporary directory, never into the
 repository); a task whose files are absent is skipped with the reason.
 """
@@ -42,7 +55,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import random
 import shutil
@@ -50,98 +62,30 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench._common import ResultLog, interleaved, note, peak_rss_bytes, rss_bytes
-from bench.compile_weights import WeightsObjective, lora_model
+from bench.compile_tasks import TASKS, sample
+from bench.compile_weights import ENCODER, WeightsObjective, encoder_ft, encoder_pt, lora_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results" / "compile.jsonl"  # one JSON object per finished run
+TOKENS = 20  # the soft tokens of every trained prompt in the tables (the targets' student size)
 MODEL = "smollm2-135m"
 METHODS = (
     "zero", "icl4", "icl8", "icl16", "pt", "distill", "lora", "instr", "ft", "distill-sharp", "icl16-long",
     "distill-deep", "distill-deep-long", "distill-deep-longer", "distill-deep-sent", "distill-deep-hard",
     "distill-deep-boundary", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
-    "minilm-ft-long", "margins",
+    "minilm-ft-long", "margins", "distill-deep-soft", "distill-deep-vocab", "minilm-lora", "minilm-lora-long",
+    "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
+    "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors",
 )  # fmt: skip
 # the ICL rows: their contexts
 ICL_K: dict[str, int | str] = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}
-ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, and full fine-tuning
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    train: str  # under SHARED
-    eval: str | None  # None: hold out the last HOLDOUT shuffled train rows
-    template: str
-    labels: str
-    instructions: str  # the hand-written part of the hard prompt (in front of the demonstrations)
-    columns: str | None = None
-    long_demo_words: int = 0  # > 0: also a 16-shot context of demonstrations with at least this many words
-
-
-HOLDOUT = 1000
-TASKS = {
-    "sst2": Task(
-        "SST-2", "sst2/train.tsv", "sst2/dev.tsv", "Review: {sentence}\nSentiment:", "0=negative,1=positive",
-        "You are a careful film critic. Below are short movie reviews, one per paragraph, each followed by its "
-        "sentiment. The sentiment is positive when the reviewer liked the film, its acting, its story or its "
-        "direction, and negative when the reviewer disliked it, found it dull, badly made or a waste of time. "
-        "Mixed reviews take the sentiment of their overall verdict. Answer with one word: positive or negative.",
-        long_demo_words=15,  # SST-2's train split is mostly phrase fragments, its dev split whole sentences
-    ),
-    "agnews": Task(
-        "AG News", "agnews/train10k.tsv", None, "Article: {text}\nTopic:",
-        "World=world,Sports=sports,Business=business,Sci/Tech=technology",
-        "Classify each news article by its topic. The topic is world for international news and politics, sports "
-        "for sports, business for companies, markets and the economy, and technology for science and technology. "
-        "Answer with one word.",
-        columns="text,label",
-    ),
-    "rte": Task(
-        "RTE", "rte/train.jsonl", "rte/val.jsonl", "{premise}\nQuestion: {hypothesis} True or false?\nAnswer:",
-        "entailment=true,not_entailment=false",
-        "Each passage is followed by a statement. Answer true when the passage implies the statement, false "
-        "otherwise.",
-    ),
-}  # fmt: skip
-
-
-def sample(t: Task, train_n: int, eval_n: int, tmp: Path, min_words: int = 0) -> tuple[str, str] | str:
-    """(train file, eval file): fixed-seed samples as JSONL, no eval row's text in train; or why not. min_words > 0:
-    only training rows whose first field has at least that many words (the same evaluation rows)."""
-    from softprompt.data import read_records
-
-    src = SHARED / t.train
-    if not src.is_file() or (t.eval and not (SHARED / t.eval).is_file()):
-        return f"skipped: {src if not src.is_file() else SHARED / str(t.eval)} not found"
-    cols = t.columns.split(",") if t.columns else None
-    pool = [r for _, r in read_records(str(src), cols)]
-    random.Random(0).shuffle(pool)
-    if t.eval:
-        ev = [r for _, r in read_records(str(SHARED / t.eval))]
-        random.Random(0).shuffle(ev)
-    else:
-        pool, ev = pool[:-HOLDOUT], pool[-HOLDOUT:]
-    ev = ev[:eval_n]
-    seen = {json.dumps(r, sort_keys=True) for r in ev}
-    tr = [r for r in pool if json.dumps(r, sort_keys=True) not in seen]
-    if min_words:
-        first = next(iter(tr[0]))  # the text field (records keep the file's field order)
-        tr = [r for r in tr if len(str(r[first]).split()) >= min_words]
-    tr = tr[:train_n]
-    paths = []
-    tmp.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", tr), ("eval", ev)):
-        p = tmp / f"{t.name}-{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        paths.append(str(p))
-    return paths[0], paths[1]
+UNTRAINED = ("zero", "margins", *ICL_K)  # rows that --seed does not change (the demonstrations are drawn with seed 0)
 
 
 def reset_peak() -> None:
@@ -157,7 +101,7 @@ class Study:
         self.a = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log = ResultLog(self.out / "results.jsonl")
+        self.log = ResultLog(Path(args.results))
         self.done = self.log.done
         self.tmp = Path(tempfile.mkdtemp(prefix="compile-"))
         self._bb: Any = None
@@ -192,13 +136,19 @@ class Study:
             self._bb = load_backbone(MODEL, progress=False)
         return self._bb
 
+    def name(self, key: str, method: str) -> str:
+        """A run's key in the results: the first study's names for 20 tokens and seed 0; --tokens N != 20 appends
+        @tN, seed s > 0 appends @s<s>."""
+        wide = f"@t{self.a.tokens}" if self.a.tokens != TOKENS else ""
+        return f"{key}:{method}{wide}" + (f"@s{self.a.seed}" if self.a.seed else "")
+
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
         return self.log.record(r)
 
     # ---- one task -------------------------------------------------------------------------------------
     def task(self, key: str) -> None:
         t = TASKS[key]
-        todo = [m for m in self.a.methods if f"{key}:{m}" not in self.done]
+        todo = [m for m in self.a.methods if self.name(key, m) not in self.done]
         if not t.long_demo_words and "icl16-long" in todo:
             todo.remove("icl16-long")  # the task's 16-shot context is long already
         self.key = key
@@ -244,7 +194,7 @@ class Study:
             base_rss = rss_bytes()
             t0 = time.time()
             r = self._icl(ICL_K[m]) if m in ICL_K else getattr(self, "run_" + m.replace("-", "_"))(key)
-            r.update(name=f"{key}:{m}", task=key, method=m, model=r.get("model", MODEL),
+            r.update(name=self.name(key, m), task=key, method=m, seed=self.a.seed, model=r.get("model", MODEL),
                      wall_s=round(time.time() - t0, 1),
                      peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
                      train_n=self.a.train_n, eval_n=len(self.eval_set), date=time.strftime("%Y-%m-%d"),
@@ -311,9 +261,9 @@ class Study:
             train or self.train_file, self.eval_file, t.template, t.labels)  # fmt: skip
         cfg.prompt.num_tokens = self.a.tokens
         tr = cfg.train
-        tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, self.a.batch, lr, 0
+        tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, self.a.batch, lr, self.a.seed
         tr.warmup_steps, tr.save_every, tr.progress, tr.overwrite = max(1, self.a.steps // 10), 10**6, False, True
-        tr.out = str(self.out / f"{key}-{method}.safetensors")
+        tr.out = str(self.out / f"{self.name(key, method).replace(':', '-')}.safetensors")  # sst2-pt@s1.safetensors
         for p in (Path(tr.out + ".state"), Path(tr.out).with_suffix(".log.jsonl")):  # a fresh run each time
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return cfg
@@ -330,20 +280,30 @@ class Study:
                 "batch_size": cfg.train.batch_size, "metrics": res.last.metrics if res.last else {}}  # fmt: skip
 
     def _prompt(
-        self, key: str, method: str, lr: float, teacher_k: int | str | None = None, temperature: float = 1.0,
-        deep: bool = False, steps: int = 0, train: str | None = None,
+        self, key: str, method: str, lr: float, teacher_k: int | str | None = None, deep: bool = False, steps: int = 0,
+        train: str | None = None, train_set: list[Any] | None = None, **distill: Any,
     ) -> dict[str, Any]:  # fmt: skip
+        """A prompt trained through the one trainer; with teacher_k, distilled from that context: `distill` holds
+        DistillObjective's settings (temperature, vocab_kl, vocab_at, student_init), recorded with the run. A
+        student not started from its --init (student_init anchors) also records its agreement at step 0, and
+        that of the --init it replaced."""
         from softprompt.checkpoint import load_prompt
-        from softprompt.distill import DistillObjective
+        from softprompt.distill import DistillObjective, init_from_anchors
         from softprompt.methods import checkpoint_prefix
         from softprompt.train import build_objective
 
         cfg = self.cfg(key, method, lr, steps, train)
         if deep:  # a deep student (per-layer keys/values) from the K/V of the hard prompt's first N tokens
             cfg.prompt.method, cfg.prompt.init = "deep", f"text:{self.instructions}"
-        obj: Any = build_objective(cfg, self.backbone(), log=note)
+        obj: Any = build_objective(cfg, self.backbone(), log=note, train_set=train_set)
+        at_init: dict[str, Any] = {}
         if teacher_k is not None:
-            obj = DistillObjective(obj, self.contexts[teacher_k], temperature=temperature)
+            ctx = self.contexts[teacher_k]
+            obj = DistillObjective(obj, ctx, **{**distill, "student_init": "prompt"})
+            if distill.get("student_init", "prompt") != "prompt":
+                at_init["init_agreement_prompt"] = round(100 * obj.evaluate().score, 2)  # --init's, for comparison
+                obj.anchors, obj.student_init = init_from_anchors(obj.base, ctx), distill["student_init"]
+                at_init.update(init_agreement=round(100 * obj.evaluate().score, 2), anchors=obj.anchors)
         r = self._fit(obj, cfg)
         ck = load_prompt(cfg.train.out)
         with torch.no_grad():
@@ -356,7 +316,8 @@ class Study:
             r.update(agreement=round(100 * m["agreement"], 2), teacher_accuracy=round(100 * m["teacher_accuracy"], 2),
                      teacher_tokens=len(self.contexts[teacher_k].token_ids), teacher_k=teacher_k,
                      distill_meta=ck.meta.get("distill"), student=cfg.prompt.method,
-                     teacher_temperature=temperature)  # fmt: skip
+                     teacher_temperature=distill.get("temperature", 1.0),
+                     **{k: v for k, v in distill.items() if k != "temperature"}, **at_init)  # fmt: skip
         r.pop("metrics", None)
         r["train_rows"] = obj.n_train
         return r
@@ -374,17 +335,18 @@ class Study:
         return self._prompt(key, "distill-sharp", self.a.pt_lr, teacher_k=16, temperature=self.a.sharp_temperature)
 
     def _deep(
-        self, key: str, method: str, *, times: int = 1, train: str | None = None, temperature: float | None = None,
-        teacher_k: int | str | None = None,
+        self, key: str, method: str, *, times: int = 1, train: str | None = None, teacher_k: int | str | None = None,
+        train_set: list[Any] | None = None, lr: float | None = None, **distill: Any,
     ) -> dict[str, Any]:  # fmt: skip
         """A deep student (the distill-deep* rows): Cartridges-style init, the sharpened teacher (the long context
-        where the task has one); times 0: the table's rows and steps; times k: k x --long-steps steps over `train`,
-        by default k x --long-train-n rows of the sample."""
+        where the task has one; `distill`: other DistillObjective settings); times 0: the table's rows and steps;
+        times k: k x --long-steps steps over `train`, by default k x --long-train-n rows of the sample."""
         if times and train is None:
             train = self.long_rows(times)
-        return self._prompt(key, method, self.a.deep_lr, teacher_k=self.teacher_key if teacher_k is None else teacher_k,
-                            temperature=self.a.sharp_temperature if temperature is None else temperature, deep=True,
-                            steps=times * self.a.long_steps, train=train)  # fmt: skip
+        teacher_k = self.teacher_key if teacher_k is None else teacher_k
+        distill.setdefault("temperature", self.a.sharp_temperature)
+        return self._prompt(key, method, lr or self.a.deep_lr, teacher_k=teacher_k, deep=True,
+                            steps=times * self.a.long_steps, train=train, train_set=train_set, **distill)  # fmt: skip
 
     def run_distill_deep(self, key: str) -> dict[str, Any]:
         return self._deep(key, "distill-deep", times=0)
@@ -394,6 +356,38 @@ class Study:
 
     def run_distill_deep_longer(self, key: str) -> dict[str, Any]:  # 2x --long-train-n rows and 2x --long-steps
         return self._deep(key, "distill-deep-longer", times=2)
+
+    def run_distill_deep_soft(self, key: str) -> dict[str, Any]:  # the teacher's own distribution (T = 1)
+        return self._deep(key, "distill-deep-soft", temperature=1.0)
+
+    def run_distill_deep_fast(self, key: str) -> dict[str, Any]:  # 3x --deep-lr: the long student underfits
+        return self._deep(key, "distill-deep-fast", lr=3 * self.a.deep_lr)
+
+    def run_distill_deep_vocab(self, key: str) -> dict[str, Any]:  # + the whole-vocabulary KL at the answer
+        return self._deep(key, "distill-deep-vocab", vocab_kl=self.a.vocab_kl)
+
+    def run_distill_deep_input(self, key: str) -> dict[str, Any]:  # + that KL at every input position
+        return self._deep(key, "distill-deep-input", vocab_kl=self.a.vocab_kl, vocab_at="input")
+
+    def run_distill_deep_anchors(self, key: str) -> dict[str, Any]:  # from the teacher's own label-word K/V
+        return self._deep(key, "distill-deep-anchors", student_init="anchors")
+
+    def run_distill_deep_pos(self, key: str) -> dict[str, Any]:  # the input at its teacher's positions
+        return self._deep(key, "distill-deep-pos", student_positions="teacher")
+
+    def run_distill_deep_pos_anchors(self, key: str) -> dict[str, Any]:  # both
+        return self._deep(key, "distill-deep-pos-anchors", student_positions="teacher", student_init="anchors")
+
+    def run_distill_deep_self(self, key: str) -> dict[str, Any]:  # inputs the model writes itself (self-study)
+        from softprompt.icl import self_study
+        from softprompt.task import BoundTask
+
+        t0 = time.time()
+        texts = self_study(self.pm0, self.contexts[self.teacher_key], self.spec, self.a.long_train_n, seed=0)
+        gen_s = time.time() - t0
+        rows, _ = BoundTask(self.spec, self.pm0, num_tokens=self.a.tokens).encode_texts(texts)
+        r = self._deep(key, "distill-deep-self", train_set=rows)
+        return {**r, "self_study_s": round(gen_s, 1), "self_study_examples": texts[:5]}
 
     def run_distill_deep_hard(self, key: str) -> dict[str, Any]:  # a near-argmax teacher
         return self._deep(key, "distill-deep-hard", temperature=self.a.hard_temperature)
@@ -434,18 +428,22 @@ class Study:
         icl = {k: self.done[f"{key}:{m}"]["accuracy"] for m, k in ICL_K.items() if k and f"{key}:{m}" in self.done}
         return self._deep(key, "distill-deep-best", times=0, teacher_k=max(icl, key=lambda k: icl[k]))
 
-    def _weights(self, key: str, method: str, lr: float) -> dict[str, Any]:
+    def _weights(self, key: str, method: str, lr: float, long: bool = False) -> dict[str, Any]:
+        """LoRA (method lora*) or full fine-tuning (ft*) through the one trainer; long: the -long rows' sample and
+        steps (pt-long's)."""
         from softprompt.prompted import PromptedModel
         from softprompt.train import build_objective
 
         bb = self.backbone()
-        peft, model = lora_model(bb.model) if method == "lora" else (None, copy.deepcopy(bb.model))
-        if method == "ft":
+        lora = method.startswith("lora")
+        peft, model = lora_model(bb.model) if lora else (None, copy.deepcopy(bb.model))
+        if not lora:
             for p in model.parameters():
                 p.requires_grad_(True)
         twin = copy.copy(bb)
         twin.model, twin.skip_equivalence_check = model, True  # the base backbone passed softprompt's guard
-        cfg = self.cfg(key, method, lr, self.a.ft_steps if method == "ft" else 0)
+        steps = self.a.long_steps if long else self.a.ft_steps if method == "ft" else 0
+        cfg = self.cfg(key, method, lr, steps, self.long_rows() if long else None)
         base = build_objective(cfg, bb, log=note)  # the same encoded rows and batch schedule as prompt tuning
         obj = WeightsObjective(base, PromptedModel(twin), method, Path(cfg.train.out).with_suffix(""), peft)
         r = self._fit(obj, cfg)
@@ -454,7 +452,8 @@ class Study:
         with torch.no_grad():
             prefix = pm.build_prefix([None])
         r.update(accuracy=acc, trainable=sum(p.numel() for p in obj.params),
-                 checkpoint_bytes=obj.saved_bytes(), **self.latency(lambda: self._score(pm, prefix)))  # fmt: skip
+                 checkpoint_bytes=obj.saved_bytes(), train_rows=obj.n_train,
+                 **self.latency(lambda: self._score(pm, prefix)))  # fmt: skip
         obj.cleanup()
         return r
 
@@ -464,88 +463,86 @@ class Study:
     def run_ft(self, key: str) -> dict[str, Any]:
         return self._weights(key, "ft", self.a.ft_lr)
 
+    def run_lora_long(self, key: str) -> dict[str, Any]:  # pt-long's rows and steps
+        return self._weights(key, "lora-long", self.a.lora_lr, long=True)
+
+    def run_ft_long(self, key: str) -> dict[str, Any]:
+        return self._weights(key, "ft-long", self.a.ft_lr, long=True)
+
     # ---- where the distilled prompts disagree with their teachers -------------------------------------------------
     @torch.no_grad()
     def run_margins(self, key: str) -> dict[str, Any]:
-        """Agreement of each saved distilled prompt of `key` with its teacher, by the teacher's margin (its top class
-        probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows."""
+        """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin
+        (its top class probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows,
+        and on the first --margin-train-n training inputs of the -long rows (what the student was fitted to: a
+        student that agrees there no better than on held-out rows underfits, one that agrees far better overfits)."""
         from softprompt.checkpoint import load_prompt
         from softprompt.evaluate import class_probs
         from softprompt.icl import context_prefix
         from softprompt.methods import checkpoint_prefix
 
         buckets = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
-        teachers: dict[Any, torch.Tensor] = {}
-        out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "prompts": {}}
-        for m in METHODS:
-            r, path = self.done.get(f"{key}:{m}"), self.out / f"{key}-{m}.safetensors"
-            if not r or "agreement" not in r or not path.is_file():
+        fit_rows = self.probe.encode_file(self.long_rows())[0][: self.a.margin_train_n]
+        teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {}}
+        for name, r in sorted(self.done.items()):
+            path = self.out / f"{name.replace(':', '-')}.safetensors"
+            if r.get("task") != key or "agreement" not in r or not path.is_file():
                 continue
             k = r.get("teacher_k", 16)
             if k not in teachers:
-                teachers[k] = class_probs(self.pm0, context_prefix(self.pm0, self.contexts[k]), self.eval_set,
-                                          self.label_ids)  # fmt: skip
-            t = teachers[k]
-            s = class_probs(self.pm0, checkpoint_prefix(self.pm0, [load_prompt(path)]), self.eval_set, self.label_ids)
+                prefix = context_prefix(self.pm0, self.contexts[k])
+                teachers[k] = tuple(class_probs(self.pm0, prefix, rows, self.label_ids)
+                                    for rows in (self.eval_set, fit_rows))  # type: ignore[assignment]  # fmt: skip
+                out.setdefault("lead_moved", {})[str(k)] = self.lead_moved(k)
+            t, t_fit = teachers[k]
+            student = checkpoint_prefix(self.pm0, [load_prompt(path)])
+            s, s_fit = (class_probs(self.pm0, student, rows, self.label_ids) for rows in (self.eval_set, fit_rows))
             top2 = t.topk(2, dim=-1).values
             margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
             rows = []
             for lo, hi in buckets:
                 sel = (margin >= lo) & (margin < hi)
                 rows.append({"rows": int(sel.sum()), "agree": int((same & sel).sum())})
-            out["prompts"][m] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
-                                 "by_margin": rows}  # fmt: skip
+            fit = float((t_fit.argmax(-1) == s_fit.argmax(-1)).float().mean())
+            out["prompts"][name] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
+                                    "train_agreement": round(100 * fit, 2), "by_margin": rows}  # fmt: skip
         return out
 
-    # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation; a linear head on the mean-pooled output ------
-    def _encoder_pt(self, key: str, method: str, long: bool) -> dict[str, Any]:
-        """Prompt tuning (20 tokens, linear head) through the one trainer, on the same rows (or the long sample)."""
-        from softprompt.checkpoint import load_prompt
-        from softprompt.train import build_objective
+    @torch.no_grad()
+    def lead_moved(self, k: int | str) -> float:
+        """Agreement (%) of teacher k with itself when only its lead token (BOS) is moved to the distance it has from
+        the input behind a --tokens slot student ([BOS][context][input] with BOS at position C - n): what a student
+        whose input follows its slots cannot match, since no slot changes the lead token's key."""
+        ctx, words = self.contexts[k], [w[0] for w in self.label_ids]
+        same = 0
+        for e in self.eval_set:
+            ids = torch.tensor([self.pm0.prefix_ids + ctx.token_ids + e.input_ids])
+            pos = torch.arange(ids.shape[1])[None]
+            moved = pos.clone()
+            moved[0, : len(self.pm0.prefix_ids)] += len(ctx.token_ids) - self.a.tokens
+            a, b = (self.pm0.model(input_ids=ids, position_ids=q).logits[0, -1, words] for q in (pos, moved))
+            same += int(a.argmax() == b.argmax())
+        return round(100 * same / len(self.eval_set), 2)
 
-        cfg = self.cfg(key, method, self.a.pt_lr, self.a.long_steps if long else 0, self.long_rows() if long else None)
-        cfg.model.model, cfg.data.head, cfg.prompt.init = ENCODER, "linear", "vocab"
-        obj: Any = build_objective(cfg, self.encoder(), log=note)
-        r = self._fit(obj, cfg)
-        m = r.pop("metrics")
-        ck = load_prompt(cfg.train.out)
-        return {**r, "accuracy": round(100 * m["accuracy"], 2), "model": ENCODER, "train_rows": obj.n_train,
-                "trainable": sum(p.numel() for p in obj.params) + sum(p.numel() for p in obj.head_params),
-                "checkpoint_bytes": os.path.getsize(cfg.train.out), "num_tokens": int(ck.prompt.shape[0])}  # fmt: skip
-
-    def _encoder_ft(self, key: str, long: bool) -> dict[str, Any]:
-        """Full fine-tuning of every weight + a linear head (bench.quality_experiments.encoder_reference: AdamW,
-        linear schedule); the accuracy of the final weights, as every other row reports its final model's."""
-        from types import SimpleNamespace
-
-        from bench.quality_experiments import encoder_reference
-
-        t, train = TASKS[key], self.long_rows() if long else self.train_file
-        steps = self.a.long_steps if long else self.a.steps
-        shim = SimpleNamespace(backbone=lambda _: self.encoder(), tasks={key: t},
-                               files=lambda _: (train, self.eval_file),
-                               budget=SimpleNamespace(steps=steps, batch=self.a.batch))  # fmt: skip
-        t0 = time.time()
-        r = encoder_reference(shim, key, full=True, lr=self.a.encoder_ft_lr)
-        n_rows = len(Path(train).read_text(encoding="utf-8").splitlines())
-        final_step, final_acc = r["curve"][-1]
-        assert final_step == steps
-        return {"accuracy": round(100 * final_acc, 2), "trainable": r["trainable"], "steps": steps,
-                "checkpoint_bytes": r["bytes"], "train_s_per_step": round((time.time() - t0) / steps, 3),
-                "lr": self.a.encoder_ft_lr, "batch_size": self.a.batch, "model": ENCODER, "train_rows": n_rows,
-                "best_of_4_evaluations": round(100 * r["accuracy"], 2)}  # fmt: skip
-
+    # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation (bench.compile_weights) ------------------
     def run_minilm_pt(self, key: str) -> dict[str, Any]:
-        return self._encoder_pt(key, "minilm-pt", long=False)
+        return encoder_pt(self, key, "minilm-pt", long=False)
 
     def run_minilm_ft(self, key: str) -> dict[str, Any]:
-        return self._encoder_ft(key, long=False)
+        return encoder_ft(self, key, long=False)
 
     def run_minilm_pt_long(self, key: str) -> dict[str, Any]:
-        return self._encoder_pt(key, "minilm-pt-long", long=True)
+        return encoder_pt(self, key, "minilm-pt-long", long=True)
 
     def run_minilm_ft_long(self, key: str) -> dict[str, Any]:
-        return self._encoder_ft(key, long=True)
+        return encoder_ft(self, key, long=True)
+
+    def run_minilm_lora(self, key: str) -> dict[str, Any]:
+        return encoder_ft(self, key, long=False, lora=True)
+
+    def run_minilm_lora_long(self, key: str) -> dict[str, Any]:
+        return encoder_ft(self, key, long=True, lora=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,23 +554,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sharp-temperature", type=float, default=0.25, help="distill-sharp's --teacher-temperature")
-    p.add_argument("--tokens", type=int, default=20, help="soft tokens of the tuned and the distilled prompt")
+    p.add_argument("--tokens", type=int, default=TOKENS, help="soft tokens of the trained prompts (runs NAME@tN)")
     p.add_argument("--pt-lr", type=float, default=0.03)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--ft-lr", type=float, default=2e-5)
     p.add_argument("--ft-steps", type=int, default=0, help="full fine-tuning's steps (0: --steps; fewer: timing only)")
     p.add_argument("--encoder-ft-lr", type=float, default=5e-5, help="minilm-l6 full fine-tuning's peak lr")
     p.add_argument("--hard-temperature", type=float, default=0.05, help="distill-deep-hard's --teacher-temperature")
+    p.add_argument("--vocab-kl", type=float, default=1.0, help="distill-deep-vocab's --vocab-kl weight")
     p.add_argument("--deep-lr", type=float, default=0.01, help="the deep students' peak lr (distill-deep*)")
     p.add_argument("--long-steps", type=int, default=250, help="the *-long methods' steps")
     p.add_argument("--long-train-n", type=int, default=2000, help="the *-long methods' training rows (a superset)")
     p.add_argument("--latency-rows", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "runs" / "compile"))
+    p.add_argument("--margin-train-n", type=int, default=300, help="margins: training inputs to measure the fit on")
+    p.add_argument("--out", default=str(ROOT / "runs" / "compile"), help="checkpoints and run files")
+    p.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
+    p.add_argument("--seed", type=int, default=0, help="the trained rows' seed (batches, init); > 0: runs NAME@sSEED")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if a.seed and (fixed := [m for m in a.methods if m in UNTRAINED]):
+        p.error(f"--seed {a.seed}: {', '.join(fixed)} train nothing, a seed does not change them")
     os.environ.setdefault("SOFTPROMPT_TENSORBOARD", "0")
     torch.manual_seed(0)
     study = Study(a)

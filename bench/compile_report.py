@@ -1,7 +1,7 @@
-"""runs/compile/results.jsonl (python -m bench.compile) -> docs/results-compile.md, the results page's section
+"""bench/results/compile.jsonl (python -m bench.compile) -> docs/results-compile.md, the results page's section
 "Prompts, ICL, prompt tuning, LoRA" (bench.quality_report appends it to docs/results.md).
 
-    python -m bench.compile_report [--results runs/compile/results.jsonl] [--out docs/results-compile.md]
+    python -m bench.compile_report [--results bench/results/compile.jsonl] [--out docs/results-compile.md]
 
 One table per task with every method's accuracy, trainable parameters, checkpoint bytes, training time per step,
 peak memory, per-example latency (and its ratio to the zero-shot model timed alongside it in the same run) and
@@ -43,16 +43,31 @@ ROWS = [  # (method key, label)
         "the same deep student, more inputs and steps, half near the teacher's boundary",
     ),
     ("distill-deep-sent", "the same deep student, more inputs and steps, whole-sentence inputs"),
+    ("distill-deep-soft", "the same deep student, more inputs and steps, teacher at T = 1"),
+    ("distill-deep-fast", "the same deep student, more inputs and steps, 3× the peak lr"),
+    ("distill-deep-self", "the same deep student, more inputs and steps, inputs the model wrote (self-study)"),
+    ("distill-deep-vocab", "the same deep student, more inputs and steps, + the whole-vocabulary KL (--vocab-kl)"),
+    ("distill-deep-input", "the same deep student, more inputs and steps, + that KL at every input position"),
+    ("distill-deep-anchors", "the same deep student, more inputs and steps, started from the teacher's label-word K/V"),
+    ("distill-deep-pos", "the same deep student, more inputs and steps, the input at its teacher's positions"),
+    ("distill-deep-pos-anchors", "the same, the input at its teacher's positions, started from its label-word K/V"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
+    ("lora-long", "LoRA, more rows and steps"),
     ("ft", "full fine-tuning (AdamW, all weights)"),
+    ("ft-long", "full fine-tuning, more rows and steps"),
     ("minilm-pt", "minilm-l6 (encoder): prompt tuning, linear head"),
     ("minilm-ft", "minilm-l6: full fine-tuning + linear head"),
+    ("minilm-lora", "minilm-l6: LoRA, rank 8, attention projections (PEFT) + linear head"),
     ("minilm-pt-long", "minilm-l6: prompt tuning, linear head, more rows and steps"),
     ("minilm-ft-long", "minilm-l6: full fine-tuning + linear head, more rows and steps"),
+    ("minilm-lora-long", "minilm-l6: LoRA + linear head, more rows and steps"),
 ]
 DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "distill-deep-longer",
-             "distill-deep-sent", "distill-deep-hard", "distill-deep-boundary")  # fmt: skip
+             "distill-deep-sent", "distill-deep-hard", "distill-deep-boundary", "distill-deep-soft",
+             "distill-deep-vocab", "distill-deep-self", "distill-deep-fast",
+             "distill-deep-input", "distill-deep-anchors", "distill-deep-pos",
+             "distill-deep-pos-anchors")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
@@ -67,19 +82,49 @@ def load(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def seeds(res: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The run `name` (seed 0) and its repeats with other seeds (NAME@sS, bench.compile --seed S), seed order."""
+    runs = [r for k, r in res.items() if k == name or k.startswith(name + "@s")]
+    return sorted(runs, key=lambda r: int(r.get("seed", 0)))
+
+
+def widths(res: dict[str, dict[str, Any]], name: str) -> list[str]:
+    """The run `name` repeated with other prompt sizes (bench.compile --tokens N: NAME@tN, seed 0), by size."""
+    found = [k for k in res if k.startswith(name + "@t") and "@s" not in k]
+    return sorted(found, key=lambda k: int(k.split("@t")[1]))
+
+
+def mean(runs: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in runs) / len(runs)
+
+
+def spread(runs: list[dict[str, Any]], key: str) -> str:
+    """ "; seeds 0, 1, 2: 87.5 / 86.0 / 88.0, mean 87.2" for more than one seed, else "" """
+    if len(runs) < 2:
+        return ""
+    ids = ", ".join(str(r.get("seed", 0)) for r in runs)
+    return f"; seeds {ids}: {' / '.join(f'{r[key]:.1f}' for r in runs)}, mean {mean(runs, key):.1f}"
+
+
 def _n(x: Any, fmt: str = ",") -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def _row(label: str, r: dict[str, Any] | None, full_steps: int | None) -> list[str]:
+def _row(
+    label: str, r: dict[str, Any] | None, full_steps: int | None, reps: list[dict[str, Any]] | None = None
+) -> list[str]:
+    """One table row; `reps`: the run and its repeats with other seeds (each seed's figure and their mean)."""
     if r is None:
         return [label, "not run"] + [""] * (len(HEADER) - 2)
     partial = full_steps is not None and r.get("steps") is not None and r["steps"] < full_steps
     acc = f"not trained to its steps ({r['steps']} of {full_steps})" if partial else _n(r.get("accuracy"), ".1f")
+    reps = reps or []
+    acc += spread(reps, "accuracy")
     if "agreement" in r:
         k = r.get("teacher_k", 16)
         who = "16 long demonstrations" if k == "16long" else f"k = {k}"
-        acc += f" (agrees with its teacher, {who}, on {r['agreement']:.1f}%; teacher {r['teacher_accuracy']:.1f})"
+        acc += (f" (agrees with its teacher, {who}, on {r['agreement']:.1f}%{spread(reps, 'agreement')}; teacher "
+                f"{r['teacher_accuracy']:.1f})")  # fmt: skip
     if r.get("demo_min_words"):
         label = label.replace("long demonstrations", f"demonstrations of ≥ {r['demo_min_words']} words")
     if r.get("train_rows") and (r.get("student") == "deep" or r.get("method", "").endswith(("-long", "-longer"))):
@@ -107,7 +152,7 @@ def majority_rates(res: dict[str, dict[str, Any]]) -> dict[str, float]:
     import collections
     import tempfile
 
-    from bench.compile import TASKS, sample
+    from bench.compile_tasks import TASKS, sample
 
     out: dict[str, float] = {}
     for key in TASKS:
@@ -139,11 +184,14 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
     for m, label in ROWS:
         if m.startswith("icl16") and m != "icl16" and runs.get(m) is None:
             continue
-        optional = m.endswith(("-long", "-longer", "-sent", "-best", "-hard", "-boundary")) or m.startswith("minilm")
-        if optional and runs.get(m) is None:
+        optional = m.endswith(("-long", "-longer")) or m.startswith("distill-deep-")  # shown where run
+        if (optional or m.startswith("minilm")) and runs.get(m) is None:
             continue
-        lines.append("| " + " | ".join(_row(label, runs.get(m), steps if m == "ft" else None)) + " |")
-    commands = sorted({r["command"] for r in runs.values() if r and "command" in r})
+        row = _row(label, runs.get(m), steps if m == "ft" else None, seeds(res, f"{key}:{m}"))
+        lines.append("| " + " | ".join(row) + " |")
+        for name in widths(res, f"{key}:{m}"):  # the same row with another prompt size (--tokens N: NAME@tN)
+            lines.append("| " + " | ".join(_row(label, res[name], None, seeds(res, name))) + " |")
+    commands = sorted({r["command"] for k, r in res.items() if k.startswith(f"{key}:") and "command" in r})
     any_run = next((r for r in runs.values() if r and "train_n" in r), None)
     if any_run:
         lrs = ", ".join(f"{m} {r['lr']:g}" for m in ("pt", "distill", "lora", "ft") if (r := runs.get(m)) and "lr" in r)
@@ -163,7 +211,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         d = max(tried, key=lambda r: r["agreement"])  # the best-agreeing distilled prompt, named below
         t = res[f"{key}:icl16-long" if d.get("teacher_k") == "16long" else f"{key}:icl16"]  # its teacher
         if len(tried) > 1:
-            pcts = " vs ".join(f"{r['agreement']:.1f}%" for r in tried)
+            pcts = ", ".join(f"{r['method']} {r['agreement']:.1f}%" for r in tried)
             out.append(f"- {name}: of the distilled prompts, {d['method']} agrees best with its teacher ({pcts}); "
                        "the lines below are its.")  # fmt: skip
         ok_len = t["context_tokens"] >= 400 and d["num_tokens"] <= 20
@@ -175,11 +223,14 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         def verdict(ok: bool, ok_len: bool = ok_len) -> str:
             return ("met" if ok_len else "met, but not in the target's setting (see above)") if ok else "MISSED"
 
-        out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {d['agreement']:.1f}% — "
-                   f"{verdict(d['agreement'] >= 95)}.")  # fmt: skip
-        gap = abs(d["accuracy"] - d["teacher_accuracy"])
-        out.append(f"  - within 1 point of the teacher's accuracy: {d['accuracy']:.1f}% vs {d['teacher_accuracy']:.1f}%"
-                   f" (gap {gap:.1f}) — {verdict(gap <= 1)}.")  # fmt: skip
+        reps = seeds(res, d["name"])  # judged on the mean over its seeds where it was repeated
+        agree, acc = mean(reps, "agreement"), mean(reps, "accuracy")
+        over = f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in reps)})" if len(reps) > 1 else ""
+        out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {agree:.1f}%{over} — "
+                   f"{verdict(agree >= 95)}.")  # fmt: skip
+        gap = abs(acc - d["teacher_accuracy"])
+        out.append(f"  - within 1 point of the teacher's accuracy: {acc:.1f}% vs {d['teacher_accuracy']:.1f}%"
+                   f" (gap {gap:.1f}){over} — {verdict(gap <= 1)}.")  # fmt: skip
         if "uncached" in t:  # both ratios are to the zero-shot model timed alongside: their quotient is load-free
             speed = t["uncached"]["latency_ratio"] / d["latency_ratio"]
             cached = t["latency_ratio"] / d["latency_ratio"]
@@ -187,6 +238,12 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
                        f"({t['uncached']['latency_ms']:.0f} vs {d['latency_ms']:.0f} ms) — "
                        f"{verdict(speed >= 5)}. With its K/V cached the teacher costs {cached:.2f}× the "
                        "student per example.")  # fmt: skip
+        wide = [res[w] for w in widths(res, d["name"])]
+        if wide:
+            sizes = "; ".join(
+                f"{r['num_tokens']} slots {r['agreement']:.1f}% ({r['accuracy']:.1f}% accurate)" for r in wide
+            )
+            out.append(f"  - the same student with more slots (outside the target's ≤ 20): {sizes}.")
         mem = t["kv_bytes"] / max(1, d["kv_bytes"])
         out.append(f"  - ≥ 20× less per-task prompt memory (K/V bytes) than the cached teacher: {mem:.1f}× "
                    f"({t['kv_bytes']:,} vs {d['kv_bytes']:,} bytes) — {verdict(mem >= 20)}.")  # fmt: skip
@@ -197,13 +254,19 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"- {TASK_NAMES[key]}: prompt tuning vs the best ICL setting — not measured.")
             continue
         best = max(icl, key=lambda r: r["accuracy"])
-        ok = pt["accuracy"] > best["accuracy"]
+        reps = seeds(res, f"{key}:pt")
+        pt_acc = mean(reps, "accuracy")
+        over = f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in reps)})" if len(reps) > 1 else ""
+        ok = pt_acc > best["accuracy"]
         out.append(f"- {TASK_NAMES[key]}: prompt tuning beats the best in-context setting ({best['method']}): "
-                   f"{pt['accuracy']:.1f}% vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
+                   f"{pt_acc:.1f}%{over} vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
         if long := res.get(f"{key}:pt-long"):
-            met = "met" if long["accuracy"] > best["accuracy"] else "MISSED"
+            reps = seeds(res, f"{key}:pt-long")
+            acc = mean(reps, "accuracy")
+            over = f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in reps)})" if len(reps) > 1 else ""
+            met = "met" if acc > best["accuracy"] else "MISSED"
             out.append(f"  - with more rows and steps ({long.get('train_rows')} rows, {long['steps']} steps): "
-                       f"{long['accuracy']:.1f}% vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip
+                       f"{acc:.1f}%{over} vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip
     return out
 
 
@@ -255,7 +318,7 @@ def render(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=str(ROOT / "runs" / "compile" / "results.jsonl"))
+    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "compile.jsonl"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results-compile.md"))
     p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     a = p.parse_args(argv)

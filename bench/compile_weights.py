@@ -1,15 +1,24 @@
-"""LoRA and full fine-tuning as an Objective of the one trainer (softprompt.trainer.fit), for bench.compile: the model's
-own weights trained with no prompt, on the prompt-tuning objective's rows, batches and verbalizer loss, scored by the
-same forward path (a PromptedModel over the trained copy)."""
+"""bench.compile's rows that train weights or another model: LoRA and full fine-tuning as an Objective of the one
+trainer (softprompt.trainer.fit), the model's own weights trained with no prompt, on the prompt-tuning objective's
+rows, batches and verbalizer loss, scored by the same forward path (a PromptedModel over the trained copy); and the
+encoder rows (minilm-l6: no LM head, so no zero-shot, ICL or distillation; a linear head on the mean-pooled output).
+`study` is bench.compile's Study (its arguments, samples and models)."""
 
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench._common import note
+from bench.compile_tasks import TASKS
+
+ENCODER = "minilm-l6"  # an encoder with no LM head: prompt tuning with a linear head, LoRA and full fine-tuning
 
 
 def lora_model(model: torch.nn.Module) -> tuple[Any, torch.nn.Module]:
@@ -62,7 +71,7 @@ class WeightsObjective:
 
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
-        if self.method == "lora":
+        if self.peft is not None:  # lora, lora-long
             self.peft.save_pretrained(str(self.out))  # adapter_config.json + adapter_model.safetensors
         else:
             tensors = {k: v.detach().contiguous() for k, v in self.pm.model.named_parameters()}  # tied: once
@@ -76,5 +85,46 @@ class WeightsObjective:
         return {**self.base.identity(), "--weights": self.method}
 
     def cleanup(self) -> None:
-        if self.method == "ft":  # 0.5 GB: the size is what the table needs
+        if self.peft is None:  # ft, ft-long: 0.5 GB, the size is what the table needs
             shutil.rmtree(self.out, ignore_errors=True)
+
+
+def encoder_pt(study: Any, key: str, method: str, long: bool) -> dict[str, Any]:
+    """Prompt tuning (20 tokens, linear head) through the one trainer, on the same rows (or the long sample)."""
+    from softprompt.checkpoint import load_prompt
+    from softprompt.train import build_objective
+
+    cfg = study.cfg(key, method, study.a.pt_lr, study.a.long_steps if long else 0, study.long_rows() if long else None)
+    cfg.model.model, cfg.data.head, cfg.prompt.init = ENCODER, "linear", "vocab"
+    obj: Any = build_objective(cfg, study.encoder(), log=note)
+    r = study._fit(obj, cfg)
+    m = r.pop("metrics")
+    ck = load_prompt(cfg.train.out)
+    return {**r, "accuracy": round(100 * m["accuracy"], 2), "model": ENCODER, "train_rows": obj.n_train,
+            "trainable": sum(p.numel() for p in obj.params) + sum(p.numel() for p in obj.head_params),
+            "checkpoint_bytes": os.path.getsize(cfg.train.out), "num_tokens": int(ck.prompt.shape[0])}  # fmt: skip
+
+
+def encoder_ft(study: Any, key: str, long: bool, lora: bool = False) -> dict[str, Any]:
+    """Full fine-tuning of every weight (lora: PEFT LoRA rank 8 on the attention projections) + a linear head
+    (bench.quality_experiments.encoder_reference: AdamW, linear schedule, the batches of this --seed); the
+    accuracy of the final weights, as every other row reports its final model's."""
+    from types import SimpleNamespace
+
+    from bench.quality_experiments import encoder_reference
+
+    t, train = TASKS[key], study.long_rows() if long else study.train_file
+    steps = study.a.long_steps if long else study.a.steps
+    shim = SimpleNamespace(backbone=lambda _: study.encoder(), tasks={key: t},
+                           files=lambda _: (train, study.eval_file),
+                           budget=SimpleNamespace(steps=steps, batch=study.a.batch))  # fmt: skip
+    t0 = time.time()
+    lr = study.a.lora_lr if lora else study.a.encoder_ft_lr
+    r = encoder_reference(shim, key, full=not lora, lora=lora, lr=lr, seed=study.a.seed)
+    n_rows = len(Path(train).read_text(encoding="utf-8").splitlines())
+    final_step, final_acc = r["curve"][-1]
+    assert final_step == steps
+    return {"accuracy": round(100 * final_acc, 2), "trainable": r["trainable"], "steps": steps,
+            "checkpoint_bytes": r["bytes"], "train_s_per_step": round((time.time() - t0) / steps, 3),
+            "lr": lr, "batch_size": study.a.batch, "model": ENCODER, "train_rows": n_rows,
+            "best_of_4_evaluations": round(100 * r["accuracy"], 2)}  # fmt: skip

@@ -274,8 +274,12 @@ def _eval(score_fn, data, batch: int = 32) -> tuple[float, float]:
     return m["accuracy"], m["macro_f1"]
 
 
-def encoder_reference(study, key: str, *, full: bool, lr: float | None = None, seed: int = 0) -> dict[str, Any]:
-    """minilm-l6 without a prompt: a linear probe (frozen encoder, head only) or full fine-tuning (all weights)."""
+def encoder_reference(
+    study, key: str, *, full: bool, lr: float | None = None, seed: int = 0, lora: bool = False
+) -> dict[str, Any]:
+    """minilm-l6 without a prompt: a linear probe (frozen encoder, head only), full fine-tuning (all weights) or
+    lora=True: PEFT LoRA (rank 8, alpha 16, no dropout of its own) on the attention projections (query, key, value
+    and the attention output's dense layer), the head trained with it."""
     from transformers import get_scheduler
 
     from softprompt.prompted import LinearHead
@@ -284,14 +288,21 @@ def encoder_reference(study, key: str, *, full: bool, lr: float | None = None, s
     model = copy.deepcopy(bb.model)
     pm, task, train, evald = _task(study, key, "minilm-l6", "linear")
     torch.manual_seed(seed)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                         target_modules=["query", "key", "value", "attention.output.dense"])  # fmt: skip
+        model = get_peft_model(model, cfg).base_model.model  # the BertModel, its projections lora.Linear layers
     head = LinearHead(bb.embed_dim, len(task.spec.verbalizer.labels))
     params = list(head.parameters())
     if full:
         for p in model.parameters():
             p.requires_grad_(True)
-        params += list(model.parameters())
+    if full or lora:
+        params += [p for p in model.parameters() if p.requires_grad]
         model.train()
-    lr = lr or (5e-5 if full else 1e-2)
+    lr = lr or (5e-5 if full else 1e-3 if lora else 1e-2)
     opt = torch.optim.AdamW(params, lr=lr)
     steps = study.budget.steps
     sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=steps)
@@ -314,7 +325,7 @@ def encoder_reference(study, key: str, *, full: bool, lr: float | None = None, s
         if s % every == 0 or s == steps:
             model.eval()
             acc, f1 = _eval(lambda idx: scores(idx, evald), evald)
-            model.train(full)
+            model.train(full or lora)
             curve.append((s, acc))
             best = max(best, (acc, f1, s))
     trainable = sum(p.numel() for p in params)

@@ -156,7 +156,7 @@ class Predictor:
             raise ValueError("an input-dependent prompt (routed, conditioned) serves classification tasks only")
         limit = position_limit(self.pm)
         if limit is not None and examples:
-            need = int(self.prefix.lengths.max()) + max(len(e.input_ids) for e in examples)
+            need = int((self.prefix.lengths + self.prefix.gaps()).max()) + max(len(e.input_ids) for e in examples)
             if need + gen_kwargs["max_new_tokens"] > limit:
                 raise ValueError(
                     f"--max-new-tokens {gen_kwargs['max_new_tokens']}: prompt and input take {need} of the model's "

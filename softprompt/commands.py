@@ -170,6 +170,19 @@ class DistillConfig:
     teacher_temperature: float = 1.0
     """the teacher's class (or token) distribution is softmax(scores / T); T < 1 sharpens it toward its argmax, so the
     student is pulled to agree with the teacher's predictions, not only to match near-ties"""
+    vocab_kl: float = 0.0
+    """classify: weight of a second KL term over the whole vocabulary at the answer position (the teacher's full
+    next-token distribution there, T = 1), next to the verbalizer classes' KL: more of the teacher to match per input"""
+    student_init: str = flag("prompt", choices=["prompt", "anchors"])
+    """prompt: the student starts from --init as any prompt does; anchors (--method deep): from the teacher context's
+    own keys/values at its label words and last tokens, moved in front of the input (softprompt.distill.anchor_kv)"""
+    student_positions: str = flag("own", choices=["own", "teacher"])
+    """own: the input's positions follow the student's slots; teacher (--method deep): the input keeps the positions
+    it has behind the teacher's context (a gap after the slots, recorded in the file), so that its distance to the
+    model's lead token is the teacher's"""
+    vocab_kl_at: str = flag("answer", choices=["answer", "input"])
+    """where --vocab-kl's KL is taken: the answer position, or input: the mean over every position of the input (the
+    teacher's next-token distributions along the input, as Cartridges distil)"""
 
     def validate(self) -> None:
         """Raise ConfigError naming the flag for a missing hard prompt, a missing file or an out-of-range value."""
@@ -188,6 +201,8 @@ class DistillConfig:
             raise ConfigError(f"--self-study-temperature must be > 0, got {self.self_study_temperature}")
         if not (math.isfinite(self.teacher_temperature) and self.teacher_temperature > 0):
             raise ConfigError(f"--teacher-temperature must be > 0, got {self.teacher_temperature}")
+        if not (math.isfinite(self.vocab_kl) and self.vocab_kl >= 0):
+            raise ConfigError(f"--vocab-kl must be >= 0, got {self.vocab_kl}")
 
 
 @dataclass(kw_only=True)

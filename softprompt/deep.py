@@ -86,6 +86,7 @@ class DeepPrompt(nn.Module):
         super().__init__()
         self.shape = tuple(kv0.shape)
         self.reparam = reparam
+        self.gap = 0  # positions skipped before the input (set by softprompt.distill --student-positions teacher)
         self.embed_dim = embed_dim or (int(embeds.shape[1]) if embeds is not None else 0)  # of the empty `prompt`
         if reparam <= 0:
             self.kv = nn.Parameter(kv0.detach().float().clone())
@@ -126,21 +127,19 @@ class DeepPrompt(nn.Module):
 
     def meta(self) -> dict[str, Any]:
         L, _, H, P, dh = self.shape
-        return {
-            "method": "deep",
-            "deep": {"layers": L, "kv_heads": H, "head_dim": dh, "tokens": P, "reparam": self.reparam},
-        }
+        deep = {"layers": L, "kv_heads": H, "head_dim": dh, "tokens": P, "reparam": self.reparam}
+        return {"method": "deep", "deep": {**deep, **({"position_gap": self.gap} if self.gap else {})}}
 
     def saved(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
         """An empty input prompt (0, d), the per-layer keys/values as deep.keys / deep.values, the deep metadata."""
         return torch.zeros(0, self.embed_dim), self.tensors(), self.meta()
 
     def prefix(self, pm: PromptedModel) -> Prefix:
-        return deep_prefix(pm, self())
+        return deep_prefix(pm, self(), self.gap)
 
     @torch.no_grad()
     def eval_prefix(self, pm: PromptedModel) -> Prefix:
-        return deep_prefix(pm, self()).detach()
+        return deep_prefix(pm, self(), self.gap).detach()
 
 
 def initial_kv(pm: PromptedModel, init: torch.Tensor) -> torch.Tensor:
@@ -178,11 +177,14 @@ def make_deep_prompt(pm: PromptedModel, init: torch.Tensor, *, reparam: int = 0)
 
 
 # ---- prefixes -----------------------------------------------------------------------------------------------------
-def deep_prefix(pm: PromptedModel, kv: torch.Tensor) -> Prefix:
-    """The Prefix of a deep prompt kv (L, 2, H_kv, P, dh)."""
+def deep_prefix(pm: PromptedModel, kv: torch.Tensor, gap: int = 0) -> Prefix:
+    """The Prefix of a deep prompt kv (L, 2, H_kv, P, dh); gap > 0 (decoder-only): the input's positions start that
+    many after the slots (metadata deep.position_gap)."""
     layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
     if pm.family == "causal":
-        return pm.build_deep_prefix(layers)
+        return pm.build_deep_prefix(layers, gap=gap)
+    if gap:
+        raise ValueError("a deep prompt's position gap needs a decoder-only model")
     if pm.family == "encoder":
         return encoder_deep_prefix(pm, layers)
     raise ValueError("--method deep: supported for decoder-only and encoder models, not encoder-decoder")
@@ -229,7 +231,10 @@ class _Deep:
             raise CheckpointError(f"{ckpt.path}: deep prompt for (layers, kv heads, head dim) {got}, model has {want}")
         if ckpt.prompt.shape[0]:
             raise CheckpointError(f"{ckpt.path}: a deep prompt with an input-embedding prompt is not supported")
-        return deep_prefix(pm, kvt.to(pm.backbone.device))
+        gap = int(ckpt.meta.get("deep", {}).get("position_gap", 0))
+        if gap and pm.family != "causal":
+            raise CheckpointError(f"{ckpt.path}: a deep prompt with a position gap needs a decoder-only model")
+        return deep_prefix(pm, kvt.to(pm.backbone.device), gap)
 
     def vectors(self, ckpt: PromptCheckpoint) -> torch.Tensor:
         """(P, L*2*H*dh): each slot's keys and values at every layer."""

@@ -8,8 +8,16 @@ Loss per row:
 
     classify:  KL(p_t || p_s) = sum_c p_t(c) (log p_t(c) - log p_s(c))  over the verbalizer's classes
                (p = softmax of the class scores, PromptedModel.label_scores)          (+ alpha * CE(p_s, label))
+               (+ vocab_kl * KL(q_t || q_s), q = the next-token distribution over the whole vocabulary at the
+               answer position, T = 1: --vocab-kl; --vocab-kl-at input: the mean of that KL over every position
+               of the input, the teacher's own next-token distributions along the input as Cartridges match theirs)
     generate:  token-level: the mean over the continuation's tokens j of KL(p_t(. | y<j) || p_s(. | y<j)) over the
                whole vocabulary, both teacher-forced on the same continuation y       (+ alpha * CE(p_s, y))
+
+A deep student (--method deep) can start from the teacher's own keys/values (--student-init anchors: its label words
+and last tokens, anchor_kv) and keep the input at the positions it has behind the teacher's context
+(--student-positions teacher: a position gap after the slots, so the input's distance to the lead token, which no
+slot can change, is the teacher's; teacher_positions).
 
 The continuation y is the --train file's target, or, for an input without one, the teacher's own greedy
 continuation (sequence-level distillation). Inputs: the --train file (labels or targets are read when present and
@@ -62,12 +70,31 @@ class DistillObjective:
     teacher: Context
     alpha: float = 0.0  # weight of the labelled cross-entropy next to the KL term
     temperature: float = 1.0  # the teacher's distribution is softmax(scores / T): T < 1 sharpens it toward its argmax
+    vocab_kl: float = 0.0  # classify: weight of the whole-vocabulary KL at the answer position (decoder LM head)
+    vocab_at: str = "answer"  # where that KL is taken: "answer", or "input": at every position of the input
+    student_init: str = "prompt"  # "anchors": a deep student starts from the teacher context's own K/V (anchor_kv)
+    student_positions: str = "own"  # "teacher": a deep student's input keeps its positions behind the teacher's context
 
     def __post_init__(self) -> None:
         if self.base.pm.family != "causal":
             raise DataError("distill: the teacher's hard prompt in context needs a decoder-only model")
         self.kind = self.base.spec.task
+        if self.base.head is not None:
+            raise DataError("distill: --head: the student is scored by the verbalizer through the LM head, as its "
+                            "teacher is; a head of its own is not supported")  # fmt: skip
+        if self.vocab_kl and self.kind != "classify":
+            raise DataError("distill: --vocab-kl needs a classify task (generate rows match the whole vocabulary)")
+        if self.vocab_at not in ("answer", "input"):
+            raise DataError(f"distill: --vocab-kl-at must be answer or input, got {self.vocab_at!r}")
         self.teacher_prefix: Prefix = context_prefix(self.base.pm, self.teacher)  # K/V once, no gradient
+        if self.student_positions == "teacher":
+            teacher_positions(self.base, self.teacher)
+        elif self.student_positions != "own":
+            raise DataError(f"distill: --student-positions must be own or teacher, got {self.student_positions!r}")
+        if self.student_init == "anchors":
+            self.anchors = init_from_anchors(self.base, self.teacher)
+        elif self.student_init != "prompt":
+            raise DataError(f"distill: --student-init must be prompt or anchors, got {self.student_init!r}")
         self.params = self.base.params
         self.head_params: list[torch.nn.Parameter] = []  # the student has no head of its own (verbalizer scoring)
         self._teacher_eval: torch.Tensor | None = None  # classify: (N_eval, L), the teacher does not change
@@ -111,17 +138,37 @@ class DistillObjective:
         return self.token_loss(rows) if self.kind == "generate" else self.class_loss(rows)
 
     def class_loss(self, rows: list[Encoded]) -> torch.Tensor:
-        pm, labels = self.base.pm, self.base.task.label_ids
+        pm = self.base.pm
         batch = pm.collate([e.input_ids for e in rows], labels=[int(e.label or 0) for e in rows]).to(self.device)
         with torch.no_grad():
-            t = (pm.label_scores(self.teacher_prefix, None, batch, labels) / self.temperature).log_softmax(-1)  # (B, L)
-        s = pm.label_scores(self.base.prompt.prefix(pm), None, batch, labels).log_softmax(-1)  # (B, L)
+            t_scores, t_vocab = self._scores(self.teacher_prefix, batch)
+            t = (t_scores / self.temperature).log_softmax(-1)  # (B, L)
+        s_scores, s_vocab = self._scores(self.base.prompt.prefix(pm), batch)
+        s = s_scores.log_softmax(-1)  # (B, L)
         loss = F.kl_div(s, t, log_target=True, reduction="batchmean")
+        if t_vocab is not None and s_vocab is not None:  # (B, V), or (B, T, V) at every input position
+            kl = (t_vocab.exp() * (t_vocab - s_vocab)).sum(-1)  # (B,) or (B, T)
+            if kl.dim() == 2:  # the mean over each batch's real (unpadded) input positions
+                kl = (kl * batch.mask).sum() / batch.mask.sum().clamp(min=1)
+            loss = loss + self.vocab_kl * kl.mean()
         labelled = torch.tensor([e.label is not None for e in rows], device=self.device)
         if self.alpha > 0 and bool(labelled.any()):  # self-study rows carry no label
             assert batch.labels is not None
             loss = loss + self.alpha * F.nll_loss(s[labelled], batch.labels[labelled])
         return loss
+
+    def _scores(self, prefix: Prefix, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L) class scores behind `prefix`, and with --vocab-kl the next-token log-probabilities over the whole
+        vocabulary: (B, V) at the answer position, or (B, T, V) at every input position (--vocab-kl-at input); one
+        forward where every verbalizer is one token (the scores are the answer position's label columns)."""
+        pm, labels = self.base.pm, self.base.task.label_ids
+        if not self.vocab_kl:
+            return pm.label_scores(prefix, None, batch, labels), None
+        vocab = pm.next_token_logp(prefix, None, batch, every=self.vocab_at == "input")
+        if all(len(w) == 1 for w in labels):
+            answer = vocab[:, -1] if vocab.dim() == 3 else vocab  # (B, V)
+            return answer[:, [w[0] for w in labels]], vocab
+        return pm.label_scores(prefix, None, batch, labels), vocab
 
     def token_loss(self, rows: list[Encoded]) -> torch.Tensor:
         pm = self.base.pm
@@ -180,6 +227,10 @@ class DistillObjective:
             "compression": round(len(self.teacher.token_ids) / max(1, n), 2),
             "alpha": self.alpha,
             "teacher_temperature": self.temperature,
+            "vocab_kl": self.vocab_kl,
+            **({"vocab_kl_at": self.vocab_at} if self.vocab_kl else {}),
+            "student_init": self.student_init,
+            "student_positions": self.student_positions,
             **({"agreement": metrics.metrics["agreement"]} if isinstance(metrics, Evaluation) else {}),
         }
         self.base.save(metrics)
@@ -190,7 +241,93 @@ class DistillObjective:
             "--teacher": self.teacher.sha256,
             "--alpha": self.alpha,
             "--teacher-temperature": self.temperature,
+            "--vocab-kl": self.vocab_kl,
+            "--vocab-kl-at": self.vocab_at,
+            "--student-init": self.student_init,
+            "--student-positions": self.student_positions,
         }
+
+
+# ---- a deep student from the teacher's own keys/values --------------------------------------------------------
+@torch.no_grad()
+def teacher_positions(base: PromptObjective, ctx: Context) -> int:
+    """--student-positions teacher: the deep student's input keeps the positions it has behind the teacher's context
+    (a position gap of C - n after the student's n slots), so that its distance to the lead token, which no slot
+    can change, is the teacher's. Under rotary position embeddings moving the lead token (BOS) alone from the
+    teacher's distance to a 20-slot student's changes a 135M model's predictions noticeably (bench.compile, SST-2);
+    the gap removes that difference. Returns the gap."""
+    from softprompt.deep import DeepPrompt
+
+    prompt = base.prompt
+    if not isinstance(prompt, DeepPrompt) or base.pm.family != "causal":
+        raise DataError("--student-positions teacher: the student must be a deep prompt (--method deep) of a "
+                        "decoder-only model")  # fmt: skip
+    prompt.gap = max(0, len(ctx.token_ids) - prompt.num_tokens)
+    return prompt.gap
+
+
+@torch.no_grad()
+def anchor_kv(
+    pm: PromptedModel, ctx: Context, label_ids: list[list[int]], n: int, gap: int = 0
+) -> tuple[torch.Tensor, list[int]]:
+    """(kv (L, 2, H_kv, n, dh), the n context positions it holds): n of the teacher context's own keys/values, as a
+    deep student's slots. Which: its last label-word tokens (each demonstration's answer: in-context learning
+    gathers a demonstration's information at its label word and reads the prediction from there, "Label Words are
+    Anchors", Wang et al. 2023), up to n - r of them, and its last r = max(1, n // 5) tokens, filled up with the
+    tokens before those; all of them when n >= the context's length. Where: [lead][context] is run with every
+    position shifted by n + gap - C (C context tokens; gap: the student's position gap), so that an input behind
+    [lead][n slots] stands at the same distance from each slot as it stood from that token behind the whole
+    context. Exact under rotary or other relative position encodings: with n = C the student computes what the
+    teacher computes. Refused (DataError) where shifting the positions changes the context's hidden states
+    (absolute position embeddings)."""
+    C = len(ctx.token_ids)
+    if C == 0:
+        raise DataError("--student-init anchors: the hard prompt is empty")
+    words = {w[0] for w in label_ids}
+    r = min(C, max(1, n // 5))
+    tail = list(range(C - r, C))
+    labels = [i for i in range(C - r) if ctx.token_ids[i] in words][-(n - r) :] if n > r else []
+    chosen = set(tail) | set(labels)
+    for i in range(C - r - 1, -1, -1):  # too few label words: the tokens before the last r
+        if len(chosen) >= min(n, C):
+            break
+        chosen.add(i)
+    pos = sorted(chosen)
+    lead = len(pm.prefix_ids)
+    ids = torch.tensor([pm.prefix_ids + ctx.token_ids], device=pm.backbone.device)
+    at = torch.arange(ids.shape[1], device=ids.device)[None]
+    base = pm.model.base_model
+    try:
+        shifted = base(input_ids=ids, position_ids=at + (len(pos) + gap - C), use_cache=True)
+    except (IndexError, RuntimeError) as e:  # a learned position table has no negative rows
+        raise DataError(f"--student-init anchors: {pm.backbone.architecture} cannot shift positions ({e})") from e
+    plain = base(input_ids=ids, position_ids=at)[0]
+    scale = float(plain.abs().max().clamp(min=1))
+    if not torch.allclose(shifted[0], plain, atol=1e-4 * scale, rtol=1e-3):
+        raise DataError(f"--student-init anchors: {pm.backbone.architecture}'s states depend on absolute positions, "
+                        "so the context's keys/values cannot move in front of the input; use --init")  # fmt: skip
+    idx = torch.tensor([lead + i for i in pos], device=ids.device)
+    kv = torch.stack([torch.stack([layer.keys[0][:, idx], layer.values[0][:, idx]]) for layer in shifted.cache.layers])
+    return kv.float(), pos  # (L, 2, H_kv, n, dh)
+
+
+def init_from_anchors(base: PromptObjective, ctx: Context) -> list[int]:
+    """Set a deep student's slots (`base.prompt`, before training) to anchor_kv of the teacher's context; returns
+    the context positions used."""
+    from softprompt.deep import DeepPrompt
+
+    prompt = base.prompt
+    if not isinstance(prompt, DeepPrompt):
+        raise DataError("--student-init anchors: the student must be a deep prompt (--method deep)")
+    n = prompt.num_tokens
+    if n > len(ctx.token_ids):
+        raise DataError(f"--student-init anchors: --num-tokens {n} is more than the hard prompt's "
+                        f"{len(ctx.token_ids)} tokens")  # fmt: skip
+    kv, pos = anchor_kv(base.pm, ctx, base.task.label_ids, n, prompt.gap)
+    target = prompt.kv0 if prompt.reparam > 0 else prompt.kv  # reparameterised: kv = kv0 + MLP(E), MLP(E) = 0
+    with torch.no_grad():
+        target.copy_(kv.to(target.device, target.dtype))
+    return pos
 
 
 # ---- `softprompt distill` ------------------------------------------------------------------------------------
@@ -262,7 +399,9 @@ def run(args: argparse.Namespace, log=_stderr) -> int:
         rows += student.encode_texts(texts)[0]
         log(f"self-study: the model wrote {len(texts)} inputs from the hard prompt ({len(ctx.token_ids)} tokens)")
     base = build_objective(cfg, bb, log, train_set=rows)
-    obj = DistillObjective(base, ctx, alpha=dc.alpha, temperature=dc.teacher_temperature)
+    obj = DistillObjective(base, ctx, alpha=dc.alpha, temperature=dc.teacher_temperature, vocab_kl=dc.vocab_kl,
+                           vocab_at=dc.vocab_kl_at, student_init=dc.student_init,
+                           student_positions=dc.student_positions)  # fmt: skip
     res = fit(obj, cfg, files, log=log, t0=t0)
     last = res.last.metrics if res.last else {}
     log(f"distilled {len(ctx.token_ids)} hard-prompt tokens into {cfg.prompt.num_tokens} soft tokens: {cfg.train.out}"

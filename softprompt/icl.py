@@ -153,8 +153,9 @@ def self_study(
 ) -> list[str]:
     """`n` inputs (filled templates) sampled from the model behind the hard prompt, as Cartridges' self-study
     writes synthetic queries about its corpus. The recipe: after [BOS][context], each template field is sampled in
-    turn (seeded nucleus sampling), the template's literal text written in between, a field ending at its first
-    newline or at the next literal; a row with an empty field is drawn again (up to 4n draws). Deterministic for a
+    turn (seeded nucleus sampling), the template's literal text written in between (its trailing spaces written by
+    the model, as a word's leading space), a field ending at its first newline or at the next literal; a row with an
+    empty field is drawn again (up to 4n draws). Deterministic for a
     seed (torch's RNG is forked, not disturbed). The context's last token is fed with the row, so that a template
     that starts with its field still has an input token to continue from."""
     if not ctx.token_ids:
@@ -175,7 +176,9 @@ def self_study(
                 if name is None:
                     continue
                 stop = next((p[0] for p in parts[i + 1 :] if p[0].strip()), "").strip()
-                rows = [Encoded(lead + pm.tok(t, add_special_tokens=False)["input_ids"], None, None, False)
+                # a literal's trailing spaces are left for the model to write: BPE merges a space into the next
+                # word ("Review:" then " great"), so a row ending in a bare space token is one it never saw
+                rows = [Encoded(lead + pm.tok(t.rstrip(" "), add_special_tokens=False)["input_ids"], None, None, False)
                         for t in texts]  # fmt: skip
                 gen = generate_ids(pm, head, rows, batch_size=batch_size, do_sample=True, top_p=top_p,
                                    temperature=temperature, max_new_tokens=max_new_tokens)  # fmt: skip

@@ -37,6 +37,12 @@ class Prefix:
     deep: bool = False  # kv holds learned slots (softprompt.deep); an encoder's kv is then wider than the mask
     starts: torch.Tensor | None = None  # (G, P) the first layer at which each slot is a key (late prompts,
     # softprompt.late: L for its slots, 0 for the lead token); None: every slot at every layer
+    gap: torch.Tensor | None = None  # (G,) positions skipped between the prefix and the input (a deep student
+    # that keeps its teacher's input positions, softprompt.distill); None: 0 for every prompt
+
+    def gaps(self) -> torch.Tensor:
+        """(G,) each prompt's position gap (0 where none)."""
+        return self.gap if self.gap is not None else torch.zeros_like(self.lengths)
 
     @property
     def width(self) -> int:
@@ -44,7 +50,7 @@ class Prefix:
 
     def detach(self) -> Prefix:
         kv = None if self.kv is None else [(k.detach(), v.detach()) for k, v in self.kv]
-        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv, self.deep, self.starts)
+        return Prefix(self.embeds.detach(), self.mask, self.pool, self.lengths, kv, self.deep, self.starts, self.gap)
 
     @staticmethod
     def stack(parts: list[Prefix]) -> Prefix:
@@ -81,6 +87,7 @@ class Prefix:
             kv,
             deep,
             starts,
+            torch.cat([p.gaps() for p in parts]) if any(p.gap is not None for p in parts) else None,
         )
 
     def only(self, g: int) -> Prefix:
@@ -89,8 +96,9 @@ class Prefix:
         kv = None if self.kv is None else [(k[g : g + 1, :, P - n :], v[g : g + 1, :, P - n :]) for k, v in self.kv]
         sl = slice(P - n, P)
         starts = None if self.starts is None else self.starts[g : g + 1, sl]
+        gap = None if self.gap is None else self.gap[g : g + 1]
         return Prefix(self.embeds[g : g + 1, sl], self.mask[g : g + 1, sl], self.pool[g : g + 1, sl],
-                      self.lengths[g : g + 1], kv, self.deep, starts)  # fmt: skip
+                      self.lengths[g : g + 1], kv, self.deep, starts, gap)  # fmt: skip
 
     def row_starts(self, rows: torch.Tensor) -> torch.Tensor | None:
         """(N, P) the first layer of each row's slots (`starts` of the prompt of each row), or None."""

@@ -239,13 +239,14 @@ class PromptedModel(nn.Module):
         return [(torch.cat([p[i][0] for p in full]), torch.cat([p[i][1] for p in full])) for i in range(len(some))]
 
     def build_deep_prefix(
-        self, deep: Sequence[tuple[torch.Tensor, torch.Tensor]], prompt: torch.Tensor | None = None
+        self, deep: Sequence[tuple[torch.Tensor, torch.Tensor]], prompt: torch.Tensor | None = None, gap: int = 0
     ) -> Prefix:
         """A one-prompt Prefix whose prompt is learned keys/values at every layer (deep prompt tuning: prefix tuning,
         P-tuning v2). deep[l] = (keys, values) of layer l, each (H_kv, P, dh), as the model's cache stores them
         (keys after any rotary embedding). Layout [lead token][prompt][P deep slots]: the lead token (and an optional
         input-embedding prompt) is run through the model as usual; the deep slots are appended to every layer's
-        keys/values as they are, so gradients reach them directly. Decoder-only models (shared-prefix path)."""
+        keys/values as they are, so gradients reach them directly. gap > 0: the input's positions start that many
+        after the slots (a student that keeps its teacher's input positions). Decoder-only (shared-prefix path)."""
         if self.family != "causal":
             raise ValueError(f"build_deep_prefix: a {self.family} model takes deep prompts through softprompt.deep")
         base = self.build_prefix([prompt], kv=True)
@@ -265,6 +266,7 @@ class PromptedModel(nn.Module):
             base.lengths + n_deep,
             kv,
             deep=True,
+            gap=torch.full_like(base.lengths, gap) if gap else None,
         )
 
     # ----- hidden states ------------------------------------------------------------------------------
@@ -297,19 +299,22 @@ class PromptedModel(nn.Module):
                 else (k.index_select(0, rows), v.index_select(0, rows))
                 for k, v in prefix.kv
             ]  # (N, H, P, dh): a view when one prompt serves the batch (index_select: ~5x faster than k[rows] on CPU)
-            pos = (prefix.lengths[rows][:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
+            lead = prefix.lengths[rows] + prefix.gaps()[rows]  # (N,) the first input position (after any gap)
+            pos = (lead[:, None] + mask.cumsum(-1) - 1).clamp(min=0)  # (N, T) as if alone
             am = self.attention_mask(attn, T, emb.dtype)
             kw = dict(attention_mask=am, position_ids=pos, cache=DynamicCache(ddp_cache_data=layers), use_cache=True)
             with hidden_keys(base, prefix.row_starts(rows)):  # late slots: (N, P) first layers
                 out = base(inputs_embeds=emb, **kw) if start is None else forward_from(base, start[0], emb, **kw)
             h = out[0]
         else:
+            if prefix.gap is not None and bool(prefix.gap.any()):
+                raise ValueError("a prefix with a position gap needs the K/V path")
             x = torch.cat([prefix.embeds[rows].to(emb.dtype), emb], 1)  # (N, P+T, d)
             full_pos = (attn.cumsum(-1) - 1).clamp(min=0)
             am = self.attention_mask(attn, x.shape[1], emb.dtype)
             out = base(inputs_embeds=x, attention_mask=am, position_ids=full_pos, use_cache=keep_cache)
             h = out[0][:, prefix.width :]
-        next_pos = prefix.lengths[rows] + mask.sum(-1)  # (N,)
+        next_pos = prefix.lengths[rows] + prefix.gaps()[rows] + mask.sum(-1)  # (N,)
         return Prefilled(h, out.cache if keep_cache else None, attn, next_pos)
 
     def decode_step(
@@ -373,6 +378,19 @@ class PromptedModel(nn.Module):
             raise ValueError(f"{self.backbone.architecture}: only a causal LM scores hidden states with its LM head")
         return self.output(hidden)
 
+    def next_token_logp(
+        self, prefix: Prefix, rows: torch.Tensor | None, batch: Batch, *, every: bool = False
+    ) -> torch.Tensor:
+        """(B, V) log-probabilities of the token after each input (a decoder's answer position, the one scored
+        position of one-token verbalizers); every=True: (B, T, V), after each of the input's positions (left-padded:
+        the last column is the answer position; padded columns are the caller's to mask, batch.mask)."""
+        B, T = batch.ids.shape
+        dev = batch.ids.device
+        pos = torch.arange(T, device=dev).expand(B, T) if every else torch.full((B, 1), T - 1, device=dev)
+        h = self.causal_hidden(prefix, self._rows(prefix, rows, B), batch.ids, batch.mask, pos, batch.start)
+        logp = self.lm_logits(h).log_softmax(-1)  # (B, T or 1, V)
+        return logp if every else logp[:, 0]
+
     def label_scores(
         self,
         prefix: Prefix,
@@ -397,9 +415,7 @@ class PromptedModel(nn.Module):
             return self._seq2seq_label_scores(prefix, rows, batch, tgt)
         rows_ = self._rows(prefix, rows, B)
         if tgt.shape[1] == 1:  # every verbalizer is one token: one row per example, one scored position
-            pos = torch.full((B, 1), batch.ids.shape[1] - 1, dtype=torch.long, device=batch.ids.device)
-            h = self.causal_hidden(prefix, rows_, batch.ids, batch.mask, pos, batch.start)
-            return self.lm_logits(h).log_softmax(-1)[:, 0, tgt[:, 0]]  # (B, L)
+            return self.next_token_logp(prefix, rows_, batch)[:, tgt[:, 0]]  # (B, L)
         owners = torch.arange(B, device=batch.ids.device).repeat_interleave(L)  # row (i, l): input i, word l
         return self._word_scores(prefix, rows_, batch, owners, tgt.repeat(B, 1)).view(B, L)
 

@@ -1,5 +1,5 @@
 """bench/compile_report.py: the "Prompts, ICL, prompt tuning, LoRA" section states each target met or missed from
-the numbers in runs/compile/results.jsonl, and marks what was not run or not trained to its steps."""
+the numbers in bench/results/compile.jsonl, and marks what was not run or not trained to its steps."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_a_distilled_prompt_is_judged_against_its_own_teacher(tmp_path: Path) ->
                                    agreement=97.0, teacher_accuracy=75.0, teacher_k="16long", student="deep",
                                    train_rows=320)  # fmt: skip
     page = compile_report.render(res)
-    assert "of the distilled prompts, distill-deep agrees best with its teacher (96.0% vs 97.0%)" in page
+    assert "of the distilled prompts, distill-deep agrees best with its teacher (distill 96.0%, distill-deep 97.0%)" in page
     assert "its teacher, the 16-shot context of long demonstrations, is 520 tokens (≥ 400: yes)" in page
     assert "than the cached teacher: 26.0× (26,000,000 vs 1,000,000 bytes) — met" in page
     assert "| ICL, k = 16 demonstrations of ≥ 15 words (cached K/V), 520 context tokens | 75.0 |" in page
@@ -92,3 +92,40 @@ def test_a_distilled_prompt_is_judged_against_its_own_teacher(tmp_path: Path) ->
 def test_notes_are_listed(tmp_path: Path) -> None:
     page = compile_report.render(compile_report.load(fake(tmp_path / "r.jsonl")), notes=["checked by hand"])
     assert page.endswith("## Notes\n\n- checked by hand\n")
+
+
+def test_repeats_with_other_seeds_are_shown_and_judged_by_their_mean(tmp_path: Path) -> None:
+    """bench.compile --seed S records NAME@sS: the table shows every seed and the mean, and the targets judge the
+    repeated rows (prompt tuning; the best-agreeing distilled prompt) by the mean over their seeds."""
+    path = fake(tmp_path / "r.jsonl")
+    extra = [
+        rec("sst2", "pt", 80.0, steps=40, seed=1, name="sst2:pt@s1"),
+        rec("sst2", "pt", 81.0, steps=40, seed=2, name="sst2:pt@s2"),
+        rec("sst2", "distill", 79.0, steps=40, num_tokens=20, kv_bytes=1_000_000, agreement=92.0,
+            teacher_accuracy=81.0, seed=1, name="sst2:distill@s1"),
+    ]  # fmt: skip
+    path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    page = compile_report.render(compile_report.load(path))
+    assert "| prompt tuning, 20 soft tokens | 85.0; seeds 0, 1, 2: 85.0 / 80.0 / 81.0, mean 82.0 |" in page
+    assert "on 96.0%; seeds 0, 1: 96.0 / 92.0, mean 94.0; teacher 81.0)" in page
+    assert "agreement with the teacher ≥ 95% of the held-out inputs: 94.0% (the mean over seeds 0, 1) — MISSED" in page
+    assert (
+        "within 1 point of the teacher's accuracy: 79.8% vs 81.0% (gap 1.2) (the mean over seeds 0, 1) — MISSED" in page
+    )
+    assert (
+        "prompt tuning beats the best in-context setting (icl16): 82.0% (the mean over seeds 0, 1, 2) vs 81.0% — met"
+        in page
+    )
+
+
+def test_wider_students_are_their_own_rows_and_do_not_decide_the_targets(tmp_path: Path) -> None:
+    """bench.compile --tokens N records NAME@tN: shown under its row, named in the targets, never judged as the
+    target's ≤ 20-token student."""
+    path = fake(tmp_path / "r.jsonl")
+    wide = rec("sst2", "distill", 83.0, steps=40, num_tokens=80, kv_bytes=4_000_000, agreement=99.0,
+               teacher_accuracy=81.0, name="sst2:distill@t80")  # fmt: skip
+    path.write_text(path.read_text() + json.dumps(wide) + "\n")
+    page = compile_report.render(compile_report.load(path))
+    assert "| prompt distilled from the 16-shot context, 80 soft tokens | 83.0 (agrees with its teacher" in page
+    assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page  # the 20-token student's
+    assert "the same student with more slots (outside the target's ≤ 20): 80 slots 99.0% (83.0% accurate)." in page

@@ -391,3 +391,43 @@ def test_encoder_server_mixes_deep_and_plain_prompts(
             assert got["label"] == ref["label"]
             for k, v in ref_p.items():
                 assert abs(got["probabilities"][k] - v) <= 1e-5
+
+
+# ---- a position gap (softprompt.distill --student-positions teacher) ----------------------------------------------
+def test_a_position_gap_moves_the_input_and_survives_the_file(root: Path, tmp_path: Path) -> None:
+    """gap g: the input's positions start g after the deep slots. Reference: the model's own forward of [BOS][the
+    init's embeddings][input] with the input's position_ids moved by g (the deep prompt initialised from that plain
+    prompt holds its keys/values); in a padded batch, in greedy generation, and loaded back from its file."""
+    bb = backbone("llama", root)
+    pm = PromptedModel(bb)
+    init = torch.randn(3, bb.embed_dim, generator=torch.Generator().manual_seed(5)) * 3
+    deep = make_deep_prompt(pm, init)
+    deep.gap = 40
+    rows = [pm.encode_input(t) for t in TEXTS]
+    emb = bb.model.get_input_embeddings()
+    with torch.no_grad():
+        got = pm.next_token_logp(deep.prefix(pm), None, pm.collate(rows))  # (B, V)
+        for i, ids in enumerate(rows):
+            x = torch.cat([emb(torch.tensor(pm.prefix_ids)), init, emb(torch.tensor(ids))])[None]
+            pos = torch.arange(x.shape[1])
+            pos[1 + 3 :] += 40
+            want = bb.model(inputs_embeds=x, position_ids=pos[None]).logits[0, -1].float().log_softmax(-1)
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+        no_gap = pm.next_token_logp(make_deep_prompt(pm, init).prefix(pm), None, pm.collate(rows))
+        assert float((got - no_gap).abs().max()) > 1e-3  # the gap matters
+        seq = list(rows[0])  # greedy decoding continues the moved positions
+        for _ in range(4):
+            x = torch.cat([emb(torch.tensor(pm.prefix_ids)), init, emb(torch.tensor(seq))])[None]
+            pos = torch.arange(x.shape[1])
+            pos[1 + 3 :] += 40
+            seq.append(int(bb.model(inputs_embeds=x, position_ids=pos[None]).logits[0, -1].argmax()))
+        gen = pm.generate(deep.eval_prefix(pm), None, pm.collate([rows[0]]), max_new_tokens=4, do_sample=False,
+                          eos_token_id=None)  # fmt: skip
+        assert gen[0].tolist() == seq[len(rows[0]) :]
+    prompt, tensors, meta = deep.saved()
+    path = tmp_path / "gap.safetensors"
+    save_prompt(str(path), prompt, meta, extra=tensors)
+    assert load_prompt(str(path)).meta["deep"]["position_gap"] == 40
+    with torch.no_grad():
+        again = pm.next_token_logp(checkpoint_prefix(pm, [load_prompt(str(path))]), None, pm.collate(rows))
+    torch.testing.assert_close(again, got, rtol=1e-5, atol=1e-5)

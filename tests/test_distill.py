@@ -3,6 +3,7 @@ through the one trainer; the loss is the KL of the model's own forwards."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from softprompt import trainer as trainer_mod
 from softprompt.checkpoint import load_prompt
 from softprompt.cli import main
 from softprompt.config import RunConfig
-from softprompt.data import load_samples
+from softprompt.data import DataError, load_samples
 from softprompt.distill import DistillObjective
 from softprompt.icl import build_context, choose_demos, text_context
 from softprompt.models import Backbone
@@ -75,6 +76,49 @@ def test_loss_is_the_kl_of_the_models_own_forwards(
             s = bb.model(inputs_embeds=x).logits[0, -1].float().log_softmax(-1)[words].log_softmax(-1)
             want.append((t.exp() * (t - s)).sum())
     torch.testing.assert_close(got.detach(), torch.stack(want).mean(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("labels", "at"), [("a=yes,b=no", "answer"), ("a=yes please,b=no", "answer"),
+                                           ("a=yes,b=no", "input")])  # fmt: skip
+def test_vocab_kl_adds_the_whole_vocabulary_kl_of_the_models_own_forwards(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, labels: str, at: str
+) -> None:
+    """--vocab-kl: + w * KL over the whole next-token distribution (T = 1) at the answer position, or (--vocab-kl-at
+    input) its mean over every input position of the batch; the class term unchanged (sharpened by T), with
+    one-token verbalizers (the scores read off that distribution) and multi-token ones (label_scores' own)."""
+    bb = sharp_backbone("llama")
+    cfg = student_config(tmp_path, tiny_models_root / "sharp-llama")
+    cfg.data.labels = labels
+    base = build_objective(cfg, bb, log=lambda *a: None)
+    ctx = text_context(base.pm, "Label each review.\n\n")
+    rows = [dataclasses.replace(e, input_ids=e.input_ids[i % 3 :]) for i, e in enumerate(base.train_set[:4])]
+    assert len({len(e.input_ids) for e in rows}) == 3  # a padded batch
+    plain = DistillObjective(base, ctx, temperature=0.5).loss(rows).detach()
+    got = DistillObjective(base, ctx, temperature=0.5, vocab_kl=0.7, vocab_at=at).loss(rows).detach()
+    pm, prompt, emb = base.pm, base.prompt.embedding.detach(), bb.model.get_input_embeddings()
+    kls = []
+    with torch.no_grad():
+        for e in rows:  # teacher: [BOS][context][input] as ids; student: hand-built embeddings
+            n = len(e.input_ids)
+            ids = torch.tensor([pm.prefix_ids + ctx.token_ids + e.input_ids])
+            t = bb.model(input_ids=ids).logits[0, -n:].float().log_softmax(-1)  # (n, V): after each input token
+            x = torch.cat([emb(torch.tensor(pm.prefix_ids)), prompt, emb(torch.tensor(e.input_ids))])[None]
+            s = bb.model(inputs_embeds=x).logits[0, -n:].float().log_softmax(-1)
+            kl = (t.exp() * (t - s)).sum(-1)  # (n,)
+            kls.append(kl if at == "input" else kl[-1:])
+    want = torch.cat(kls).mean()  # input: over every real position of the batch; answer: over the rows
+    torch.testing.assert_close(got - plain, 0.7 * want, rtol=1e-4, atol=1e-6)
+    assert float(plain) > 0
+
+
+def test_distill_refuses_a_head(tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path):
+    bb = sharp_backbone("llama")
+    cfg = student_config(tmp_path, tiny_models_root / "sharp-llama")
+    cfg.data.head = "linear"
+    base = build_objective(cfg, bb, log=lambda *a: None)
+    ctx = text_context(base.pm, "Label each review.\n\n")
+    with pytest.raises(DataError, match="distill: --head: the student is scored by the verbalizer"):
+        DistillObjective(base, ctx)
 
 
 def test_distillation_trains_through_the_one_trainer_and_records_its_teacher(
@@ -180,10 +224,10 @@ def cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, 
     return rc, out, err
 
 
-@pytest.mark.parametrize("student", ["prompt", "deep"])  # any prompt method; deep: per-layer K/V (the study's)
+@pytest.mark.parametrize(("student", "init"), [("prompt", "prompt"), ("deep", "prompt"), ("deep", "anchors")])
 def test_cli_distill_writes_an_ordinary_prompt_that_agrees_as_its_metadata_says(
-    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, capsys, student: str
-) -> None:
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, capsys, student: str, init: str
+) -> None:  # any prompt method; deep: per-layer K/V (the study's), anchors: from the teacher's own K/V
     model = tiny_models_root / "sharp-llama"
     bb = sharp_backbone("llama")
     teacher = "Say yes to good films and no to bad ones.\n\nReview: good film\nAnswer: yes\n\n"
@@ -191,10 +235,12 @@ def test_cli_distill_writes_an_ordinary_prompt_that_agrees_as_its_metadata_says(
     out = tmp_path / "s.safetensors"
     train = unlabelled(tmp_path / "u.jsonl", 12)  # no labels: --alpha 0 reads none
     rc, _, err = cli(capsys, distill_argv(model, tmp_path, "--teacher-prompt", str(tmp_path / "teacher.txt"),
-                                          "--train", str(train), "--out", str(out), "--method", student))  # fmt: skip
+                                          "--train", str(train), "--out", str(out), "--method", student,
+                                          "--student-init", init))  # fmt: skip
     assert rc == 0, err
     assert load_prompt(out).meta["method"] == student
     d = load_prompt(out).meta["distill"]
+    assert d["student_init"] == init
     n_teacher = len(bb.tokenizer(teacher, add_special_tokens=False)["input_ids"])
     assert d["context_sha256"] == hashlib.sha256(teacher.encode()).hexdigest() and d["context_tokens"] == n_teacher
     assert d["student_tokens"] == 3 and d["compression"] == round(n_teacher / 3, 2)
@@ -282,3 +328,136 @@ def test_cli_distill_from_self_study_inputs(tmp_path: Path, tiny_models_root: Pa
     assert rc == 0, err
     assert "self-study: the model wrote 6 inputs" in err
     assert load_prompt(out).meta["distill"]["k"] == 4
+
+
+# ---- --student-init anchors: a deep student from the teacher context's own keys/values ---------------------------
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_anchor_slots_of_the_whole_context_compute_exactly_the_teacher(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path, kind: str
+) -> None:
+    """With as many slots as the context has tokens, the anchor init moves all of its keys/values in front of the
+    input at shifted positions: the deep student's next-token distribution at the answer position is the teacher's
+    own ([BOS][context][input] as input_ids through the model), to float rounding."""
+    from softprompt.distill import anchor_kv
+
+    bb = sharp_backbone(kind)
+    cfg = student_config(tmp_path, tiny_models_root / f"sharp-{kind}")
+    base = build_objective(cfg, bb, log=lambda *a: None)
+    pm = base.pm
+    ctx = text_context(pm, "good film a\nbad film b\n\n")
+    kv, pos = anchor_kv(pm, ctx, base.task.label_ids, len(ctx.token_ids))
+    assert pos == list(range(len(ctx.token_ids)))
+    student = pm.build_deep_prefix([(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])])
+    rows = base.train_set[:3]
+    with torch.no_grad():
+        got = pm.next_token_logp(student, None, pm.collate([e.input_ids for e in rows]))  # (B, V)
+        for i, e in enumerate(rows):
+            ids = torch.tensor([pm.prefix_ids + ctx.token_ids + e.input_ids])
+            want = bb.model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_anchor_init_takes_the_label_words_and_the_last_tokens_and_trains(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
+) -> None:
+    """Fewer slots than tokens: the last label-word tokens (each demonstration's answer) and the context's last
+    r = max(1, n // 5) tokens; the student's slots start as exactly those keys/values (shifted), then train."""
+    bb = sharp_backbone("llama")
+    cfg = student_config(tmp_path, tiny_models_root / "sharp-llama")
+    cfg.prompt.method, cfg.prompt.num_tokens = "deep", 5
+    base = build_objective(cfg, bb, log=lambda *a: None)
+    demos = write(tmp_path / "demos.jsonl", 8, 100)
+    pool = load_samples(str(demos), base.spec.data_config(), base.spec.verbalizer)
+    ctx = build_context(BoundTask(base.spec, base.pm, num_tokens=0), choose_demos(pool, 6, balanced=True))
+    obj = DistillObjective(base, ctx, student_init="anchors")
+    words = {w[0] for w in base.task.label_ids}
+    C = len(ctx.token_ids)
+    assert obj.anchors[-1:] == [C - 1]  # r = 1: the last token
+    assert len(obj.anchors) == 5 and all(ctx.token_ids[i] in words for i in obj.anchors[:-1])
+    label_positions = [i for i in range(C - 1) if ctx.token_ids[i] in words]
+    assert obj.anchors[:-1] == label_positions[-4:]  # the last four demonstrations' answers
+    start = obj.base.prompt.kv.detach().clone()
+    fit(obj, cfg, run_files(cfg), log=lambda *a: None)
+    assert not torch.equal(load_prompt(cfg.train.out).extra["deep.keys"], start[:, 0])
+    assert load_prompt(cfg.train.out).meta["distill"]["student_init"] == "anchors"
+
+
+def test_anchor_init_refuses_a_plain_student_and_absolute_positions(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
+) -> None:
+    cfg = student_config(tmp_path, tiny_models_root / "sharp-llama")
+    base = build_objective(cfg, sharp_backbone("llama"), log=lambda *a: None)
+    ctx = text_context(base.pm, "good film a\nbad film b\n\n")
+    with pytest.raises(DataError, match="--student-init anchors: the student must be a deep prompt"):
+        DistillObjective(base, ctx, student_init="anchors")
+    cfg = student_config(tmp_path, tiny_models_root / "sharp-gpt2")
+    cfg.prompt.method = "deep"
+    base = build_objective(cfg, sharp_backbone("gpt2"), log=lambda *a: None)  # learned absolute positions
+    with pytest.raises(DataError, match="--student-init anchors: .*(cannot shift positions|absolute positions)"):
+        DistillObjective(base, text_context(base.pm, "good film a\nbad film b\n\n"), student_init="anchors")
+
+
+def test_anchor_slots_are_the_teachers_keys_rotated_to_their_new_distance(
+    sharp_backbone: Callable[[str], Backbone],
+) -> None:
+    """n < C slots: each slot's key is the teacher's cached key of that token rotated by n - C positions (the
+    model's own rotary embedding), so q·k from the input is the teacher's; its value is the teacher's value."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from softprompt.distill import anchor_kv
+    from softprompt.icl import context_prefix
+
+    bb = sharp_backbone("llama")
+    pm = PromptedModel(bb)
+    ctx = text_context(pm, "good film a\nbad film b\nfine plot a\n\n")
+    n, C, lead = 4, len(ctx.token_ids), len(pm.prefix_ids)
+    kv, pos = anchor_kv(pm, ctx, [[ctx.token_ids[2]]], n)
+    teacher = context_prefix(pm, ctx).kv
+    assert teacher is not None and len(pos) == n and C > n
+    idx = torch.tensor([lead + p for p in pos])
+    for layer, (k, v) in enumerate(teacher):
+        k_t, v_t = k[0][:, idx], v[0][:, idx]  # (H, n, dh)
+        cos, sin = bb.model.model.rotary_emb(k_t, torch.full((1, n), n - C))
+        want, _ = apply_rotary_pos_emb(k_t[None], k_t[None], cos, sin)
+        torch.testing.assert_close(kv[layer, 0], want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kv[layer, 1], v_t, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_positions_give_the_student_its_teachers_input_positions(
+    tmp_path: Path, sharp_backbone: Callable[[str], Backbone], tiny_models_root: Path
+) -> None:
+    """--student-positions teacher: a gap of C - n after the n slots, so the input stands where it stood behind the
+    C-token context; anchor slots then need no rotation (the teacher's own cached keys/values at those tokens),
+    and the student's file records the gap and serves with it."""
+    from softprompt.icl import context_prefix
+    from softprompt.methods import checkpoint_prefix
+
+    bb = sharp_backbone("llama")
+    cfg = student_config(tmp_path, tiny_models_root / "sharp-llama")
+    cfg.prompt.method, cfg.prompt.num_tokens = "deep", 4
+    cfg.train.eval_every = 0  # one evaluation, at the end: the file holds the final prompt
+    base = build_objective(cfg, bb, log=lambda *a: None)
+    pm = base.pm
+    ctx = text_context(pm, "good film a\nbad film b\nfine plot a\n\n")
+    C, lead = len(ctx.token_ids), len(pm.prefix_ids)
+    obj = DistillObjective(base, ctx, student_init="anchors", student_positions="teacher")
+    assert obj.base.prompt.gap == C - 4
+    teacher = context_prefix(pm, ctx).kv
+    assert teacher is not None
+    idx = torch.tensor([lead + p for p in obj.anchors])
+    kv = obj.base.prompt.kv.detach()
+    for layer, (k, v) in enumerate(teacher):
+        torch.testing.assert_close(kv[layer, 0], k[0][:, idx], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kv[layer, 1], v[0][:, idx], rtol=1e-5, atol=1e-5)
+    fit(obj, cfg, run_files(cfg), log=lambda *a: None)
+    ck = load_prompt(cfg.train.out)
+    assert ck.meta["deep"]["position_gap"] == C - 4 and ck.meta["distill"]["student_positions"] == "teacher"
+    rows = obj.base.eval_set
+    with torch.no_grad():
+        batch = pm.collate([e.input_ids for e in rows])
+        served = pm.next_token_logp(checkpoint_prefix(pm, [ck]), None, batch)
+        trained = pm.next_token_logp(obj.base.prompt.eval_prefix(pm), None, batch)
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)
+    plain = build_objective(student_config(tmp_path, tiny_models_root / "sharp-llama"), bb, log=lambda *a: None)
+    with pytest.raises(DataError, match="--student-positions teacher: the student must be a deep prompt"):
+        DistillObjective(plain, ctx, student_positions="teacher")

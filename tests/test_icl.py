@@ -151,3 +151,29 @@ def test_self_study_is_seeded_follows_the_template_and_feeds_the_distill_loss(
     assert [r.input_ids for r in rows] == [pm.encode_input(t) for t in a] and all(r.label is None for r in rows)
     with pytest.raises(DataError, match="--self-study"):
         self_study(pm, text_context(pm, ""), two, 2)
+
+
+def test_self_study_leaves_a_literals_trailing_space_to_the_model(sharp_backbone: Callable[[str], Backbone]) -> None:
+    """A template literal that ends in a space ("Review: {text}") is tokenized without it: the model writes the
+    space as its next word's leading space, as after "Review:" in the demonstrations (a BPE tokenizer makes a bare
+    space a token of its own there); each row keeps the template's text."""
+
+    class Spy:  # the tokenizer, recording what self_study tokenizes
+        def __init__(self, tok) -> None:
+            self.tok, self.texts = tok, []
+
+        def __call__(self, text, **kw):
+            self.texts.append(text)
+            return self.tok(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+    pm = PromptedModel(sharp_backbone("llama"))
+    spec = TaskSpec.from_config(DataConfig(template="Review: {text}\nAnswer:", labels="a=yes,b=no"))
+    ctx = text_context(pm, "Review: a good film\nAnswer: yes\n\n")
+    spy = Spy(pm.tok)
+    pm.tok = spy  # type: ignore[assignment]
+    out = self_study(pm, ctx, spec, 3, seed=0, max_new_tokens=4)
+    assert spy.texts and set(spy.texts) == {"Review:"}
+    assert all(t.startswith("Review: ") and not t.startswith("Review:  ") and t.endswith("\nAnswer:") for t in out)

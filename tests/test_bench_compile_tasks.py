@@ -1,4 +1,4 @@
-"""bench/compile.py: the study's fixed-seed samples are the same on every run and never put an evaluation row in
+"""bench/compile_tasks.py: the compile study's fixed-seed samples are the same on every run and never put an evaluation row in
 the training rows (the ICL demonstrations are drawn from them)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import compile as study  # noqa: E402
+from bench import compile_tasks as study  # noqa: E402
 
 
 @pytest.mark.parametrize("key", ["agnews", "rte"])
