@@ -494,7 +494,6 @@ class Study:
                 prefix = context_prefix(self.pm0, self.contexts[k])
                 teachers[k] = tuple(class_probs(self.pm0, prefix, rows, self.label_ids)
                                     for rows in (self.eval_set, fit_rows))  # type: ignore[assignment]  # fmt: skip
-                out.setdefault("lead_moved", {})[str(k)] = self.lead_moved(k)
             t, t_fit = teachers[k]
             student = checkpoint_prefix(self.pm0, [load_prompt(path)])
             s, s_fit = (class_probs(self.pm0, student, rows, self.label_ids) for rows in (self.eval_set, fit_rows))
@@ -508,22 +507,6 @@ class Study:
             out["prompts"][name] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
                                     "train_agreement": round(100 * fit, 2), "by_margin": rows}  # fmt: skip
         return out
-
-    @torch.no_grad()
-    def lead_moved(self, k: int | str) -> float:
-        """Agreement (%) of teacher k with itself when only its lead token (BOS) is moved to the distance it has from
-        the input behind a --tokens slot student ([BOS][context][input] with BOS at position C - n): what a student
-        whose input follows its slots cannot match, since no slot changes the lead token's key."""
-        ctx, words = self.contexts[k], [w[0] for w in self.label_ids]
-        same = 0
-        for e in self.eval_set:
-            ids = torch.tensor([self.pm0.prefix_ids + ctx.token_ids + e.input_ids])
-            pos = torch.arange(ids.shape[1])[None]
-            moved = pos.clone()
-            moved[0, : len(self.pm0.prefix_ids)] += len(ctx.token_ids) - self.a.tokens
-            a, b = (self.pm0.model(input_ids=ids, position_ids=q).logits[0, -1, words] for q in (pos, moved))
-            same += int(a.argmax() == b.argmax())
-        return round(100 * same / len(self.eval_set), 2)
 
     # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation (bench.compile_weights) ------------------
     def run_minilm_pt(self, key: str) -> dict[str, Any]:

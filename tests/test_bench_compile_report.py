@@ -81,7 +81,10 @@ def test_a_distilled_prompt_is_judged_against_its_own_teacher(tmp_path: Path) ->
                                    agreement=97.0, teacher_accuracy=75.0, teacher_k="16long", student="deep",
                                    train_rows=320)  # fmt: skip
     page = compile_report.render(res)
-    assert "of the distilled prompts, distill-deep agrees best with its teacher (distill 96.0%, distill-deep 97.0%)" in page
+    assert (
+        "of the distilled prompts, distill-deep agrees best with its teacher (distill 96.0%, distill-deep 97.0%)"
+        in page
+    )
     assert "its teacher, the 16-shot context of long demonstrations, is 520 tokens (≥ 400: yes)" in page
     assert "than the cached teacher: 26.0× (26,000,000 vs 1,000,000 bytes) — met" in page
     assert "| ICL, k = 16 demonstrations of ≥ 15 words (cached K/V), 520 context tokens | 75.0 |" in page
