@@ -142,6 +142,10 @@ class Study:
         wide = f"@t{self.a.tokens}" if self.a.tokens != TOKENS else ""
         return f"{key}:{method}{wide}" + (f"@s{self.a.seed}" if self.a.seed else "")
 
+    def checkpoint(self, name: str) -> Path:
+        """Where run `name` keeps its prompt: OUT/sst2-pt@s1.safetensors for sst2:pt@s1."""
+        return self.out / f"{name.replace(':', '-')}.safetensors"
+
     def record(self, r: dict[str, Any]) -> dict[str, Any]:
         return self.log.record(r)
 
@@ -263,7 +267,7 @@ class Study:
         tr = cfg.train
         tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, self.a.batch, lr, self.a.seed
         tr.warmup_steps, tr.save_every, tr.progress, tr.overwrite = max(1, self.a.steps // 10), 10**6, False, True
-        tr.out = str(self.out / f"{self.name(key, method).replace(':', '-')}.safetensors")  # sst2-pt@s1.safetensors
+        tr.out = str(self.checkpoint(self.name(key, method)))
         for p in (Path(tr.out + ".state"), Path(tr.out).with_suffix(".log.jsonl")):  # a fresh run each time
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return cfg
@@ -288,7 +292,7 @@ class Study:
         student not started from its --init (student_init anchors) also records its agreement at step 0, and
         that of the --init it replaced."""
         from softprompt.checkpoint import load_prompt
-        from softprompt.distill import DistillObjective, init_from_anchors
+        from softprompt.distill import DistillObjective
         from softprompt.methods import checkpoint_prefix
         from softprompt.train import build_objective
 
@@ -300,9 +304,9 @@ class Study:
         if teacher_k is not None:
             ctx = self.contexts[teacher_k]
             obj = DistillObjective(obj, ctx, **{**distill, "student_init": "prompt"})
-            if distill.get("student_init", "prompt") != "prompt":
+            if distill.get("student_init", "prompt") == "anchors":
                 at_init["init_agreement_prompt"] = round(100 * obj.evaluate().score, 2)  # --init's, for comparison
-                obj.anchors, obj.student_init = init_from_anchors(obj.base, ctx), distill["student_init"]
+                obj.start_from_anchors()
                 at_init.update(init_agreement=round(100 * obj.evaluate().score, 2), anchors=obj.anchors)
         r = self._fit(obj, cfg)
         ck = load_prompt(cfg.train.out)
@@ -486,7 +490,7 @@ class Study:
         teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {}}
         for name, r in sorted(self.done.items()):
-            path = self.out / f"{name.replace(':', '-')}.safetensors"
+            path = self.checkpoint(name)
             if r.get("task") != key or "agreement" not in r or not path.is_file():
                 continue
             k = r.get("teacher_k", 16)

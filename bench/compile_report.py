@@ -106,6 +106,11 @@ def spread(runs: list[dict[str, Any]], key: str) -> str:
     return f"; seeds {ids}: {' / '.join(f'{r[key]:.1f}' for r in runs)}, mean {mean(runs, key):.1f}"
 
 
+def over_seeds(runs: list[dict[str, Any]]) -> str:
+    """ " (the mean over seeds 0, 1, 2)" where a figure is a mean over repeats, else "" """
+    return f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in runs)})" if len(runs) > 1 else ""
+
+
 def _n(x: Any, fmt: str = ",") -> str:
     return "—" if x is None else format(x, fmt)
 
@@ -225,7 +230,7 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
 
         reps = seeds(res, d["name"])  # judged on the mean over its seeds where it was repeated
         agree, acc = mean(reps, "agreement"), mean(reps, "accuracy")
-        over = f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in reps)})" if len(reps) > 1 else ""
+        over = over_seeds(reps)
         out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {agree:.1f}%{over} — "
                    f"{verdict(agree >= 95)}.")  # fmt: skip
         gap = abs(acc - d["teacher_accuracy"])
@@ -256,14 +261,14 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         best = max(icl, key=lambda r: r["accuracy"])
         reps = seeds(res, f"{key}:pt")
         pt_acc = mean(reps, "accuracy")
-        over = f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in reps)})" if len(reps) > 1 else ""
+        over = over_seeds(reps)
         ok = pt_acc > best["accuracy"]
         out.append(f"- {TASK_NAMES[key]}: prompt tuning beats the best in-context setting ({best['method']}): "
                    f"{pt_acc:.1f}%{over} vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
         if long := res.get(f"{key}:pt-long"):
             reps = seeds(res, f"{key}:pt-long")
             acc = mean(reps, "accuracy")
-            over = f" (the mean over seeds {', '.join(str(r.get('seed', 0)) for r in reps)})" if len(reps) > 1 else ""
+            over = over_seeds(reps)
             met = "met" if acc > best["accuracy"] else "MISSED"
             out.append(f"  - with more rows and steps ({long.get('train_rows')} rows, {long['steps']} steps): "
                        f"{acc:.1f}%{over} vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip

@@ -53,6 +53,7 @@ from softprompt.trainer import Evaluation
 
 if TYPE_CHECKING:
     from softprompt.commands import DistillConfig
+    from softprompt.deep import DeepPrompt
     from softprompt.task import TaskSpec
 
 
@@ -91,8 +92,9 @@ class DistillObjective:
             teacher_positions(self.base, self.teacher)
         elif self.student_positions != "own":
             raise DataError(f"distill: --student-positions must be own or teacher, got {self.student_positions!r}")
+        self.anchors: list[int] = []  # the context positions a --student-init anchors student started from
         if self.student_init == "anchors":
-            self.anchors = init_from_anchors(self.base, self.teacher)
+            self.start_from_anchors()
         elif self.student_init != "prompt":
             raise DataError(f"distill: --student-init must be prompt or anchors, got {self.student_init!r}")
         self.params = self.base.params
@@ -117,6 +119,11 @@ class DistillObjective:
             ids = self.base.task._causal_target(pm.decode(g))[: spec.max_target_length]
             out[i] = dataclasses.replace(rows[i], target_ids=ids)
         return out
+
+    def start_from_anchors(self) -> None:
+        """Set the deep student's slots to anchor_kv of the teacher's context (--student-init anchors; before
+        training)."""
+        self.anchors, self.student_init = init_from_anchors(self.base, self.teacher), "anchors"
 
     # ---- what fit() reads -----------------------------------------------------------------------------------
     @property
@@ -249,19 +256,20 @@ class DistillObjective:
 
 
 # ---- a deep student from the teacher's own keys/values --------------------------------------------------------
-@torch.no_grad()
-def teacher_positions(base: PromptObjective, ctx: Context) -> int:
-    """--student-positions teacher: the deep student's input keeps the positions it has behind the teacher's context
-    (a position gap of C - n after the student's n slots), so that its distance to the lead token, which no slot
-    can change, is the teacher's. Under rotary position embeddings moving the lead token (BOS) alone from the
-    teacher's distance to a 20-slot student's changes a 135M model's predictions noticeably (bench.compile, SST-2);
-    the gap removes that difference. Returns the gap."""
+def _deep_student(base: PromptObjective, flag: str) -> DeepPrompt:
+    """The student's DeepPrompt, or DataError naming `flag` (a distill option that only a deep student takes)."""
     from softprompt.deep import DeepPrompt
 
-    prompt = base.prompt
-    if not isinstance(prompt, DeepPrompt) or base.pm.family != "causal":
-        raise DataError("--student-positions teacher: the student must be a deep prompt (--method deep) of a "
-                        "decoder-only model")  # fmt: skip
+    if not isinstance(base.prompt, DeepPrompt):
+        raise DataError(f"{flag}: the student must be a deep prompt (--method deep)")
+    return base.prompt
+
+
+def teacher_positions(base: PromptObjective, ctx: Context) -> int:
+    """--student-positions teacher: the deep student's input keeps the positions it has behind the teacher's context
+    (a position gap of C - n after the student's n slots), so that its distance to the lead token, whose key no
+    slot can change, is the teacher's. Returns the gap."""
+    prompt = _deep_student(base, "--student-positions teacher")
     prompt.gap = max(0, len(ctx.token_ids) - prompt.num_tokens)
     return prompt.gap
 
@@ -314,11 +322,7 @@ def anchor_kv(
 def init_from_anchors(base: PromptObjective, ctx: Context) -> list[int]:
     """Set a deep student's slots (`base.prompt`, before training) to anchor_kv of the teacher's context; returns
     the context positions used."""
-    from softprompt.deep import DeepPrompt
-
-    prompt = base.prompt
-    if not isinstance(prompt, DeepPrompt):
-        raise DataError("--student-init anchors: the student must be a deep prompt (--method deep)")
+    prompt = _deep_student(base, "--student-init anchors")
     n = prompt.num_tokens
     if n > len(ctx.token_ids):
         raise DataError(f"--student-init anchors: --num-tokens {n} is more than the hard prompt's "
