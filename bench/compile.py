@@ -26,7 +26,10 @@ plus --vocab-kl: the teacher's whole next-token distribution at the answer posit
 same KL at every position of the input, --vocab-kl-at input); `distill-deep-anchors` (the same student started
 from the teacher context's own keys/values at its label words, --student-init anchors); `distill-deep-pos` (the
 input at the positions it has behind the teacher's context, --student-positions teacher) and
-`distill-deep-pos-anchors` (both); `distill-deep-self`
+`distill-deep-pos-anchors` (both); `distill-deep-epochs` (distill-deep-long's inputs, 4x its steps: 4 epochs) and
+`distill-deep-batch` (the same 4 epochs in distill-deep-long's steps, batches of 4x --batch);
+`distill-deep-reparam` (distill-deep-long trained through the --deep-reparam MLP, prefix tuning's
+reparameterisation, at a tenth of --deep-lr); `distill-deep-self`
 (distill-deep-long's budget on --long-train-n inputs the model writes itself behind the teacher's context:
 softprompt.icl.self_study, seed 0, instead of the training rows);
 `distill-deep-boundary` (distill-deep-long's budget; half its inputs the ones nearest the teacher's decision
@@ -81,8 +84,28 @@ METHODS = (
     "distill-deep-boundary", "distill-deep-best", "pt-long", "minilm-pt", "minilm-ft", "minilm-pt-long",
     "minilm-ft-long", "margins", "distill-deep-soft", "distill-deep-vocab", "minilm-lora", "minilm-lora-long",
     "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
-    "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors",
+    "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
+    "distill-deep-batch", "distill-deep-reparam",
 )  # fmt: skip
+# the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
+# 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
+DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "distill-deep": lambda a: {"times": 0},  # the table's rows and steps
+    "distill-deep-long": lambda a: {},
+    "distill-deep-longer": lambda a: {"times": 2},  # 2x the rows and 2x the steps
+    "distill-deep-soft": lambda a: {"temperature": 1.0},  # the teacher's own distribution
+    "distill-deep-hard": lambda a: {"temperature": a.hard_temperature},  # near the teacher's argmax
+    "distill-deep-fast": lambda a: {"lr": 3 * a.deep_lr},
+    "distill-deep-epochs": lambda a: {"epochs": 4},  # 4x the steps over the same inputs
+    "distill-deep-batch": lambda a: {"batch": 4 * a.batch},  # the same 4 epochs in distill-deep-long's steps
+    # an lr step of the MLP's last layer moves every K/V entry by up to width x lr: a tenth of --deep-lr
+    "distill-deep-reparam": lambda a: {"reparam": a.deep_reparam, "lr": a.deep_lr / 10},
+    "distill-deep-vocab": lambda a: {"vocab_kl": a.vocab_kl},  # + the whole-vocabulary KL at the answer
+    "distill-deep-input": lambda a: {"vocab_kl": a.vocab_kl, "vocab_at": "input"},  # that KL at every position
+    "distill-deep-anchors": lambda a: {"student_init": "anchors"},  # from the teacher's own label-word K/V
+    "distill-deep-pos": lambda a: {"student_positions": "teacher"},  # the input at its teacher's positions
+    "distill-deep-pos-anchors": lambda a: {"student_positions": "teacher", "student_init": "anchors"},
+}
 # the ICL rows: their contexts
 ICL_K: dict[str, int | str] = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}
 UNTRAINED = ("zero", "margins", *ICL_K)  # rows that --seed does not change (the demonstrations are drawn with seed 0)
@@ -197,7 +220,12 @@ class Study:
             reset_peak()
             base_rss = rss_bytes()
             t0 = time.time()
-            r = self._icl(ICL_K[m]) if m in ICL_K else getattr(self, "run_" + m.replace("-", "_"))(key)
+            if m in ICL_K:
+                r = self._icl(ICL_K[m])
+            elif m in DEEP_ROWS:
+                r = self._deep(key, m, **DEEP_ROWS[m](self.a))
+            else:
+                r = getattr(self, "run_" + m.replace("-", "_"))(key)
             r.update(name=self.name(key, m), task=key, method=m, seed=self.a.seed, model=r.get("model", MODEL),
                      wall_s=round(time.time() - t0, 1),
                      peak_rss_mib=round(peak_rss_bytes() / 2**20), start_rss_mib=round(base_rss / 2**20),
@@ -255,7 +283,7 @@ class Study:
             model(input_ids=ids, logits_to_keep=1).logits[0, -1].log_softmax(-1)[words]
 
     # ---- training through softprompt.trainer.fit ------------------------------------------------------
-    def cfg(self, key: str, method: str, lr: float, steps: int = 0, train: str | None = None):
+    def cfg(self, key: str, method: str, lr: float, steps: int = 0, train: str | None = None, batch: int = 0):
         from softprompt.config import RunConfig
 
         t = TASKS[key]
@@ -265,7 +293,7 @@ class Study:
             train or self.train_file, self.eval_file, t.template, t.labels)  # fmt: skip
         cfg.prompt.num_tokens = self.a.tokens
         tr = cfg.train
-        tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, self.a.batch, lr, self.a.seed
+        tr.max_steps, tr.batch_size, tr.lr, tr.seed = steps or self.a.steps, batch or self.a.batch, lr, self.a.seed
         tr.warmup_steps, tr.save_every, tr.progress, tr.overwrite = max(1, self.a.steps // 10), 10**6, False, True
         tr.out = str(self.checkpoint(self.name(key, method)))
         for p in (Path(tr.out + ".state"), Path(tr.out).with_suffix(".log.jsonl")):  # a fresh run each time
@@ -285,20 +313,24 @@ class Study:
 
     def _prompt(
         self, key: str, method: str, lr: float, teacher_k: int | str | None = None, deep: bool = False, steps: int = 0,
-        train: str | None = None, train_set: list[Any] | None = None, **distill: Any,
+        train: str | None = None, train_set: list[Any] | None = None, batch: int = 0, reparam: int = 0,
+        **distill: Any,
     ) -> dict[str, Any]:  # fmt: skip
         """A prompt trained through the one trainer; with teacher_k, distilled from that context: `distill` holds
         DistillObjective's settings (temperature, vocab_kl, vocab_at, student_init), recorded with the run. A
         student not started from its --init (student_init anchors) also records its agreement at step 0, and
-        that of the --init it replaced."""
+        that of the --init it replaced; a deep student also its agreement on the first --margin-train-n of its own
+        training inputs (the fit: no better than held out is underfitting). batch: 0 is --batch; reparam: a deep
+        student's --deep-reparam."""
         from softprompt.checkpoint import load_prompt
         from softprompt.distill import DistillObjective
         from softprompt.methods import checkpoint_prefix
         from softprompt.train import build_objective
 
-        cfg = self.cfg(key, method, lr, steps, train)
+        cfg = self.cfg(key, method, lr, steps, train, batch)
         if deep:  # a deep student (per-layer keys/values) from the K/V of the hard prompt's first N tokens
             cfg.prompt.method, cfg.prompt.init = "deep", f"text:{self.instructions}"
+            cfg.prompt.deep_reparam = reparam
         obj: Any = build_objective(cfg, self.backbone(), log=note, train_set=train_set)
         at_init: dict[str, Any] = {}
         if teacher_k is not None:
@@ -322,9 +354,23 @@ class Study:
                      distill_meta=ck.meta.get("distill"), student=cfg.prompt.method,
                      teacher_temperature=distill.get("temperature", 1.0),
                      **{k: v for k, v in distill.items() if k != "temperature"}, **at_init)  # fmt: skip
+            if deep:
+                r["train_agreement"] = self.fit_agreement(prefix, self.contexts[teacher_k], obj.base.train_set)
         r.pop("metrics", None)
         r["train_rows"] = obj.n_train
         return r
+
+    @torch.no_grad()
+    def fit_agreement(self, student, ctx, rows: list[Any]) -> float:
+        """% of the first --margin-train-n `rows` (a student's training inputs) on which `student` (a Prefix)
+        predicts its teacher's (`ctx`) class."""
+        from softprompt.evaluate import class_probs
+        from softprompt.icl import context_prefix
+
+        rows = rows[: self.a.margin_train_n]
+        t = class_probs(self.pm0, context_prefix(self.pm0, ctx), rows, self.label_ids)
+        s = class_probs(self.pm0, student, rows, self.label_ids)
+        return round(100 * float((t.argmax(-1) == s.argmax(-1)).float().mean()), 2)
 
     def run_pt(self, key: str) -> dict[str, Any]:
         return self._prompt(key, "pt", self.a.pt_lr)
@@ -340,47 +386,19 @@ class Study:
 
     def _deep(
         self, key: str, method: str, *, times: int = 1, train: str | None = None, teacher_k: int | str | None = None,
-        train_set: list[Any] | None = None, lr: float | None = None, **distill: Any,
+        train_set: list[Any] | None = None, lr: float | None = None, epochs: int = 1, **distill: Any,
     ) -> dict[str, Any]:  # fmt: skip
         """A deep student (the distill-deep* rows): Cartridges-style init, the sharpened teacher (the long context
-        where the task has one; `distill`: other DistillObjective settings); times 0: the table's rows and steps;
-        times k: k x --long-steps steps over `train`, by default k x --long-train-n rows of the sample."""
+        where the task has one; `distill`: other DistillObjective settings, or _prompt's batch and reparam); times 0:
+        the table's rows and steps; times k: k x --long-steps steps over `train`, by default k x --long-train-n rows
+        of the sample; epochs e: e times those steps over the same rows."""
         if times and train is None:
             train = self.long_rows(times)
         teacher_k = self.teacher_key if teacher_k is None else teacher_k
         distill.setdefault("temperature", self.a.sharp_temperature)
         return self._prompt(key, method, lr or self.a.deep_lr, teacher_k=teacher_k, deep=True,
-                            steps=times * self.a.long_steps, train=train, train_set=train_set, **distill)  # fmt: skip
-
-    def run_distill_deep(self, key: str) -> dict[str, Any]:
-        return self._deep(key, "distill-deep", times=0)
-
-    def run_distill_deep_long(self, key: str) -> dict[str, Any]:  # more unlabelled inputs and steps
-        return self._deep(key, "distill-deep-long")
-
-    def run_distill_deep_longer(self, key: str) -> dict[str, Any]:  # 2x --long-train-n rows and 2x --long-steps
-        return self._deep(key, "distill-deep-longer", times=2)
-
-    def run_distill_deep_soft(self, key: str) -> dict[str, Any]:  # the teacher's own distribution (T = 1)
-        return self._deep(key, "distill-deep-soft", temperature=1.0)
-
-    def run_distill_deep_fast(self, key: str) -> dict[str, Any]:  # 3x --deep-lr: the long student underfits
-        return self._deep(key, "distill-deep-fast", lr=3 * self.a.deep_lr)
-
-    def run_distill_deep_vocab(self, key: str) -> dict[str, Any]:  # + the whole-vocabulary KL at the answer
-        return self._deep(key, "distill-deep-vocab", vocab_kl=self.a.vocab_kl)
-
-    def run_distill_deep_input(self, key: str) -> dict[str, Any]:  # + that KL at every input position
-        return self._deep(key, "distill-deep-input", vocab_kl=self.a.vocab_kl, vocab_at="input")
-
-    def run_distill_deep_anchors(self, key: str) -> dict[str, Any]:  # from the teacher's own label-word K/V
-        return self._deep(key, "distill-deep-anchors", student_init="anchors")
-
-    def run_distill_deep_pos(self, key: str) -> dict[str, Any]:  # the input at its teacher's positions
-        return self._deep(key, "distill-deep-pos", student_positions="teacher")
-
-    def run_distill_deep_pos_anchors(self, key: str) -> dict[str, Any]:  # both
-        return self._deep(key, "distill-deep-pos-anchors", student_positions="teacher", student_init="anchors")
+                            steps=epochs * times * self.a.long_steps, train=train, train_set=train_set,
+                            **distill)  # fmt: skip
 
     def run_distill_deep_self(self, key: str) -> dict[str, Any]:  # inputs the model writes itself (self-study)
         from softprompt.icl import self_study
@@ -392,9 +410,6 @@ class Study:
         rows, _ = BoundTask(self.spec, self.pm0, num_tokens=self.a.tokens).encode_texts(texts)
         r = self._deep(key, "distill-deep-self", train_set=rows)
         return {**r, "self_study_s": round(gen_s, 1), "self_study_examples": texts[:5]}
-
-    def run_distill_deep_hard(self, key: str) -> dict[str, Any]:  # a near-argmax teacher
-        return self._deep(key, "distill-deep-hard", temperature=self.a.hard_temperature)
 
     def run_distill_deep_sent(self, key: str) -> dict[str, Any]:  # inputs like the eval rows
         words = TASKS[key].long_demo_words
@@ -532,7 +547,7 @@ class Study:
         return encoder_ft(self, key, long=True, lora=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="sst2,agnews,rte")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -550,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard-temperature", type=float, default=0.05, help="distill-deep-hard's --teacher-temperature")
     p.add_argument("--vocab-kl", type=float, default=1.0, help="distill-deep-vocab's --vocab-kl weight")
     p.add_argument("--deep-lr", type=float, default=0.01, help="the deep students' peak lr (distill-deep*)")
+    p.add_argument("--deep-reparam", type=int, default=512, help="distill-deep-reparam's --deep-reparam width")
     p.add_argument("--long-steps", type=int, default=250, help="the *-long methods' steps")
     p.add_argument("--long-train-n", type=int, default=2000, help="the *-long methods' training rows (a superset)")
     p.add_argument("--latency-rows", type=int, default=8)
@@ -557,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "compile"), help="checkpoints and run files")
     p.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
     p.add_argument("--seed", type=int, default=0, help="the trained rows' seed (batches, init); > 0: runs NAME@sSEED")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in a.methods if m not in METHODS]

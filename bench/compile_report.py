@@ -51,6 +51,9 @@ ROWS = [  # (method key, label)
     ("distill-deep-anchors", "the same deep student, more inputs and steps, started from the teacher's label-word K/V"),
     ("distill-deep-pos", "the same deep student, more inputs and steps, the input at its teacher's positions"),
     ("distill-deep-pos-anchors", "the same, the input at its teacher's positions, started from its label-word K/V"),
+    ("distill-deep-epochs", "the same deep student, more inputs, 4 epochs over them (4× the steps)"),
+    ("distill-deep-batch", "the same deep student, more inputs and steps, 4× the batch (4 epochs)"),
+    ("distill-deep-reparam", "the same deep student, more inputs and steps, trained through an MLP (--deep-reparam)"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
     ("lora-long", "LoRA, more rows and steps"),
@@ -67,7 +70,8 @@ DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "d
              "distill-deep-sent", "distill-deep-hard", "distill-deep-boundary", "distill-deep-soft",
              "distill-deep-vocab", "distill-deep-self", "distill-deep-fast",
              "distill-deep-input", "distill-deep-anchors", "distill-deep-pos",
-             "distill-deep-pos-anchors")  # fmt: skip
+             "distill-deep-pos-anchors", "distill-deep-epochs", "distill-deep-batch",
+             "distill-deep-reparam")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 

@@ -1,0 +1,51 @@
+"""bench/compile.py: every row the study offers can run and be reported, without loading a model: each --methods
+name has a handler (an ICL context, a DEEP_ROWS entry or a run_ method), each DEEP_ROWS entry's settings are ones
+Study._deep / Study._prompt / DistillObjective take, and the report has a label for every row (a distilled one among
+DISTILLED, which the targets judge)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import compile as study  # noqa: E402
+from bench import compile_report as report  # noqa: E402
+from softprompt.distill import DistillObjective  # noqa: E402
+
+
+def _keywords(fn) -> set[str]:
+    return {
+        n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
+    }
+
+
+def test_every_method_has_a_handler() -> None:
+    for m in study.METHODS:
+        handled = m in study.ICL_K or m in study.DEEP_ROWS or hasattr(study.Study, "run_" + m.replace("-", "_"))
+        assert handled, f"--methods {m}: no ICL context, DEEP_ROWS entry or Study.run_{m.replace('-', '_')}"
+    assert set(study.DEEP_ROWS) <= set(study.METHODS)
+
+
+def test_deep_rows_settings_are_ones_the_study_takes() -> None:
+    args = study.parser().parse_args([])
+    takes = _keywords(study.Study._deep) | _keywords(study.Study._prompt)
+    takes |= {f.name for f in dataclasses.fields(DistillObjective)} - {"base", "teacher"}
+    for m, settings in study.DEEP_ROWS.items():
+        got = settings(args)
+        assert set(got) <= takes, f"{m}: {sorted(set(got) - takes)} are not settings of Study._deep"
+    assert study.DEEP_ROWS["distill-deep-fast"](args)["lr"] == 3 * args.deep_lr  # read from the flags
+    assert study.DEEP_ROWS["distill-deep-batch"](study.parser().parse_args(["--batch", "5"]))["batch"] == 20
+
+
+def test_every_row_has_a_report_label() -> None:
+    labels = dict(report.ROWS)
+    for m in study.METHODS:
+        if m != "margins":  # a diagnostic: the notes report it, not a table row
+            assert m in labels, f"compile_report.ROWS has no label for --methods {m}"
+    for m in study.DEEP_ROWS:
+        assert m in report.DISTILLED, f"{m} is distilled: compile_report.DISTILLED must list it"
