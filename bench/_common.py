@@ -180,8 +180,9 @@ def note(msg: str) -> None:
 
 
 class ResultLog:
-    """A study's finished runs: OUT/results.jsonl, one JSON object per run keyed by its "name", so a rerun skips what
-    is done and an interrupted study resumes. `record` appends (and prints) a run as soon as it finishes."""
+    """A study's finished runs: its record (bench/results/<study>.jsonl, committed), one JSON object per run keyed by
+    its "name", so a rerun skips what is done and an interrupted study, or one on a new machine, resumes. `record`
+    appends (and prints) a run as soon as it finishes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -39,7 +39,8 @@ teacher the most accurate ICL context measured so far: "a prompt distilled from 
 `minilm-pt`, `minilm-ft` (minilm-l6, an encoder: prompt tuning with a linear head through the one trainer, and full
 fine-tuning with bench.quality_experiments.encoder_reference), `minilm-lora` (LoRA rank 8 on its attention
 projections + the head, the same reference) and their `-long` variants; `lora-long`, `ft-long` (LoRA and full
-fine-tuning with pt-long's rows and steps); `margins` (each saved
+fine-tuning with pt-long's rows and steps); `teacher-noise` (the deep students' teacher against itself with its
+demonstrations reordered, and against teachers of other draws: the scale for their agreement); `margins` (each saved
 distilled prompt's agreement with its teacher by the teacher's top-2 margin).
 
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
@@ -85,7 +86,7 @@ METHODS = (
     "minilm-ft-long", "margins", "distill-deep-soft", "distill-deep-vocab", "minilm-lora", "minilm-lora-long",
     "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
-    "distill-deep-batch", "distill-deep-reparam",
+    "distill-deep-batch", "distill-deep-reparam", "teacher-noise",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -108,7 +109,8 @@ DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 }
 # the ICL rows: their contexts
 ICL_K: dict[str, int | str] = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}
-UNTRAINED = ("zero", "margins", *ICL_K)  # rows that --seed does not change (the demonstrations are drawn with seed 0)
+# rows that --seed does not change (the demonstrations are drawn with seed 0)
+UNTRAINED = ("zero", "margins", "teacher-noise", *ICL_K)
 
 
 def reset_peak() -> None:
@@ -202,10 +204,11 @@ class Study:
             k: build_context(probe, choose_demos(pool, k, seed=0, balanced=True), t.instructions) for k in (0, 4, 8, 16)
         }
         self.teacher_key: int | str = 16  # the teacher of the distill-deep rows: the long context where there is one
-        needs_long = any(m == "icl16-long" or m.startswith("distill-deep") or m == "margins" for m in todo)
+        self.pool = pool  # where the teacher's demonstrations come from
+        needs_long = any(m.startswith(("icl16-long", "distill-deep", "teacher-")) or m == "margins" for m in todo)
         if t.long_demo_words and needs_long:  # 16 balanced demonstrations (seed 0) among the rows of >= N words
-            long = [s for s in pool if len(s.record[self.spec.fields[0]].split()) >= t.long_demo_words]
-            self.contexts["16long"] = build_context(probe, choose_demos(long, 16, seed=0, balanced=True),
+            self.pool = [s for s in pool if len(s.record[self.spec.fields[0]].split()) >= t.long_demo_words]
+            self.contexts["16long"] = build_context(probe, choose_demos(self.pool, 16, seed=0, balanced=True),
                                                     t.instructions)  # fmt: skip
             self.teacher_key = "16long"
         self.instructions = t.instructions
@@ -489,6 +492,39 @@ class Study:
         return self._weights(key, "ft-long", self.a.ft_lr, long=True)
 
     # ---- where the distilled prompts disagree with their teachers -------------------------------------------------
+    @torch.no_grad()
+    def run_teacher_noise(self, key: str) -> dict[str, Any]:
+        """The scale for a student's agreement: how often the deep students' teacher agrees with itself when its 16
+        demonstrations come in another order (seeds 1-3: the same information), and with equally made teachers
+        whose 16 demonstrations are another balanced draw from the same pool (seeds 1-2), on the evaluation rows."""
+        from softprompt.evaluate import class_probs
+        from softprompt.icl import build_context, choose_demos, context_prefix
+
+        def probs(ctx) -> torch.Tensor:
+            return class_probs(self.pm0, context_prefix(self.pm0, ctx), self.eval_set, self.label_ids)
+
+        gold = torch.tensor([int(e.label or 0) for e in self.eval_set])
+        demos = choose_demos(self.pool, 16, seed=0, balanced=True)
+        assert build_context(self.probe, demos, self.instructions).text == self.contexts[self.teacher_key].text
+        teacher = probs(self.contexts[self.teacher_key]).argmax(-1)
+        out: dict[str, Any] = {"teacher_k": self.teacher_key, "teacher_accuracy":
+                               round(100 * float((teacher == gold).float().mean()), 2)}  # fmt: skip
+        for kind, seeds in (("reordered", (1, 2, 3)), ("redrawn", (1, 2))):
+            runs = []
+            for s in seeds:
+                if kind == "reordered":
+                    order = demos[:]
+                    random.Random(s).shuffle(order)
+                else:
+                    order = choose_demos(self.pool, 16, seed=s, balanced=True)
+                ctx = build_context(self.probe, order, self.instructions)
+                pred = probs(ctx).argmax(-1)
+                runs.append({"seed": s, "context_tokens": len(ctx.token_ids),
+                             "agreement": round(100 * float((pred == teacher).float().mean()), 2),
+                             "accuracy": round(100 * float((pred == gold).float().mean()), 2)})  # fmt: skip
+            out[kind] = runs
+        return out
+
     @torch.no_grad()
     def run_margins(self, key: str) -> dict[str, Any]:
         """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin

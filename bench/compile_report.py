@@ -211,6 +211,19 @@ def task_table(key: str, res: dict[str, dict[str, Any]], majority: float | None 
     return lines
 
 
+def noise_line(r: dict[str, Any]) -> str:
+    """bench.compile's teacher-noise row in words: the teacher's agreement with itself reordered and redrawn."""
+
+    def runs(kind: str) -> str:
+        xs = r[kind]
+        agree, acc = (" / ".join(f"{x[k]:.1f}" for x in xs) for k in ("agreement", "accuracy"))
+        return f"{agree}% (mean {mean(xs, 'agreement'):.1f}%; accuracy {acc})"
+
+    return (f"the teacher agrees with itself with its 16 demonstrations in {len(r['reordered'])} other orders on "
+            f"{runs('reordered')}, and with teachers of {len(r['redrawn'])} other balanced draws of 16 from the same "
+            f"pool on {runs('redrawn')}")  # fmt: skip
+
+
 def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     out = ["## Targets", ""]
     for key, name in TASK_NAMES.items():
@@ -237,6 +250,8 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         over = over_seeds(reps)
         out.append(f"  - agreement with the teacher ≥ 95% of the held-out inputs: {agree:.1f}%{over} — "
                    f"{verdict(agree >= 95)}.")  # fmt: skip
+        if (noise := res.get(f"{key}:teacher-noise")) and noise.get("teacher_k") == d.get("teacher_k", 16):
+            out.append(f"  - for scale, {noise_line(noise)}.")
         gap = abs(acc - d["teacher_accuracy"])
         out.append(f"  - within 1 point of the teacher's accuracy: {acc:.1f}% vs {d['teacher_accuracy']:.1f}%"
                    f" (gap {gap:.1f}){over} — {verdict(gap <= 1)}.")  # fmt: skip

@@ -1,7 +1,7 @@
 """Measurements behind docs/results-dynamic.md: plain vs routed vs conditioned prompts on smollm2-135m.
 
     OMP_NUM_THREADS=1 python -m bench.dynamic [--out runs/dynamic] [--eval-rows 200] [--only sst2 agnews rte serve]
-        [--methods plain residual] [--seeds 0 1 2]
+        [--methods plain residual] [--seeds 0 1 2] [--results bench/results/dynamic.jsonl]
 
 Side by side in one run, per dataset (SST-2, AG News): the three methods trained with the settings of the plain
 smollm2 row of docs/results-methods.md (60 steps x batch 8, --init labels, AdamW lr 0.01, 5 warm-up steps, seed 0,
@@ -19,7 +19,8 @@ the same two measurements of GROUPS["-v2"] (plain, routed v2, conditioned, resid
 rows, the 277 validation rows) for the rows asked for with --methods and --seeds, e.g. plain vs residual over three
 seeds; --seeds trains each method with each seed (seed 0 keeps the first study's run names).
 
-Each finished run is appended to OUT/results.jsonl and skipped when the script runs again. Data: fixed-seed samples
+Each finished run is appended to bench/results/dynamic.jsonl (--results; committed, so a new machine resumes the
+study) and skipped when the script runs again; the prompts and other run files go to --out. Data: fixed-seed samples
 of ../shared/data (bench.methods.data); skips with a reason when it is absent.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 from bench._common import ResultLog
 from bench.methods import ROOT, SHARED, data
 
+RESULTS = ROOT / "bench" / "results" / "dynamic.jsonl"  # one JSON object per finished run
 MODEL = "smollm2-135m"
 COMMON = {"max_steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 0.01, "init": "labels", "seed": 0}
 METHODS = {
@@ -65,15 +67,15 @@ GROUPS = {  # the serve / steptime measurements by name suffix: the methods each
 
 
 def run_name(ds: str, method: str, seed: int = 0) -> str:
-    """A run's key in results.jsonl: seed 0 keeps the first study's names."""
+    """A run's key in the study's record: seed 0 keeps the first study's names."""
     return f"{ds}-{method}" + (f"-s{seed}" if seed else "")
 
 
 class Study:
-    def __init__(self, out: Path, eval_rows: int) -> None:
+    def __init__(self, out: Path, eval_rows: int, results: Path) -> None:
         self.out, self.eval_rows = out, eval_rows
         out.mkdir(parents=True, exist_ok=True)
-        self.log = ResultLog(out / "results.jsonl")
+        self.log = ResultLog(results)
         self.done = self.log.done
         self._bb: Any = None
 
@@ -217,23 +219,28 @@ class Study:
                      "rows_per_s": rps, **ratios})  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "runs" / "dynamic"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "dynamic"), help="prompts and run files")
+    ap.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
     ap.add_argument("--eval-rows", type=int, default=200)
     ap.add_argument("--only", nargs="*", default=["sst2", "agnews", "serve", "steptime"],
                     help="datasets (sst2 agnews rte); measurements (serve steptime serve-v2 steptime-v2)")  # fmt: skip
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
                     help="methods to train and evaluate on the --only datasets (serve, steptime: theirs)")  # fmt: skip
     ap.add_argument("--seeds", nargs="*", type=int, default=[0], help="training seeds (seed 0: the first study's)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if not SHARED.is_dir():
         print(f"skipped: the benchmark data folder {SHARED} is absent", file=sys.stderr)
         return 0
     import torch
 
     torch.set_num_threads(1)
-    st = Study(Path(args.out), args.eval_rows)
+    st = Study(Path(args.out), args.eval_rows, Path(args.results))
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         d = data(tmp)

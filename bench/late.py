@@ -1,7 +1,7 @@
 """Measurements behind docs/results-late.md: late prompts (`--method late --layer L`) against a plain prompt.
 
     OMP_NUM_THREADS=1 python -m bench.late [--exp sst2 sst2-epochs agnews interleaved inference] [--layer 15]
-                                           [--out runs/late]
+                                           [--out runs/late] [--results bench/results/late.jsonl]
 
 smollm2-135m (30 layers), 10-token prompts, 60 steps x batch 8, AdamW lr 0.01, warm-up 5, seed 0: the settings of the
 plain-prompt rows of docs/results-methods.md (bench/methods.py exp_deep_smollm). Each pair (plain, late) runs in one
@@ -21,9 +21,10 @@ Per run: accuracy (on the first 200 SST-2 dev sentences, the plain rows' trainin
 500 held-out AG News articles: fewer rows than docs/results-methods.md, for the one-core budget), trainable
 parameters, training time per
 step (the median over steps 2..60 of the trainer's own step clock; evaluation happens after step 60 only), and
-inference throughput (rows/s of the evaluation, batch 32). Each finished run is appended to OUT/results.jsonl and
-skipped when the script runs again. Data: ../shared/data (never copied into the repository); skipped with a reason
-when absent.
+inference throughput (rows/s of the evaluation, batch 32). Each finished run is appended to
+bench/results/late.jsonl (--results; committed, so a new machine resumes the study) and skipped when the script runs
+again; the prompts, data samples and other run files go to --out. Data: ../shared/data (never copied into the
+repository); skipped with a reason when absent.
 """
 
 from __future__ import annotations
@@ -43,16 +44,17 @@ from bench._common import ResultLog
 from bench.methods import SHARED, data, read_tsv, write_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "late.jsonl"  # one JSON object per finished run
 MODEL = "smollm2-135m"
 SETTINGS = {"num_tokens": 10, "max_steps": 60, "batch_size": 8, "warmup_steps": 5, "lr": 0.01, "seed": 0}
 TEMPLATES = {"sst2": "Review: {sentence}\nSentiment:", "agnews": "Article: {text}\nTopic:"}
 
 
 class Bench:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, results: Path) -> None:
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.log = ResultLog(out / "results.jsonl")
+        self.log = ResultLog(results)
         self.done = self.log.done
         self._bb: Any = None
 
@@ -127,11 +129,7 @@ def inference(b: Bench, task: dict[str, str], names: list[str], rows: int, round
             times[n].append(time.perf_counter() - t0)
     r = {"name": name, "method": "inference", "rows": len(examples), "rounds": rounds,
          "rows_per_s": {n: round(len(examples) / statistics.median(t), 1) for n, t in times.items()}}  # fmt: skip
-    b.done[name] = r
-    with open(b.results, "a") as f:
-        f.write(json.dumps(r) + "\n")
-    print(json.dumps(r), flush=True)
-    return r
+    return b.log.record(r)
 
 
 def interleaved(
@@ -172,23 +170,24 @@ def interleaved(
     med = {m: statistics.median(t) for m, t in times.items()}
     r = {"name": name, "method": "interleaved", "layer": layer, "steps": steps, "warm": warm, "step_s": {m: round(v, 3)
          for m, v in med.items()}, "speedup": round(med["prompt"] / med["late"], 2)}  # fmt: skip
-    b.done[name] = r
-    with open(b.results, "a") as f:
-        f.write(json.dumps(r) + "\n")
-    print(json.dumps(r), flush=True)
-    return r
+    return b.log.record(r)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--exp", nargs="*", default=["sst2", "sst2-epochs", "agnews", "interleaved", "inference"])
     ap.add_argument("--layer", type=int, default=15, help="the late prompt's entry layer (smollm2-135m has 30)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "late"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "late"), help="prompts, data samples and run files")
+    ap.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if not (SHARED / "sst2" / "train.tsv").is_file() or not (SHARED / "agnews" / "train10k.tsv").is_file():
         print(f"skipped: the benchmark data is not at {SHARED}", file=sys.stderr)
         return 0
-    b = Bench(Path(args.out))
+    b = Bench(Path(args.out), Path(args.results))
     tmp = b.out / "data"
     tmp.mkdir(exist_ok=True)
     d = data(tmp)

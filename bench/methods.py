@@ -1,10 +1,12 @@
 """Measurements behind docs/results-methods.md: deep vs plain prompts, ensembles, multi-task, prompt transfer.
 
     python -m bench.methods [--exp deep-minilm deep-smollm ensemble multitask transfer] [--out runs/methods]
+                            [--results bench/results/methods.jsonl]
 
 Small CPU-sized runs (minilm-l6 for most, two short smollm2-135m runs). Each finished run is appended to
-OUT/results.jsonl and skipped when the script is run again, so an interrupted session resumes. Data: fixed-seed
-samples of ../shared/data (never copied into the repository); skips with a reason when it is absent.
+bench/results/methods.jsonl (--results; committed, so a new machine resumes the study) and skipped when the script is
+run again, so an interrupted session resumes; the prompts, data samples and other run files go to --out. Data:
+fixed-seed samples of ../shared/data (never copied into the repository); skips with a reason when it is absent.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench._common import ResultLog
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 EXAMPLES = ROOT / "examples" / "data"
+RESULTS = ROOT / "bench" / "results" / "methods.jsonl"  # one JSON object per finished run
 
 
 def write_tsv(rows: list[list[str]], header: list[str], dst: Path) -> str:
@@ -67,9 +70,9 @@ def data(tmp: Path) -> dict[str, dict[str, str]]:
 
 
 class Runner:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, results: Path) -> None:
         self.out = out
-        self.log = ResultLog(out / "results.jsonl")
+        self.log = ResultLog(results)
         self.done = self.log.done
         self.backbones: dict[str, Any] = {}
 
@@ -351,11 +354,16 @@ EXPERIMENTS = {
 }
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--exp", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "methods"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(ROOT / "runs" / "methods"), help="prompts, data samples and run files")
+    ap.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if not (SHARED / "sst2" / "train.tsv").exists():
         print(f"skip: {SHARED} is absent (the shared benchmark data); nothing measured")
         return 0
@@ -367,7 +375,7 @@ def main() -> int:
     tmp = out / "data"
     tmp.mkdir(exist_ok=True)
     d = data(tmp)
-    r = Runner(out)
+    r = Runner(out, Path(args.results))
     for name in args.exp:
         EXPERIMENTS[name](r, d)
     return 0

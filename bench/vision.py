@@ -1,6 +1,6 @@
 """Visual prompt tuning at small scale: VPT-shallow, VPT-deep, linear probe and full fine-tuning side by side.
 
-    python -m bench.vision                 # runs what runs/vision/results.jsonl does not hold yet, then the table
+    python -m bench.vision                 # runs what bench/results/vision.jsonl does not hold yet, then the table
     python -m bench.vision --sweep         # and the frozen-backbone methods again at a higher learning rate
     python -m bench.vision --report        # the table (markdown) from the cached results only
 
@@ -17,6 +17,8 @@ No pretrained image model or image data set installs from the package registry w
 
 Every run trains through softprompt.trainer.fit (the one loop) with softprompt.vision.objective.ImageObjective;
 pixels bypass an image processor (the digits are scaled to [-1, 1] and repeated over 3 channels).
+Every finished run is appended to bench/results/vision.jsonl (--results; committed, so a new machine resumes the
+study) and skipped on a rerun; the pretrained backbone stays in runs/vision/backbone.
 Needs scikit-learn (`pip install softprompt[bench]`); without it the bench says so and exits 0.
 """
 
@@ -42,8 +44,9 @@ from softprompt.vision.images import ImageSet
 from softprompt.vision.objective import ImageHead, ImageObjective, vision_meta
 from softprompt.vision.vpt import DEEP, SHALLOW, init_tokens
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "vision.jsonl"  # one JSON object per finished run (the study's record)
 RUNS = Path("runs/vision")
-RESULTS = RUNS / "results.jsonl"
 BACKBONE = RUNS / "backbone"
 METHODS = ("linear-probe", "vpt", "vpt-deep", "full-finetune")
 SIZES = (10, 50)
@@ -127,7 +130,7 @@ def subset(x: torch.Tensor, y: torch.Tensor, classes: list[int], per_class: int 
     return ImageSet(x[idx], labels, [str(c) for c in classes], [f"digit{i}" for i in idx]), set(idx)
 
 
-def pretrain(x: torch.Tensor, y: torch.Tensor, log) -> VisionModel:
+def pretrain(x: torch.Tensor, y: torch.Tensor, log, results: Path) -> VisionModel:
     if (BACKBONE / "config.json").exists():
         from transformers import ViTModel
 
@@ -151,19 +154,20 @@ def pretrain(x: torch.Tensor, y: torch.Tensor, log) -> VisionModel:
     acc = res.last.metrics["accuracy"]
     log(f"pretrained on digits 0-4: held-out accuracy {acc:.3f} in {time.perf_counter() - t0:.0f} s")
     vm.model.save_pretrained(str(BACKBONE))
-    record({"kind": "pretrain", "accuracy": acc, "wall_s": round(time.perf_counter() - t0, 1)})
+    record(results, {"kind": "pretrain", "accuracy": acc, "wall_s": round(time.perf_counter() - t0, 1)})
     return vm
 
 
-def cached() -> list[dict[str, Any]]:
-    if not RESULTS.exists():
+def cached(results: Path) -> list[dict[str, Any]]:
+    """The study's record: every run appended to `results` so far."""
+    if not results.exists():
         return []
-    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
-def record(rec: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
+def record(results: Path, rec: dict[str, Any]) -> None:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a") as f:
         f.write(json.dumps(rec) + "\n")
 
 
@@ -240,7 +244,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--report", action="store_true", help="print the table from the cached results only")
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per downstream run")
@@ -248,7 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv", action="store_true", help="measure the K/V saving again (appends a record)")
     ap.add_argument("--kv-batch", type=int, default=8, help="images per timed forward (K/V saving)")
     ap.add_argument("--kv-reps", type=int, default=4, help="interleaved repetitions per path (the first dropped)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    results = Path(args.results)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if not args.report:
         data = digits()
@@ -257,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         torch.set_num_threads(1)
         x, y = data
-        vm = pretrain(x, y, log)
+        vm = pretrain(x, y, log, results)
         base = copy.deepcopy(vm.model.state_dict())
-        done = {(r["size"], r["method"], r["seed"]) for r in cached() if r.get("kind") == "run"}
+        done = {(r["size"], r["method"], r["seed"]) for r in cached(results) if r.get("kind") == "run"}
         for size in SIZES:
             for seed in SEEDS:
                 tr, used = subset(x, y, [5, 6, 7, 8, 9], size, 100 + seed)
@@ -270,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                     vm.model.load_state_dict(base)  # every run starts from the pretrained backbone
                     r = train_one(m, vm, tr, ev, seed, args.steps)
                     log(f"{size}/class {m} seed {seed}: accuracy {r['accuracy']:.3f}")
-                    record({"kind": "run", "size": size, "method": m, "seed": seed, **r})
-        if args.kv or not any(r.get("kind") == "kv" for r in cached()):
-            record(kv_saving(log, batch=args.kv_batch, reps=args.kv_reps))  # the report shows the last
+                    record(results, {"kind": "run", "size": size, "method": m, "seed": seed, **r})
+        if args.kv or not any(r.get("kind") == "kv" for r in cached(results)):
+            record(results, kv_saving(log, batch=args.kv_batch, reps=args.kv_reps))  # the report shows the last
         if args.sweep:
-            swept = {(r["method"], r["seed"]) for r in cached() if r.get("kind") == "sweep"}
+            swept = {(r["method"], r["seed"]) for r in cached(results) if r.get("kind") == "sweep"}
             for seed in SEEDS:
                 tr, used = subset(x, y, [5, 6, 7, 8, 9], 50, 100 + seed)
                 ev, _ = subset(x, y, [5, 6, 7, 8, 9], None, 0, exclude=used)
@@ -284,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     vm.model.load_state_dict(base)
                     r = train_one(m, vm, tr, ev, seed, args.steps, SWEEP_LR)
                     log(f"sweep lr {SWEEP_LR} 50/class {m} seed {seed}: accuracy {r['accuracy']:.3f}")
-                    record({"kind": "sweep", "size": 50, "method": m, "seed": seed, "lr": SWEEP_LR, **r})
-    print(report(cached()))
+                    record(results, {"kind": "sweep", "size": 50, "method": m, "seed": seed, "lr": SWEEP_LR, **r})
+    print(report(cached(results)))
     return 0
 
 

@@ -132,3 +132,22 @@ def test_wider_students_are_their_own_rows_and_do_not_decide_the_targets(tmp_pat
     assert "| prompt distilled from the 16-shot context, 80 soft tokens | 83.0 (agrees with its teacher" in page
     assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page  # the 20-token student's
     assert "the same student with more slots (outside the target's ≤ 20): 80 slots 99.0% (83.0% accurate)." in page
+
+
+def test_the_teachers_agreement_with_itself_is_shown_under_its_students(tmp_path: Path) -> None:
+    """bench.compile's teacher-noise row (the teacher reordered / redrawn) is the scale of the student's agreement:
+    stated under the agreement target of a student of the same teacher, and not under another teacher's."""
+    path = fake(tmp_path / "r.jsonl")
+    noise = {"name": "sst2:teacher-noise", "task": "sst2", "method": "teacher-noise", "teacher_k": 16,
+             "reordered": [{"seed": 1, "agreement": 91.0, "accuracy": 80.0},
+                           {"seed": 2, "agreement": 94.0, "accuracy": 82.5}],
+             "redrawn": [{"seed": 1, "agreement": 85.5, "accuracy": 79.0}]}  # fmt: skip
+    with path.open("a") as f:
+        f.write(json.dumps(noise) + "\n")
+    page = compile_report.render(compile_report.load(path))
+    assert ("for scale, the teacher agrees with itself with its 16 demonstrations in 2 other orders on 91.0 / 94.0% "
+            "(mean 92.5%; accuracy 80.0 / 82.5), and with teachers of 1 other balanced draws of 16 from the same pool "
+            "on 85.5% (mean 85.5%; accuracy 79.0)") in page  # fmt: skip
+    with path.open("a") as f:
+        f.write(json.dumps({**noise, "teacher_k": "16long"}) + "\n")  # another teacher's: not this student's scale
+    assert "for scale" not in compile_report.render(compile_report.load(path))
