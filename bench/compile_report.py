@@ -132,8 +132,11 @@ def _row(
     if "agreement" in r:
         k = r.get("teacher_k", 16)
         who = "16 long demonstrations" if k == "16long" else f"k = {k}"
-        acc += (f" (agrees with its teacher, {who}, on {r['agreement']:.1f}%{spread(reps, 'agreement')}; teacher "
-                f"{r['teacher_accuracy']:.1f})")  # fmt: skip
+        fit = ""  # the agreement on its own training inputs, where every seed measured it
+        if "train_agreement" in r and all("train_agreement" in x for x in reps):
+            fit = f"; on its own training inputs {r['train_agreement']:.1f}%{spread(reps, 'train_agreement')}"
+        acc += (f" (agrees with its teacher, {who}, on {r['agreement']:.1f}%{spread(reps, 'agreement')}{fit}; "
+                f"teacher {r['teacher_accuracy']:.1f})")  # fmt: skip
     if r.get("demo_min_words"):
         label = label.replace("long demonstrations", f"demonstrations of ≥ {r['demo_min_words']} words")
     if r.get("train_rows") and (r.get("student") == "deep" or r.get("method", "").endswith(("-long", "-longer"))):

@@ -26,7 +26,7 @@ def fake(path: Path) -> Path:
             uncached={"latency_ms": 80.0, "zero_latency_ms": 10.0, "latency_ratio": 8.0}),
         rec("sst2", "pt", 85.0, steps=40, trainable=11520, num_tokens=20, kv_bytes=1_000_000),
         rec("sst2", "distill", 80.5, steps=40, num_tokens=20, kv_bytes=1_000_000, latency_ratio=1.0,
-            agreement=96.0, teacher_accuracy=81.0),
+            agreement=96.0, teacher_accuracy=81.0, train_agreement=97.5),
         rec("sst2", "ft", 50.0, steps=4, trainable=134_515_008, train_s_per_step=27.9),
         rec("agnews", "icl8", 60.0, context_tokens=500, kv_bytes=1),
         rec("agnews", "pt", 55.0, steps=40),
@@ -45,6 +45,7 @@ def test_targets_are_stated_from_the_numbers(tmp_path: Path) -> None:
         "its teacher, the 16-shot context, is 441 tokens (≥ 400: yes), the student 20 soft tokens (≤ 20: yes)" in page
     )
     assert "agreement with the teacher ≥ 95% of the held-out inputs: 96.0% — met" in page
+    assert "80.5 (agrees with its teacher, k = 16, on 96.0%; on its own training inputs 97.5%; teacher 81.0)" in page
     assert "within 1 point of the teacher's accuracy: 80.5% vs 81.0% (gap 0.5) — met" in page
     assert "teacher without a context cache: 8.0× (80 vs 10 ms) — met" in page
     assert "With its K/V cached the teacher costs 1.20× the student" in page
