@@ -27,7 +27,8 @@ same KL at every position of the input, --vocab-kl-at input); `distill-deep-anch
 from the teacher context's own keys/values at its label words, --student-init anchors); `distill-deep-pos` (the
 input at the positions it has behind the teacher's context, --student-positions teacher) and
 `distill-deep-pos-anchors` (both); `distill-deep-epochs` (distill-deep-long's inputs, 4x its steps: 4 epochs) and
-`distill-deep-batch` (the same 4 epochs in distill-deep-long's steps, batches of 4x --batch);
+`distill-deep-batch` (the same 4 epochs in distill-deep-long's steps, batches of 4x --batch); `distill-deep-data`
+(distill-deep-batch's steps and batches over 4x --long-train-n inputs: one epoch, the same compute);
 `distill-deep-reparam` (distill-deep-long trained through the --deep-reparam MLP, prefix tuning's
 reparameterisation, at a tenth of --deep-lr); `distill-deep-self`
 (distill-deep-long's budget on --long-train-n inputs the model writes itself behind the teacher's context:
@@ -86,7 +87,7 @@ METHODS = (
     "minilm-ft-long", "margins", "distill-deep-soft", "distill-deep-vocab", "minilm-lora", "minilm-lora-long",
     "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
-    "distill-deep-batch", "distill-deep-reparam", "teacher-noise",
+    "distill-deep-batch", "distill-deep-reparam", "teacher-noise", "distill-deep-data",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -99,6 +100,7 @@ DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "distill-deep-fast": lambda a: {"lr": 3 * a.deep_lr},
     "distill-deep-epochs": lambda a: {"epochs": 4},  # 4x the steps over the same inputs
     "distill-deep-batch": lambda a: {"batch": 4 * a.batch},  # the same 4 epochs in distill-deep-long's steps
+    "distill-deep-data": lambda a: {"batch": 4 * a.batch, "rows": 4},  # its steps and batches, 4x the inputs once
     # an lr step of the MLP's last layer moves every K/V entry by up to width x lr: a tenth of --deep-lr
     "distill-deep-reparam": lambda a: {"reparam": a.deep_reparam, "lr": a.deep_lr / 10},
     "distill-deep-vocab": lambda a: {"vocab_kl": a.vocab_kl},  # + the whole-vocabulary KL at the answer
@@ -389,14 +391,14 @@ class Study:
 
     def _deep(
         self, key: str, method: str, *, times: int = 1, train: str | None = None, teacher_k: int | str | None = None,
-        train_set: list[Any] | None = None, lr: float | None = None, epochs: int = 1, **distill: Any,
+        train_set: list[Any] | None = None, lr: float | None = None, epochs: int = 1, rows: int = 0, **distill: Any,
     ) -> dict[str, Any]:  # fmt: skip
         """A deep student (the distill-deep* rows): Cartridges-style init, the sharpened teacher (the long context
         where the task has one; `distill`: other DistillObjective settings, or _prompt's batch and reparam); times 0:
         the table's rows and steps; times k: k x --long-steps steps over `train`, by default k x --long-train-n rows
-        of the sample; epochs e: e times those steps over the same rows."""
+        of the sample (rows r > 0: r x --long-train-n rows instead); epochs e: e times those steps."""
         if times and train is None:
-            train = self.long_rows(times)
+            train = self.long_rows(rows or times)
         teacher_k = self.teacher_key if teacher_k is None else teacher_k
         distill.setdefault("temperature", self.a.sharp_temperature)
         return self._prompt(key, method, lr or self.a.deep_lr, teacher_k=teacher_k, deep=True,

@@ -53,6 +53,7 @@ ROWS = [  # (method key, label)
     ("distill-deep-pos-anchors", "the same, the input at its teacher's positions, started from its label-word K/V"),
     ("distill-deep-epochs", "the same deep student, more inputs, 4 epochs over them (4× the steps)"),
     ("distill-deep-batch", "the same deep student, more inputs and steps, 4× the batch (4 epochs)"),
+    ("distill-deep-data", "the same deep student, 4× the inputs, seen once in batches 4× as large"),
     ("distill-deep-reparam", "the same deep student, more inputs and steps, trained through an MLP (--deep-reparam)"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
@@ -71,7 +72,7 @@ DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "d
              "distill-deep-vocab", "distill-deep-self", "distill-deep-fast",
              "distill-deep-input", "distill-deep-anchors", "distill-deep-pos",
              "distill-deep-pos-anchors", "distill-deep-epochs", "distill-deep-batch",
-             "distill-deep-reparam")  # fmt: skip
+             "distill-deep-reparam", "distill-deep-data")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
