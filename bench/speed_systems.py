@@ -31,6 +31,14 @@ TOL = 1e-4  # softprompt and PEFT must agree this closely before they are timed
 
 
 # ----- the two systems ------------------------------------------------------------------------------------
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One training step of either system: backward, the optimiser's step, gradients cleared; the loss."""
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
 @dataclass
 class Rows:
     """One batch of fixed-length rows, as each system wants it."""
@@ -60,11 +68,7 @@ class Softprompt:
         return self.pm.loss(prefix, r.sp, self.label_ids or None)
 
     def train_step(self, r: Rows) -> float:
-        loss = self.loss(r)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return optimizer_step(self.opt, self.loss(r))
 
     @torch.no_grad()
     def forward(self, r: Rows) -> float:
@@ -129,11 +133,7 @@ class Peft:
         return self.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
 
     def train_step(self, r: Rows) -> float:
-        loss = self.loss(r)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return optimizer_step(self.opt, self.loss(r))
 
     @torch.no_grad()
     def scores(self, r: Rows) -> torch.Tensor:
