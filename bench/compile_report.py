@@ -234,12 +234,17 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         tried = [r for m in DISTILLED if (r := res.get(f"{key}:{m}"))]
         if not tried or not res.get(f"{key}:icl16"):
             continue
-        d = max(tried, key=lambda r: r["agreement"])  # the best-agreeing distilled prompt, named below
+
+        def agreement(r: dict[str, Any]) -> float:  # over its seeds where it was repeated
+            return mean(seeds(res, r["name"]), "agreement")
+
+        d = max(tried, key=agreement)  # the best-agreeing distilled prompt, named below
         t = res[f"{key}:icl16-long" if d.get("teacher_k") == "16long" else f"{key}:icl16"]  # its teacher
         if len(tried) > 1:
-            pcts = ", ".join(f"{r['method']} {r['agreement']:.1f}%" for r in tried)
-            out.append(f"- {name}: of the distilled prompts, {d['method']} agrees best with its teacher ({pcts}); "
-                       "the lines below are its.")  # fmt: skip
+            pcts = ", ".join(f"{r['method']} {agreement(r):.1f}%" + ("*" if len(seeds(res, r["name"])) > 1 else "")
+                             for r in tried)  # fmt: skip
+            out.append(f"- {name}: of the distilled prompts, {d['method']} agrees best with its teacher ({pcts}; "
+                       "*: the mean over its seeds); the lines below are its.")  # fmt: skip
         ok_len = t["context_tokens"] >= 400 and d["num_tokens"] <= 20
         of_long = " of long demonstrations" if t["method"] != "icl16" else ""
         out.append(f"- {name}: its teacher, the 16-shot context{of_long}, is {t['context_tokens']} tokens (≥ 400: "
