@@ -29,6 +29,8 @@ input at the positions it has behind the teacher's context, --student-positions 
 `distill-deep-pos-anchors` (both); `distill-deep-epochs` (distill-deep-long's inputs, 4x its steps: 4 epochs) and
 `distill-deep-batch` (the same 4 epochs in distill-deep-long's steps, batches of 4x --batch); `distill-deep-data`
 (distill-deep-batch's steps and batches over 4x --long-train-n inputs: one epoch, the same compute);
+`distill-deep-batch-more` (4 epochs in batches of 4x --batch over 2x the inputs: 2x the steps) and
+`distill-deep-data-twice` (2 epochs in those batches over 4x the inputs: the same 2x the steps);
 `distill-deep-reparam` (distill-deep-long trained through the --deep-reparam MLP, prefix tuning's
 reparameterisation, at a tenth of --deep-lr); `distill-deep-self`
 (distill-deep-long's budget on --long-train-n inputs the model writes itself behind the teacher's context:
@@ -88,6 +90,7 @@ METHODS = (
     "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
     "distill-deep-batch", "distill-deep-reparam", "teacher-noise", "distill-deep-data",
+    "distill-deep-batch-more", "distill-deep-data-twice",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -101,6 +104,8 @@ DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "distill-deep-epochs": lambda a: {"epochs": 4},  # 4x the steps over the same inputs
     "distill-deep-batch": lambda a: {"batch": 4 * a.batch},  # the same 4 epochs in distill-deep-long's steps
     "distill-deep-data": lambda a: {"batch": 4 * a.batch, "rows": 4},  # its steps and batches, 4x the inputs once
+    "distill-deep-batch-more": lambda a: {"batch": 4 * a.batch, "rows": 2, "epochs": 2},  # 4 epochs, 2x the inputs
+    "distill-deep-data-twice": lambda a: {"batch": 4 * a.batch, "rows": 4, "epochs": 2},  # 2 epochs, 4x the inputs
     # an lr step of the MLP's last layer moves every K/V entry by up to width x lr: a tenth of --deep-lr
     "distill-deep-reparam": lambda a: {"reparam": a.deep_reparam, "lr": a.deep_lr / 10},
     "distill-deep-vocab": lambda a: {"vocab_kl": a.vocab_kl},  # + the whole-vocabulary KL at the answer

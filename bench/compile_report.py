@@ -54,6 +54,8 @@ ROWS = [  # (method key, label)
     ("distill-deep-epochs", "the same deep student, more inputs, 4 epochs over them (4× the steps)"),
     ("distill-deep-batch", "the same deep student, more inputs and steps, 4× the batch (4 epochs)"),
     ("distill-deep-data", "the same deep student, 4× the inputs, seen once in batches 4× as large"),
+    ("distill-deep-batch-more", "the same deep student, 2× the inputs, 4 epochs in batches 4× as large"),
+    ("distill-deep-data-twice", "the same deep student, 4× the inputs, 2 epochs in batches 4× as large"),
     ("distill-deep-reparam", "the same deep student, more inputs and steps, trained through an MLP (--deep-reparam)"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
@@ -72,7 +74,8 @@ DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "d
              "distill-deep-vocab", "distill-deep-self", "distill-deep-fast",
              "distill-deep-input", "distill-deep-anchors", "distill-deep-pos",
              "distill-deep-pos-anchors", "distill-deep-epochs", "distill-deep-batch",
-             "distill-deep-reparam", "distill-deep-data")  # fmt: skip
+             "distill-deep-reparam", "distill-deep-data", "distill-deep-batch-more",
+             "distill-deep-data-twice")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
