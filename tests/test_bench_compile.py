@@ -49,3 +49,18 @@ def test_every_row_has_a_report_label() -> None:
             assert m in labels, f"compile_report.ROWS has no label for --methods {m}"
     for m in study.DEEP_ROWS:
         assert m in report.DISTILLED, f"{m} is distilled: compile_report.DISTILLED must list it"
+
+
+def test_deep_rows_passes_over_their_inputs_are_their_labels() -> None:
+    """The rows named by epochs see their inputs that many times: steps x batch / rows, with Study._deep's steps
+    (epochs x times x --long-steps) and rows ((rows or times) x --long-train-n)."""
+    a = study.parser().parse_args(["--batch", "8", "--long-steps", "250", "--long-train-n", "2000"])
+    want = {"distill-deep-long": 1, "distill-deep-epochs": 4, "distill-deep-batch": 4, "distill-deep-data": 1,
+            "distill-deep-batch-more": 4, "distill-deep-data-twice": 2}  # fmt: skip
+    for m, passes in want.items():
+        s = study.DEEP_ROWS[m](a)
+        times = s.get("times", 1)
+        steps = s.get("epochs", 1) * times * a.long_steps
+        rows = (s.get("rows", 0) or times) * a.long_train_n
+        assert steps * s.get("batch", a.batch) / rows == passes, m
+    assert study.DEEP_ROWS["distill-deep-data-twice"](a)["rows"] * a.long_train_n == 8000
