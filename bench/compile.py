@@ -63,7 +63,6 @@ import argparse
 import copy
 import gc
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -75,6 +74,7 @@ from typing import Any
 import torch
 
 from bench._common import ResultLog, interleaved, note, peak_rss_bytes, rss_bytes
+from bench.compile_diagnostics import boundary_rows, margins, teacher_noise
 from bench.compile_tasks import TASKS, sample
 from bench.compile_weights import ENCODER, WeightsObjective, encoder_ft, encoder_pt, lora_model
 
@@ -427,31 +427,8 @@ class Study:
         return {**r, "input_min_words": words}
 
     def run_distill_deep_boundary(self, key: str) -> dict[str, Any]:  # boundary-heavy inputs
-        r = self._deep(key, "distill-deep-boundary", train=self.boundary_rows(key))
+        r = self._deep(key, "distill-deep-boundary", train=boundary_rows(self, key))
         return {**r, "boundary_pool": 2 * self.a.long_train_n}
-
-    @torch.no_grad()
-    def boundary_rows(self, key: str) -> str:
-        """--long-train-n unlabelled inputs, half of them the ones nearest the teacher's decision boundary: among
-        2 x --long-train-n rows of the sample, the half of the output with the smallest teacher margins (top class
-        minus second, T = 1), the other half drawn (seed 0) from the remaining rows."""
-        from softprompt.evaluate import class_probs
-        from softprompt.icl import context_prefix
-
-        pool = self.long_rows(2)
-        lines = Path(pool).read_text(encoding="utf-8").splitlines()
-        enc, _, _ = self.probe.encode_file(pool)
-        assert len(enc) == len(lines)
-        prefix = context_prefix(self.pm0, self.contexts[self.teacher_key])
-        top2 = class_probs(self.pm0, prefix, enc, self.label_ids).topk(2, dim=-1).values
-        order = (top2[:, 0] - top2[:, 1]).argsort().tolist()  # nearest the boundary first
-        half = self.a.long_train_n // 2
-        rest = order[half:]
-        random.Random(0).shuffle(rest)
-        chosen = sorted(order[:half] + rest[: self.a.long_train_n - half])
-        out = self.tmp / f"{key}-boundary.jsonl"
-        out.write_text("".join(lines[i] + "\n" for i in chosen), encoding="utf-8")
-        return str(out)
 
     def run_distill_deep_best(self, key: str) -> dict[str, Any]:  # the teacher: the most accurate ICL row so far
         icl = {k: self.done[f"{key}:{m}"]["accuracy"] for m, k in ICL_K.items() if k and f"{key}:{m}" in self.done}
@@ -498,77 +475,12 @@ class Study:
     def run_ft_long(self, key: str) -> dict[str, Any]:
         return self._weights(key, "ft-long", self.a.ft_lr, long=True)
 
-    # ---- where the distilled prompts disagree with their teachers -------------------------------------------------
-    @torch.no_grad()
+    # ---- where the distilled prompts disagree with their teachers (bench.compile_diagnostics) ---------------------
     def run_teacher_noise(self, key: str) -> dict[str, Any]:
-        """The scale for a student's agreement: how often the deep students' teacher agrees with itself when its 16
-        demonstrations come in another order (seeds 1-3: the same information), and with equally made teachers
-        whose 16 demonstrations are another balanced draw from the same pool (seeds 1-2), on the evaluation rows."""
-        from softprompt.evaluate import class_probs
-        from softprompt.icl import build_context, choose_demos, context_prefix
+        return teacher_noise(self, key)
 
-        def probs(ctx) -> torch.Tensor:
-            return class_probs(self.pm0, context_prefix(self.pm0, ctx), self.eval_set, self.label_ids)
-
-        gold = torch.tensor([int(e.label or 0) for e in self.eval_set])
-        demos = choose_demos(self.pool, 16, seed=0, balanced=True)
-        assert build_context(self.probe, demos, self.instructions).text == self.contexts[self.teacher_key].text
-        teacher = probs(self.contexts[self.teacher_key]).argmax(-1)
-        out: dict[str, Any] = {"teacher_k": self.teacher_key, "teacher_accuracy":
-                               round(100 * float((teacher == gold).float().mean()), 2)}  # fmt: skip
-        for kind, seeds in (("reordered", (1, 2, 3)), ("redrawn", (1, 2))):
-            runs = []
-            for s in seeds:
-                if kind == "reordered":
-                    order = demos[:]
-                    random.Random(s).shuffle(order)
-                else:
-                    order = choose_demos(self.pool, 16, seed=s, balanced=True)
-                ctx = build_context(self.probe, order, self.instructions)
-                pred = probs(ctx).argmax(-1)
-                runs.append({"seed": s, "context_tokens": len(ctx.token_ids),
-                             "agreement": round(100 * float((pred == teacher).float().mean()), 2),
-                             "accuracy": round(100 * float((pred == gold).float().mean()), 2)})  # fmt: skip
-            out[kind] = runs
-        return out
-
-    @torch.no_grad()
     def run_margins(self, key: str) -> dict[str, Any]:
-        """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin
-        (its top class probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows,
-        and on the first --margin-train-n training inputs of the -long rows (what the student was fitted to: a
-        student that agrees there no better than on held-out rows underfits, one that agrees far better overfits)."""
-        from softprompt.checkpoint import load_prompt
-        from softprompt.evaluate import class_probs
-        from softprompt.icl import context_prefix
-        from softprompt.methods import checkpoint_prefix
-
-        buckets = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
-        fit_rows = self.probe.encode_file(self.long_rows())[0][: self.a.margin_train_n]
-        teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-        out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {}}
-        for name, r in sorted(self.done.items()):
-            path = self.checkpoint(name)
-            if r.get("task") != key or "agreement" not in r or not path.is_file():
-                continue
-            k = r.get("teacher_k", 16)
-            if k not in teachers:
-                prefix = context_prefix(self.pm0, self.contexts[k])
-                teachers[k] = tuple(class_probs(self.pm0, prefix, rows, self.label_ids)
-                                    for rows in (self.eval_set, fit_rows))  # type: ignore[assignment]  # fmt: skip
-            t, t_fit = teachers[k]
-            student = checkpoint_prefix(self.pm0, [load_prompt(path)])
-            s, s_fit = (class_probs(self.pm0, student, rows, self.label_ids) for rows in (self.eval_set, fit_rows))
-            top2 = t.topk(2, dim=-1).values
-            margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
-            rows = []
-            for lo, hi in buckets:
-                sel = (margin >= lo) & (margin < hi)
-                rows.append({"rows": int(sel.sum()), "agree": int((same & sel).sum())})
-            fit = float((t_fit.argmax(-1) == s_fit.argmax(-1)).float().mean())
-            out["prompts"][name] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
-                                    "train_agreement": round(100 * fit, 2), "by_margin": rows}  # fmt: skip
-        return out
+        return margins(self, key)
 
     # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation (bench.compile_weights) ------------------
     def run_minilm_pt(self, key: str) -> dict[str, Any]:

@@ -1,0 +1,112 @@
+"""bench.compile's diagnostics of its distilled prompts: the scale for their agreement (the teacher against itself
+with its demonstrations reordered or redrawn: --methods teacher-noise), where they disagree with their teachers (by
+the teacher's margin, and on the inputs they were fitted to: --methods margins), and the boundary-heavy inputs of
+distill-deep-boundary. `study` is bench.compile's Study (its arguments, samples, models and record)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from bench.compile import Study
+
+
+@torch.no_grad()
+def boundary_rows(study: Study, key: str) -> str:
+    """--long-train-n unlabelled inputs, half of them the ones nearest the teacher's decision boundary: among
+    2 x --long-train-n rows of the sample, the half of the output with the smallest teacher margins (top class
+    minus second, T = 1), the other half drawn (seed 0) from the remaining rows."""
+    from softprompt.evaluate import class_probs
+    from softprompt.icl import context_prefix
+
+    pool = study.long_rows(2)
+    lines = Path(pool).read_text(encoding="utf-8").splitlines()
+    enc, _, _ = study.probe.encode_file(pool)
+    assert len(enc) == len(lines)
+    prefix = context_prefix(study.pm0, study.contexts[study.teacher_key])
+    top2 = class_probs(study.pm0, prefix, enc, study.label_ids).topk(2, dim=-1).values
+    order = (top2[:, 0] - top2[:, 1]).argsort().tolist()  # nearest the boundary first
+    half = study.a.long_train_n // 2
+    rest = order[half:]
+    random.Random(0).shuffle(rest)
+    chosen = sorted(order[:half] + rest[: study.a.long_train_n - half])
+    out = study.tmp / f"{key}-boundary.jsonl"
+    out.write_text("".join(lines[i] + "\n" for i in chosen), encoding="utf-8")
+    return str(out)
+
+
+@torch.no_grad()
+def teacher_noise(study: Study, key: str) -> dict[str, Any]:
+    """The scale for a student's agreement: how often the deep students' teacher agrees with itself when its 16
+    demonstrations come in another order (seeds 1-3: the same information), and with equally made teachers
+    whose 16 demonstrations are another balanced draw from the same pool (seeds 1-2), on the evaluation rows."""
+    from softprompt.evaluate import class_probs
+    from softprompt.icl import build_context, choose_demos, context_prefix
+
+    def probs(ctx) -> torch.Tensor:
+        return class_probs(study.pm0, context_prefix(study.pm0, ctx), study.eval_set, study.label_ids)
+
+    gold = torch.tensor([int(e.label or 0) for e in study.eval_set])
+    demos = choose_demos(study.pool, 16, seed=0, balanced=True)
+    assert build_context(study.probe, demos, study.instructions).text == study.contexts[study.teacher_key].text
+    teacher = probs(study.contexts[study.teacher_key]).argmax(-1)
+    out: dict[str, Any] = {"teacher_k": study.teacher_key, "teacher_accuracy":
+                           round(100 * float((teacher == gold).float().mean()), 2)}  # fmt: skip
+    for kind, seeds in (("reordered", (1, 2, 3)), ("redrawn", (1, 2))):
+        runs = []
+        for s in seeds:
+            if kind == "reordered":
+                order = demos[:]
+                random.Random(s).shuffle(order)
+            else:
+                order = choose_demos(study.pool, 16, seed=s, balanced=True)
+            ctx = build_context(study.probe, order, study.instructions)
+            pred = probs(ctx).argmax(-1)
+            runs.append({"seed": s, "context_tokens": len(ctx.token_ids),
+                         "agreement": round(100 * float((pred == teacher).float().mean()), 2),
+                         "accuracy": round(100 * float((pred == gold).float().mean()), 2)})  # fmt: skip
+        out[kind] = runs
+    return out
+
+
+@torch.no_grad()
+def margins(study: Study, key: str) -> dict[str, Any]:
+    """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin
+    (its top class probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows,
+    and on the first --margin-train-n training inputs of the -long rows (what the student was fitted to: a
+    student that agrees there no better than on held-out rows underfits, one that agrees far better overfits)."""
+    from softprompt.checkpoint import load_prompt
+    from softprompt.evaluate import class_probs
+    from softprompt.icl import context_prefix
+    from softprompt.methods import checkpoint_prefix
+
+    buckets = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
+    fit_rows = study.probe.encode_file(study.long_rows())[0][: study.a.margin_train_n]
+    teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {}}
+    for name, r in sorted(study.done.items()):
+        path = study.checkpoint(name)
+        if r.get("task") != key or "agreement" not in r or not path.is_file():
+            continue
+        k = r.get("teacher_k", 16)
+        if k not in teachers:
+            prefix = context_prefix(study.pm0, study.contexts[k])
+            teachers[k] = tuple(class_probs(study.pm0, prefix, rows, study.label_ids)
+                                for rows in (study.eval_set, fit_rows))  # type: ignore[assignment]  # fmt: skip
+        t, t_fit = teachers[k]
+        student = checkpoint_prefix(study.pm0, [load_prompt(path)])
+        s, s_fit = (class_probs(study.pm0, student, rows, study.label_ids) for rows in (study.eval_set, fit_rows))
+        top2 = t.topk(2, dim=-1).values
+        margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
+        rows = []
+        for lo, hi in buckets:
+            sel = (margin >= lo) & (margin < hi)
+            rows.append({"rows": int(sel.sum()), "agree": int((same & sel).sum())})
+        fit = float((t_fit.argmax(-1) == s_fit.argmax(-1)).float().mean())
+        out["prompts"][name] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
+                                "train_agreement": round(100 * fit, 2), "by_margin": rows}  # fmt: skip
+    return out
