@@ -32,7 +32,8 @@ input at the positions it has behind the teacher's context, --student-positions 
 `distill-deep-batch-more` (4 epochs in batches of 4x --batch over 2x the inputs: 2x the steps) and
 `distill-deep-data-twice` (2 epochs in those batches over 4x the inputs: the same 2x the steps);
 `distill-deep-reparam` (distill-deep-long trained through the --deep-reparam MLP, prefix tuning's
-reparameterisation, at a tenth of --deep-lr); `distill-deep-self`
+reparameterisation, at a tenth of --deep-lr); `distill-deep-alpha` (distill-deep-long with --alpha times the
+labelled cross-entropy added to the KL: the training rows' own labels); `distill-deep-self`
 (distill-deep-long's budget on --long-train-n inputs the model writes itself behind the teacher's context:
 softprompt.icl.self_study, seed 0, instead of the training rows);
 `distill-deep-boundary` (distill-deep-long's budget; half its inputs the ones nearest the teacher's decision
@@ -90,7 +91,7 @@ METHODS = (
     "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
     "distill-deep-batch", "distill-deep-reparam", "teacher-noise", "distill-deep-data",
-    "distill-deep-batch-more", "distill-deep-data-twice",
+    "distill-deep-batch-more", "distill-deep-data-twice", "distill-deep-alpha",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -108,6 +109,7 @@ DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "distill-deep-data-twice": lambda a: {"batch": 4 * a.batch, "rows": 4, "epochs": 2},  # 2 epochs, 4x the inputs
     # an lr step of the MLP's last layer moves every K/V entry by up to width x lr: a tenth of --deep-lr
     "distill-deep-reparam": lambda a: {"reparam": a.deep_reparam, "lr": a.deep_lr / 10},
+    "distill-deep-alpha": lambda a: {"alpha": a.alpha},  # + --alpha x the labelled cross-entropy
     "distill-deep-vocab": lambda a: {"vocab_kl": a.vocab_kl},  # + the whole-vocabulary KL at the answer
     "distill-deep-input": lambda a: {"vocab_kl": a.vocab_kl, "vocab_at": "input"},  # that KL at every position
     "distill-deep-anchors": lambda a: {"student_init": "anchors"},  # from the teacher's own label-word K/V
@@ -520,6 +522,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-temperature", type=float, default=0.05, help="distill-deep-hard's --teacher-temperature")
     p.add_argument("--vocab-kl", type=float, default=1.0, help="distill-deep-vocab's --vocab-kl weight")
     p.add_argument("--deep-lr", type=float, default=0.01, help="the deep students' peak lr (distill-deep*)")
+    p.add_argument("--alpha", type=float, default=0.5, help="distill-deep-alpha's weight of the labelled loss")
     p.add_argument("--deep-reparam", type=int, default=512, help="distill-deep-reparam's --deep-reparam width")
     p.add_argument("--long-steps", type=int, default=250, help="the *-long methods' steps")
     p.add_argument("--long-train-n", type=int, default=2000, help="the *-long methods' training rows (a superset)")

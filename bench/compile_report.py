@@ -57,6 +57,7 @@ ROWS = [  # (method key, label)
     ("distill-deep-batch-more", "the same deep student, 2× the inputs, 4 epochs in batches 4× as large"),
     ("distill-deep-data-twice", "the same deep student, 4× the inputs, 2 epochs in batches 4× as large"),
     ("distill-deep-reparam", "the same deep student, more inputs and steps, trained through an MLP (--deep-reparam)"),
+    ("distill-deep-alpha", "the same deep student, more inputs and steps, + the labelled loss (--alpha)"),
     ("distill-deep-best", "the same deep student distilled from the best ICL context"),
     ("lora", "LoRA, rank 8, q/k/v/o (PEFT)"),
     ("lora-long", "LoRA, more rows and steps"),
@@ -75,7 +76,7 @@ DISTILLED = ("distill", "distill-sharp", "distill-deep", "distill-deep-long", "d
              "distill-deep-input", "distill-deep-anchors", "distill-deep-pos",
              "distill-deep-pos-anchors", "distill-deep-epochs", "distill-deep-batch",
              "distill-deep-reparam", "distill-deep-data", "distill-deep-batch-more",
-             "distill-deep-data-twice")  # fmt: skip
+             "distill-deep-data-twice", "distill-deep-alpha")  # fmt: skip
 HEADER = ["method", "accuracy %", "trainable params", "checkpoint bytes", "train s/step", "peak RSS MiB",
           "latency ms/example", "× zero-shot", "per-task K/V bytes"]  # fmt: skip
 
@@ -332,7 +333,8 @@ def render(
         "",
         "A distilled prompt's teacher is a 16-shot context, as the targets name it (each row names its teacher; the "
         "deep students' is the task's 16-shot context of long demonstrations where there is one), except the row "
-        "distilled from the best ICL context. Its inputs were the training rows without their labels (`--alpha 0`). "
+        "distilled from the best ICL context. Its inputs were the training rows without their labels (`--alpha 0`; "
+        "distill-deep-alpha also learned from their labels). "
         "The demonstrations are balanced per class and drawn with seed 0 from the training sample (the long ones "
         "from its rows of at least that many words). Every context starts with the task's hand-written "
         "instructions, the `k = 0` row. The deep students (`--method deep`) start from the keys/values of those "
