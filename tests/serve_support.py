@@ -3,6 +3,7 @@ with proper metadata, and an in-process client over httpx's ASGI transport."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -16,10 +17,13 @@ from tiny import tiny_model_dir
 
 from softprompt.checkpoint import save_prompt
 from softprompt.config import ModelConfig
+from softprompt.data import Template
 from softprompt.models import Backbone, load_backbone
 from softprompt.serve import Registry, Scheduler, create_app
 
 ADMIN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+TOL = 1e-5  # served probabilities vs Predictor alone
 
 
 def lively_model_dir(kind: str, root: Path) -> Path:
@@ -114,3 +118,36 @@ def sse_events(text: str) -> list[Any]:
                 data = line[6:]
                 out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def write_causal_prompts(d: Path, model_dir: Path, bb: Any) -> Path:
+    """Five prompts in `d` for a causal backbone: three classify tasks (2, 3, 2 labels) and two generate tasks."""
+    make_prompt(d / "sentiment.safetensors", bb, model_dir, tokens=4, seed=1, template="Review: {text} Sentiment:",
+                labels=["negative", "positive"], words=["bad", "good"])  # fmt: skip
+    make_prompt(d / "topic.safetensors", bb, model_dir, tokens=7, seed=2, template="{text}\nTopic:",
+                labels=["sport", "politics", "science"], words=["sports", "world politics", "science"])  # fmt: skip
+    make_prompt(d / "nli.safetensors", bb, model_dir, tokens=3, seed=3,
+                template="{premise} Question: {hypothesis}? Answer:", labels=["yes", "no"])  # fmt: skip
+    make_prompt(d / "qa.safetensors", bb, model_dir, tokens=5, seed=4, task="generate", template="Q: {q} A:")
+    make_prompt(d / "summ.safetensors", bb, model_dir, tokens=9, seed=5, task="generate",
+                template="Text: {text}\nSummary:")  # fmt: skip
+    return d
+
+
+def fill(reg: Registry, task: str, x: str | dict[str, str]) -> str:
+    """The text the server builds for `x` (one field's value, or every field) in `task`'s template."""
+    template = Template(reg.get(task).spec.template)
+    return template.fill(x if isinstance(x, dict) else {template.fields[0]: x}, "test")
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def assert_same(server: dict[str, Any], alone: dict[str, Any]) -> None:
+    """A served classify result equals Predictor's alone: the label, and every probability within TOL."""
+    assert server["label"] == alone["label"]
+    probs = alone.get("probs", alone.get("probabilities"))
+    assert server["probabilities"].keys() == probs.keys()
+    for k, v in probs.items():
+        assert abs(server["probabilities"][k] - v) <= TOL, (k, server["probabilities"][k], v)
