@@ -1,6 +1,7 @@
 """softprompt.serve in-process: every endpoint and error through httpx's ASGI transport, exactness of mixed-task
 batches against `softprompt predict` / Predictor alone, iteration-level generation, the OpenAI API, metrics, errors
-and limits, graceful shutdown, and decoder-head tasks beside verbalizer tasks (admin changes, refusals, many tasks and other backbones: test_serve_tasks.py).
+and limits, graceful shutdown, and decoder-head tasks beside verbalizer tasks (admin changes, refusals, many tasks
+and other backbones: test_serve_tasks.py).
 
 Models are tiny and random (tests/tiny.py), re-drawn at a larger scale so that outputs depend on input and prompt.
 """
