@@ -32,6 +32,7 @@ ROWS = [  # (method key, label)
     ("icl16-long-uncached", "ICL, k = 16 long demonstrations, no context cache"),
     ("pt", "prompt tuning"),
     ("pt-long", "prompt tuning, more rows and steps"),
+    ("pt-deep", "deep prompt tuning (per-layer K/V from the instructions, labels)"),
     ("distill", "prompt distilled from the 16-shot context"),
     ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
     ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
@@ -297,6 +298,12 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         ok = pt_acc > best["accuracy"]
         out.append(f"- {TASK_NAMES[key]}: prompt tuning beats the best in-context setting ({best['method']}): "
                    f"{pt_acc:.1f}%{over} vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
+        if res.get(f"{key}:pt-deep"):  # softprompt's other prompt method, at the same rows and steps
+            reps = seeds(res, f"{key}:pt-deep")
+            acc = mean(reps, "accuracy")
+            met = "met" if acc > best["accuracy"] else "MISSED"
+            out.append(f"  - deep prompt tuning (`--method deep`, the same rows and steps): {acc:.1f}%"
+                       f"{over_seeds(reps)} vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip
         if long := res.get(f"{key}:pt-long"):
             reps = seeds(res, f"{key}:pt-long")
             acc = mean(reps, "accuracy")

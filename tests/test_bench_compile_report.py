@@ -163,3 +163,19 @@ def test_the_best_agreeing_distilled_prompt_is_chosen_by_its_mean_over_seeds(tmp
     page = compile_report.render(res)
     assert "distill-sharp agrees best with its teacher (distill 93.0%*, distill-sharp 94.0%; *: the mean" in page
     assert "agreement with the teacher ≥ 95% of the held-out inputs: 94.0% — MISSED" in page
+
+
+def test_deep_prompt_tuning_is_judged_beside_prompt_tuning_not_instead(tmp_path: Path) -> None:
+    """pt-deep (deep prompt tuning on the labels, the table's rows and steps) gets its own line under the prompt
+    tuning target, judged by its mean over seeds; the target's verdict stays plain prompt tuning's."""
+    path = fake(tmp_path / "r.jsonl")
+    extra = [rec("agnews", "pt-deep", 62.0, steps=40), rec("agnews", "pt-deep", 59.0, steps=40, seed=1,
+             name="agnews:pt-deep@s1")]  # fmt: skip
+    path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    page = compile_report.render(compile_report.load(path))
+    assert "AG News: prompt tuning beats the best in-context setting (icl8): 55.0% vs 60.0% — MISSED" in page
+    assert (
+        "  - deep prompt tuning (`--method deep`, the same rows and steps): 60.5% (the mean over seeds 0, 1) vs 60.0%"
+        " — met." in page
+    )
+    assert "| deep prompt tuning (per-layer K/V from the instructions, labels) | 62.0; seeds 0, 1: 62.0 / 59.0" in page
