@@ -78,7 +78,8 @@ def margins(study: Study, key: str) -> dict[str, Any]:
     """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin
     (its top class probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows,
     and on the first --margin-train-n training inputs of the -long rows (what the student was fitted to: a
-    student that agrees there no better than on held-out rows underfits, one that agrees far better overfits)."""
+    student that agrees there no better than on held-out rows underfits, one that agrees far better overfits).
+    `missing`: the recorded distilled prompts whose checkpoints are not on this machine (not measured)."""
     from softprompt.checkpoint import load_prompt
     from softprompt.evaluate import class_probs
     from softprompt.icl import context_prefix
@@ -87,10 +88,14 @@ def margins(study: Study, key: str) -> dict[str, Any]:
     buckets = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
     fit_rows = study.probe.encode_file(study.long_rows())[0][: study.a.margin_train_n]
     teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-    out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {}}
+    out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {},
+                           "missing": []}  # fmt: skip
     for name, r in sorted(study.done.items()):
         path = study.checkpoint(name)
-        if r.get("task") != key or "agreement" not in r or not path.is_file():
+        if r.get("task") != key or "agreement" not in r:
+            continue
+        if not path.is_file():  # recorded, but its checkpoint (--out, not committed) is not on this machine
+            out["missing"].append(name)
             continue
         k = r.get("teacher_k", 16)
         if k not in teachers:
