@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from archs import arch_model_dir
+from serve_support import lively_model_dir, load
 from tiny import tiny_model_dir
 
 from softprompt.models import Backbone, load_backbone
@@ -111,3 +112,16 @@ def arch_backbone(arch_root: Path) -> Callable[[str], Backbone]:
         return cache[arch_id]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def serve_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for the serve tests' models (tests/test_serve*.py)."""
+    return tmp_path_factory.mktemp("serve-models")
+
+
+@pytest.fixture(scope="session")
+def serve_llama(serve_root: Path) -> tuple[Path, Backbone]:
+    """The serve tests' tiny llama, re-drawn so that outputs depend on input and prompt: (its folder, backbone)."""
+    d = lively_model_dir("llama", serve_root)
+    return d, load(d)

@@ -21,8 +21,6 @@ import pytest
 from serve_support import (
     assert_same,
     fill,
-    lively_model_dir,
-    load,
     make_prompt,
     run,
     served,
@@ -39,25 +37,14 @@ from softprompt.serve.registry import TaskEntry
 
 # ---- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("serve-models")
-
-
-@pytest.fixture(scope="module")
-def llama(root: Path) -> tuple[Path, Any]:
-    d = lively_model_dir("llama", root)
-    return d, load(d)
-
-
-@pytest.fixture(scope="module")
-def prompts(llama: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d, bb = llama
+def prompts(serve_llama: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d, bb = serve_llama
     return write_causal_prompts(tmp_path_factory.mktemp("prompts"), d, bb)
 
 
 @pytest.fixture(scope="module")
-def reg(llama: tuple[Path, Any], prompts: Path) -> Registry:
-    return Registry(llama[1], prompts)
+def reg(serve_llama: tuple[Path, Any], prompts: Path) -> Registry:
+    return Registry(serve_llama[1], prompts)
 
 
 CLASSIFY_CASES: list[tuple[str, Any]] = [
@@ -72,7 +59,7 @@ CLASSIFY_CASES: list[tuple[str, Any]] = [
 
 # ---- exactness -----------------------------------------------------------------------------------------
 def test_mixed_task_classify_batch_equals_predict_alone(
-    llama: tuple[Path, Any], prompts: Path, reg: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    serve_llama: tuple[Path, Any], prompts: Path, reg: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def go() -> tuple[list[Any], list[Any]]:
         async with served(reg, max_wait_ms=400) as (c, s):
@@ -82,7 +69,7 @@ def test_mixed_task_classify_batch_equals_predict_alone(
 
     results, history = run(go())
     assert any(b.kind == "classify" and b.tasks == 3 and b.rows == len(CLASSIFY_CASES) for b in history), history
-    bb = llama[1]
+    bb = serve_llama[1]
     for (task, x), res in zip(CLASSIFY_CASES, results, strict=True):
         assert res["task"] == task and len(res["results"]) == 1
         pred = Predictor.load(str(prompts / f"{task}.safetensors"), backbone=bb)
@@ -96,8 +83,8 @@ def test_mixed_task_classify_batch_equals_predict_alone(
     assert_same(results[1]["results"][0], json.loads(capsys.readouterr().out.strip()))
 
 
-def test_ensemble_of_tasks_equals_predictor_ensemble(llama: tuple[Path, Any], tmp_path: Path) -> None:
-    d, bb = llama
+def test_ensemble_of_tasks_equals_predictor_ensemble(serve_llama: tuple[Path, Any], tmp_path: Path) -> None:
+    d, bb = serve_llama
     for k in range(3):  # three prompts of one task (as if trained with different seeds)
         make_prompt(tmp_path / f"s{k}.safetensors", bb, d, tokens=3 + k, seed=10 + k, template="Review: {text} Mood:",
                     labels=["negative", "positive"], words=["bad", "good"])  # fmt: skip
@@ -157,7 +144,9 @@ GEN_CASES = [("qa", "what is the capital of france", 24), ("summ", "the cat sat 
              ("qa", "who", 11), ("summ", "x", 3), ("qa", "name a large river in africa please", 16)]  # fmt: skip
 
 
-def test_iteration_level_generation_is_token_identical(llama: tuple[Path, Any], prompts: Path, reg: Registry) -> None:
+def test_iteration_level_generation_is_token_identical(
+    serve_llama: tuple[Path, Any], prompts: Path, reg: Registry
+) -> None:
     """Requests join a running decode batch between steps and leave when done; each row's greedy tokens equal
     PromptedModel.generate for that input and prompt alone."""
 
@@ -190,7 +179,7 @@ def test_iteration_level_generation_is_token_identical(llama: tuple[Path, Any], 
     kinds = [b.kind for b in history]
     assert "prefill" in kinds[kinds.index("decode") :], kinds  # a prefill after decoding started: a join
     assert any(b.kind == "decode" and b.tasks == 2 and b.rows >= 3 for b in history)
-    bb, pad = llama[1], reg.pm.pad_id
+    bb, pad = serve_llama[1], reg.pm.pad_id
     for (task, x, n), res in zip(GEN_CASES, results, strict=True):
         pred = Predictor.load(str(prompts / f"{task}.safetensors"), backbone=bb)
         want = _greedy_ids(pred, fill(reg, task, x), n)
@@ -199,7 +188,9 @@ def test_iteration_level_generation_is_token_identical(llama: tuple[Path, Any], 
         assert len(want) == n or res["finish_reason"] == "stop"
 
 
-def test_generate_endpoint_stream_sampling_and_stop(prompts: Path, llama: tuple[Path, Any], reg: Registry) -> None:
+def test_generate_endpoint_stream_sampling_and_stop(
+    prompts: Path, serve_llama: tuple[Path, Any], reg: Registry
+) -> None:
     body = {"task": "qa", "input": "what is the capital of france", "max_new_tokens": 12}
 
     async def go() -> dict[str, httpx.Response]:
@@ -217,7 +208,7 @@ def test_generate_endpoint_stream_sampling_and_stop(prompts: Path, llama: tuple[
 
     r = run(go())
     greedy = r["greedy"].json()
-    pred = Predictor.load(str(prompts / "qa.safetensors"), backbone=llama[1])
+    pred = Predictor.load(str(prompts / "qa.safetensors"), backbone=serve_llama[1])
     assert greedy["output"] == pred.generate([fill(reg, "qa", body["input"])], max_new_tokens=12)[0]
     assert greedy["usage"]["output_tokens"] == 12 and greedy["finish_reason"] == "length"
     assert r["obj"].json()["output"] == greedy["output"]
@@ -497,10 +488,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(reg: Registry) -> None:
     assert refused.status_code == 503 and health == 503
 
 
-def test_decoder_head_tasks_mix_with_verbalizer_tasks(llama: tuple[Path, Any], prompts: Path, tmp_path: Path) -> None:
+def test_decoder_head_tasks_mix_with_verbalizer_tasks(
+    serve_llama: tuple[Path, Any], prompts: Path, tmp_path: Path
+) -> None:
     """A decoder prompt trained with --head linear is served by its head, in the same batch as verbalizer tasks,
     each row equal to Predictor alone; one without its head tensors is refused."""
-    model_dir, bb = llama
+    model_dir, bb = serve_llama
     for name in ("sentiment", "topic"):
         (tmp_path / f"{name}.safetensors").write_bytes((prompts / f"{name}.safetensors").read_bytes())
     make_prompt(tmp_path / "headed.safetensors", bb, model_dir, tokens=5, seed=7, head="linear", linear_head=True,

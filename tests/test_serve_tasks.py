@@ -36,28 +36,17 @@ from softprompt.checkpoint import _encode_meta, load_prompt
 from softprompt.serve import Registry
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("serve-models")
-
-
-@pytest.fixture(scope="module")
-def llama(root: Path) -> tuple[Path, Any]:
-    d = lively_model_dir("llama", root)
-    return d, load(d)
-
-
 # ---- admin ---------------------------------------------------------------------------------------------
 @pytest.fixture
-def admin_reg(llama: tuple[Path, Any], tmp_path: Path) -> Registry:
+def admin_reg(serve_llama: tuple[Path, Any], tmp_path: Path) -> Registry:
     d = tmp_path / "prompts"
     d.mkdir()
-    write_causal_prompts(d, llama[0], llama[1])
-    return Registry(llama[1], d)
+    write_causal_prompts(d, serve_llama[0], serve_llama[1])
+    return Registry(serve_llama[1], d)
 
 
-def test_admin_add_replace_remove_persist(admin_reg: Registry, llama: tuple[Path, Any], tmp_path: Path) -> None:
-    model_dir, bb = llama
+def test_admin_add_replace_remove_persist(admin_reg: Registry, serve_llama: tuple[Path, Any], tmp_path: Path) -> None:
+    model_dir, bb = serve_llama
     v1 = make_prompt(tmp_path / "v1.safetensors", bb, model_dir, tokens=6, seed=11, template="Mood: {text}",
                      labels=["sad", "happy"])  # fmt: skip
     v2 = make_prompt(tmp_path / "v2.safetensors", bb, model_dir, tokens=2, seed=12, template="Mood: {text}",
@@ -108,11 +97,11 @@ def test_admin_add_replace_remove_persist(admin_reg: Registry, llama: tuple[Path
     assert "mood.copy" in admin_reg.names()
 
 
-def test_admin_validation_auth_and_limits(admin_reg: Registry, llama: tuple[Path, Any], root: Path,
+def test_admin_validation_auth_and_limits(admin_reg: Registry, serve_llama: tuple[Path, Any], serve_root: Path,
                                           tmp_path: Path) -> None:  # fmt: skip
-    model_dir, bb = llama
+    model_dir, bb = serve_llama
     good = make_prompt(tmp_path / "good.safetensors", bb, model_dir, tokens=3, seed=1)
-    other_bb = load(tiny_model_dir("qwen2", root))  # same dim, another model: fingerprint differs
+    other_bb = load(tiny_model_dir("qwen2", serve_root))  # same dim, another model: fingerprint differs
     foreign = make_prompt(tmp_path / "foreign.safetensors", other_bb, "qwen2", tokens=3)
     big = make_prompt(tmp_path / "big.safetensors", bb, model_dir, tokens=600)
     before = sorted(p.name for p in admin_reg.dir.iterdir())
@@ -152,12 +141,12 @@ def test_admin_validation_auth_and_limits(admin_reg: Registry, llama: tuple[Path
     assert "qa" in admin_reg.names()
 
 
-def test_refused_prompts_at_start(llama: tuple[Path, Any], root: Path, tmp_path: Path,
+def test_refused_prompts_at_start(serve_llama: tuple[Path, Any], serve_root: Path, tmp_path: Path,
                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    model_dir, bb = llama
+    model_dir, bb = serve_llama
     make_prompt(tmp_path / "ok.safetensors", bb, model_dir)
-    make_prompt(tmp_path / "foreign.safetensors", load(tiny_model_dir("qwen2", root)), "qwen2")
-    bert = load(tiny_model_dir("bert", root))
+    make_prompt(tmp_path / "foreign.safetensors", load(tiny_model_dir("qwen2", serve_root)), "qwen2")
+    bert = load(tiny_model_dir("bert", serve_root))
     from softprompt.checkpoint import save_prompt
 
     save_prompt(
@@ -185,8 +174,8 @@ def test_refused_prompts_at_start(llama: tuple[Path, Any], root: Path, tmp_path:
 
 
 # ---- scale ---------------------------------------------------------------------------------------------
-def test_thousand_tasks_with_a_bounded_kv_cache(root: Path, tmp_path: Path) -> None:
-    d = tiny_model_dir("llama", root)
+def test_thousand_tasks_with_a_bounded_kv_cache(serve_root: Path, tmp_path: Path) -> None:
+    d = tiny_model_dir("llama", serve_root)
     bb = load(d)
     src = make_prompt(tmp_path / "src.bin", bb, d, tokens=2, template="Q: {text}", labels=["a", "b", "c"])
     meta = {k: v for k, v in load_prompt(src).meta.items() if k not in ("format", "format_version")}
@@ -217,8 +206,8 @@ def test_thousand_tasks_with_a_bounded_kv_cache(root: Path, tmp_path: Path) -> N
 
 
 # ---- other model families ------------------------------------------------------------------------------
-def test_encoder_mixed_heads_equal_predict(root: Path, tmp_path: Path) -> None:
-    d = tiny_model_dir("bert", root)
+def test_encoder_mixed_heads_equal_predict(serve_root: Path, tmp_path: Path) -> None:
+    d = tiny_model_dir("bert", serve_root)
     bb = load(d)
     make_prompt(
         tmp_path / "lin2.safetensors", bb, d, tokens=3, seed=1, head="linear", linear_head=True, labels=["n", "p"]
@@ -246,8 +235,8 @@ def test_encoder_mixed_heads_equal_predict(root: Path, tmp_path: Path) -> None:
     assert gen.status_code == 400
 
 
-def test_encoder_decoder_classify_and_generate(root: Path, tmp_path: Path) -> None:
-    d = lively_model_dir("t5", root)
+def test_encoder_decoder_classify_and_generate(serve_root: Path, tmp_path: Path) -> None:
+    d = lively_model_dir("t5", serve_root)
     bb = load(d)
     make_prompt(tmp_path / "yn.safetensors", bb, d, tokens=3, seed=1, labels=["yes", "no"], template="{text} ?")
     make_prompt(tmp_path / "topic.safetensors", bb, d, tokens=5, seed=2, labels=["s", "p"],
