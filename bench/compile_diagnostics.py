@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from bench.compile import Study
+# bench.compile.Study, which calls these (imported from it, this module does not import it back: no cycle)
+Study = Any
 
 
 @torch.no_grad()
