@@ -46,7 +46,8 @@ fine-tuning with bench.quality_experiments.encoder_reference), `minilm-lora` (Lo
 projections + the head, the same reference) and their `-long` variants; `lora-long`, `ft-long` (LoRA and full
 fine-tuning with pt-long's rows and steps); `teacher-noise` (the deep students' teacher against itself with its
 demonstrations reordered, and against teachers of other draws: the scale for their agreement); `margins` (each saved
-distilled prompt's agreement with its teacher by the teacher's top-2 margin).
+distilled prompt's agreement with its teacher by the teacher's top-2 margin) and `margins-dev` (the same on every
+row of the evaluation split, the table's rows first: agreement measured on more held-out rows).
 
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
 and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
@@ -92,7 +93,7 @@ METHODS = (
     "lora-long", "ft-long", "distill-deep-self", "distill-deep-fast", "distill-deep-input",
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
     "distill-deep-batch", "distill-deep-reparam", "teacher-noise", "distill-deep-data",
-    "distill-deep-batch-more", "distill-deep-data-twice", "distill-deep-alpha", "pt-deep",
+    "distill-deep-batch-more", "distill-deep-data-twice", "distill-deep-alpha", "pt-deep", "margins-dev",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -120,7 +121,7 @@ DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 # the ICL rows: their contexts
 ICL_K: dict[str, int | str] = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}
 # rows that --seed does not change (the demonstrations are drawn with seed 0)
-UNTRAINED = ("zero", "margins", "teacher-noise", *ICL_K)
+UNTRAINED = ("zero", "margins", "margins-dev", "teacher-noise", *ICL_K)
 
 
 def reset_peak() -> None:
@@ -215,7 +216,7 @@ class Study:
         }
         self.teacher_key: int | str = 16  # the teacher of the distill-deep rows: the long context where there is one
         self.pool = pool  # where the teacher's demonstrations come from
-        needs_long = any(m.startswith(("icl16-long", "distill-deep", "teacher-")) or m == "margins" for m in todo)
+        needs_long = any(m.startswith(("icl16-long", "distill-deep", "teacher-", "margins")) for m in todo)
         if t.long_demo_words and needs_long:  # 16 balanced demonstrations (seed 0) among the rows of >= N words
             self.pool = [s for s in pool if len(s.record[self.spec.fields[0]].split()) >= t.long_demo_words]
             self.contexts["16long"] = build_context(probe, choose_demos(self.pool, 16, seed=0, balanced=True),
@@ -487,6 +488,13 @@ class Study:
 
     def run_margins(self, key: str) -> dict[str, Any]:
         return margins(self, key)
+
+    def run_margins_dev(self, key: str) -> dict[str, Any]:  # margins on every row of the evaluation split
+        files = sample(TASKS[key], self.a.train_n, 10**9, self.tmp / "dev")
+        assert not isinstance(files, str), files
+        rows = self.probe.encode_file(files[1])[0]
+        assert [r.input_ids for r in rows[: len(self.eval_set)]] == [r.input_ids for r in self.eval_set]  # a superset
+        return margins(self, key, rows)
 
     # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation (bench.compile_weights) ------------------
     def run_minilm_pt(self, key: str) -> dict[str, Any]:

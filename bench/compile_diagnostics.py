@@ -74,22 +74,26 @@ def teacher_noise(study: Study, key: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def margins(study: Study, key: str) -> dict[str, Any]:
+def margins(study: Study, key: str, eval_rows: list[Any] | None = None) -> dict[str, Any]:
     """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin
     (its top class probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows,
     and on the first --margin-train-n training inputs of the -long rows (what the student was fitted to: a
     student that agrees there no better than on held-out rows underfits, one that agrees far better overfits).
-    `missing`: the recorded distilled prompts whose checkpoints are not on this machine (not measured)."""
+    `missing`: the recorded distilled prompts whose checkpoints are not on this machine (not measured).
+    eval_rows: other held-out rows than the table's (margins-dev: the whole evaluation split, the table's first);
+    `table_agreement` is then the agreement on its first rows, the table's (the recorded number: a check)."""
     from softprompt.checkpoint import load_prompt
     from softprompt.evaluate import class_probs
     from softprompt.icl import context_prefix
     from softprompt.methods import checkpoint_prefix
 
     buckets = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
+    held_out = study.eval_set if eval_rows is None else eval_rows
     fit_rows = study.probe.encode_file(study.long_rows())[0][: study.a.margin_train_n]
+    gold, n_table = torch.tensor([r.label for r in held_out]), len(study.eval_set)
     teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {},
-                           "missing": []}  # fmt: skip
+                           "missing": [], "eval_rows": len(held_out), "teacher_accuracy": {}}  # fmt: skip
     for name, r in sorted(study.done.items()):
         path = study.checkpoint(name)
         if r.get("task") != key or "agreement" not in r:
@@ -101,10 +105,11 @@ def margins(study: Study, key: str) -> dict[str, Any]:
         if k not in teachers:
             prefix = context_prefix(study.pm0, study.contexts[k])
             teachers[k] = tuple(class_probs(study.pm0, prefix, rows, study.label_ids)
-                                for rows in (study.eval_set, fit_rows))  # type: ignore[assignment]  # fmt: skip
+                                for rows in (held_out, fit_rows))  # type: ignore[assignment]  # fmt: skip
+            out["teacher_accuracy"][str(k)] = round(100 * float((teachers[k][0].argmax(-1) == gold).float().mean()), 2)
         t, t_fit = teachers[k]
         student = checkpoint_prefix(study.pm0, [load_prompt(path)])
-        s, s_fit = (class_probs(study.pm0, student, rows, study.label_ids) for rows in (study.eval_set, fit_rows))
+        s, s_fit = (class_probs(study.pm0, student, rows, study.label_ids) for rows in (held_out, fit_rows))
         top2 = t.topk(2, dim=-1).values
         margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
         rows = []
@@ -113,5 +118,7 @@ def margins(study: Study, key: str) -> dict[str, Any]:
             rows.append({"rows": int(sel.sum()), "agree": int((same & sel).sum())})
         fit = float((t_fit.argmax(-1) == s_fit.argmax(-1)).float().mean())
         out["prompts"][name] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
-                                "train_agreement": round(100 * fit, 2), "by_margin": rows}  # fmt: skip
+                                "train_agreement": round(100 * fit, 2), "by_margin": rows,
+                                "accuracy": round(100 * float((s.argmax(-1) == gold).float().mean()), 2),
+                                "table_agreement": round(100 * float(same[:n_table].float().mean()), 2)}  # fmt: skip
     return out
