@@ -18,7 +18,8 @@ stays under 400 tokens); `distill-deep` (a deep prompt, per-layer keys/values, a
 K/V of the hard prompt's own first 20 tokens, as Cartridges initialise theirs, and the teacher sharpened by
 --sharp-temperature; its teacher is the long context where the task has one); `distill-deep-long` and `pt-long` (the
 same with --long-train-n rows and --long-steps steps: a superset of the same sample's training rows);
-`pt-deep` (deep prompt tuning: distill-deep's student and budget trained on the labels, no teacher);
+`pt-deep` (deep prompt tuning: distill-deep's student and budget trained on the labels, no teacher) and
+`pt-deep-long` (the same with pt-long's rows and steps);
 `distill-deep-longer` (twice those rows and steps);
 `distill-deep-hard` (distill-deep-long with the teacher at --hard-temperature, nearly its argmax);
 `distill-deep-soft` (the same with the teacher's own distribution, T = 1); `distill-deep-fast` (the same at 3x
@@ -94,6 +95,7 @@ METHODS = (
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
     "distill-deep-batch", "distill-deep-reparam", "teacher-noise", "distill-deep-data",
     "distill-deep-batch-more", "distill-deep-data-twice", "distill-deep-alpha", "pt-deep", "margins-dev",
+    "pt-deep-long",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -391,6 +393,10 @@ class Study:
 
     def run_pt_deep(self, key: str) -> dict[str, Any]:  # deep prompt tuning: the deep students' prompt, on labels
         return self._prompt(key, "pt-deep", self.a.deep_lr, deep=True)
+
+    def run_pt_deep_long(self, key: str) -> dict[str, Any]:  # pt-deep with pt-long's rows and steps
+        return self._prompt(key, "pt-deep-long", self.a.deep_lr, deep=True, steps=self.a.long_steps,
+                            train=self.long_rows())  # fmt: skip
 
     def run_pt_long(self, key: str) -> dict[str, Any]:  # the long sample and steps of distill-deep-long
         return self._prompt(key, "pt-long", self.a.pt_lr, steps=self.a.long_steps, train=self.long_rows())

@@ -33,6 +33,7 @@ ROWS = [  # (method key, label)
     ("pt", "prompt tuning"),
     ("pt-long", "prompt tuning, more rows and steps"),
     ("pt-deep", "deep prompt tuning (per-layer K/V from the instructions, labels)"),
+    ("pt-deep-long", "deep prompt tuning, more rows and steps"),
     ("distill", "prompt distilled from the 16-shot context"),
     ("distill-sharp", "the same, teacher sharpened (--teacher-temperature)"),
     ("distill-deep", "a deep prompt (per-layer K/V) distilled, sharpened teacher"),
