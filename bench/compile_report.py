@@ -234,6 +234,13 @@ def noise_line(r: dict[str, Any]) -> str:
             f"pool on {runs('redrawn')}")  # fmt: skip
 
 
+def vs_best(res: dict[str, dict[str, Any]], name: str, best: dict[str, Any]) -> str:
+    """Run `name` judged by its mean accuracy over its seeds against `best`: "acc% (over seeds) vs best% — verdict"."""
+    reps = seeds(res, name)
+    acc = mean(reps, "accuracy")
+    return f"{acc:.1f}%{over_seeds(reps)} vs {best['accuracy']:.1f}% — {'met' if acc > best['accuracy'] else 'MISSED'}."
+
+
 def targets(res: dict[str, dict[str, Any]]) -> list[str]:
     out = ["## Targets", ""]
     for key, name in TASK_NAMES.items():
@@ -293,25 +300,14 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
             out.append(f"- {TASK_NAMES[key]}: prompt tuning vs the best ICL setting — not measured.")
             continue
         best = max(icl, key=lambda r: r["accuracy"])
-        reps = seeds(res, f"{key}:pt")
-        pt_acc = mean(reps, "accuracy")
-        over = over_seeds(reps)
-        ok = pt_acc > best["accuracy"]
         out.append(f"- {TASK_NAMES[key]}: prompt tuning beats the best in-context setting ({best['method']}): "
-                   f"{pt_acc:.1f}%{over} vs {best['accuracy']:.1f}% — {'met' if ok else 'MISSED'}.")  # fmt: skip
+                   + vs_best(res, f"{key}:pt", best))  # fmt: skip
         if res.get(f"{key}:pt-deep"):  # softprompt's other prompt method, at the same rows and steps
-            reps = seeds(res, f"{key}:pt-deep")
-            acc = mean(reps, "accuracy")
-            met = "met" if acc > best["accuracy"] else "MISSED"
-            out.append(f"  - deep prompt tuning (`--method deep`, the same rows and steps): {acc:.1f}%"
-                       f"{over_seeds(reps)} vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip
+            out.append("  - deep prompt tuning (`--method deep`, the same rows and steps): "
+                       + vs_best(res, f"{key}:pt-deep", best))  # fmt: skip
         if long := res.get(f"{key}:pt-long"):
-            reps = seeds(res, f"{key}:pt-long")
-            acc = mean(reps, "accuracy")
-            over = over_seeds(reps)
-            met = "met" if acc > best["accuracy"] else "MISSED"
             out.append(f"  - with more rows and steps ({long.get('train_rows')} rows, {long['steps']} steps): "
-                       f"{acc:.1f}%{over} vs {best['accuracy']:.1f}% — {met}.")  # fmt: skip
+                       + vs_best(res, f"{key}:pt-long", best))  # fmt: skip
     return out
 
 

@@ -45,11 +45,8 @@ def test_deep_rows_settings_are_ones_the_study_takes() -> None:
 def test_every_row_has_a_report_label() -> None:
     labels = dict(report.ROWS)
     for m in study.METHODS:
-        if m not in (
-            "margins",
-            "margins-dev",
-            "teacher-noise",
-        ):  # diagnostics: the notes and targets report them, not the table
+        # diagnostics: the notes and targets report them, not the table
+        if m not in ("margins", "margins-dev", "teacher-noise"):
             assert m in labels, f"compile_report.ROWS has no label for --methods {m}"
     for m in study.DEEP_ROWS:
         assert m in report.DISTILLED, f"{m} is distilled: compile_report.DISTILLED must list it"
