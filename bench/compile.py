@@ -55,8 +55,8 @@ and the inference latency per example at batch 1 on the same rows, timed interle
 the same run (the ratio is the robust number on a shared machine); ICL and prompts also their per-task key/value
 bytes, ICL 16 the uncached latency (the model's own forward of [BOS] context input), the distilled prompt its
 agreement with its teacher. Each finished run is appended to bench/results/compile.jsonl (--results; committed, so
-a new machine resumes the study and the page can be rebuilt) and skipped on a rerun; --seed S > 0 repeats the
-trained rows as runs NAME@sS.
+a new machine resumes the study and the page can be rebuilt) and skipped on a rerun (--redo: run again, the new
+record superseding the old); --seed S > 0 repeats the trained rows as runs NAME@sS.
 Data: fixed-seed samples of ../shared/data (read there, written to a temporary directory, never into the
 repository); a task whose files are absent is skipped with the reason.
 """
@@ -190,7 +190,7 @@ class Study:
     # ---- one task -------------------------------------------------------------------------------------
     def task(self, key: str) -> None:
         t = TASKS[key]
-        todo = [m for m in self.a.methods if self.name(key, m) not in self.done]
+        todo = [m for m in self.a.methods if self.name(key, m) not in self.done or m in self.a.redo]
         if not t.long_demo_words and "icl16-long" in todo:
             todo.remove("icl16-long")  # the task's 16-shot context is long already
         self.key = key
@@ -493,14 +493,14 @@ class Study:
         return teacher_noise(self, key)
 
     def run_margins(self, key: str) -> dict[str, Any]:
-        return margins(self, key)
+        return margins(self, key, previous=self.done.get(self.name(key, "margins")))
 
     def run_margins_dev(self, key: str) -> dict[str, Any]:  # margins on every row of the evaluation split
         files = sample(TASKS[key], self.a.train_n, 10**9, self.tmp / "dev")
         assert not isinstance(files, str), files
         rows = self.probe.encode_file(files[1])[0]
         assert [r.input_ids for r in rows[: len(self.eval_set)]] == [r.input_ids for r in self.eval_set]  # a superset
-        return margins(self, key, rows)
+        return margins(self, key, rows, previous=self.done.get(self.name(key, "margins-dev")))
 
     # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation (bench.compile_weights) ------------------
     def run_minilm_pt(self, key: str) -> dict[str, Any]:
@@ -548,6 +548,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--margin-train-n", type=int, default=300, help="margins: training inputs to measure the fit on")
     p.add_argument("--out", default=str(ROOT / "runs" / "compile"), help="checkpoints and run files")
     p.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
+    redo = "methods of --methods to run again although recorded (the new record supersedes the old; margins rows"
+    p.add_argument("--redo", default="", help=redo + " keep the measured students whose checkpoints are gone)")
     p.add_argument("--seed", type=int, default=0, help="the trained rows' seed (batches, init); > 0: runs NAME@sSEED")
     return p
 
@@ -559,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in a.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    a.redo = [m for m in a.redo.split(",") if m]
+    if stray := [m for m in a.redo if m not in a.methods]:
+        p.error(f"--redo: {', '.join(stray)} not in --methods")
     if a.seed and (fixed := [m for m in a.methods if m in UNTRAINED]):
         p.error(f"--seed {a.seed}: {', '.join(fixed)} train nothing, a seed does not change them")
     os.environ.setdefault("SOFTPROMPT_TENSORBOARD", "0")

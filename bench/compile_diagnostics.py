@@ -6,6 +6,7 @@ distill-deep-boundary. `study` is bench.compile's Study (its arguments, samples,
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,20 @@ def teacher_noise(study: Study, key: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def margins(study: Study, key: str, eval_rows: list[Any] | None = None) -> dict[str, Any]:
+def margins(
+    study: Study, key: str, eval_rows: list[Any] | None = None, previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Agreement of each saved distilled prompt of `key` (every seed) with its teacher, by the teacher's margin
     (its top class probability minus its second; the teacher's own distribution, T = 1) on the evaluation rows,
     and on the first --margin-train-n training inputs of the -long rows (what the student was fitted to: a
     student that agrees there no better than on held-out rows underfits, one that agrees far better overfits).
     `missing`: the recorded distilled prompts whose checkpoints are not on this machine (not measured).
     eval_rows: other held-out rows than the table's (margins-dev: the whole evaluation split, the table's first);
-    `table_agreement` is then the agreement on its first rows, the table's (the recorded number: a check)."""
+    `table_agreement` is then the agreement on its first rows, the table's (the recorded number: a check).
+    previous: this row's earlier record (--redo); a student measured there on the same rows whose checkpoint is gone
+    keeps that measurement, marked `carried` (its date), instead of being listed as missing. `seed_ensembles`: for
+    each recipe with several seeds on hand, the agreement of their mean class probabilities (n x the slots, so no
+    <= 20-token student: it says whether a recipe's disagreements are its seeds' variance or its common bias)."""
     from softprompt.checkpoint import load_prompt
     from softprompt.evaluate import class_probs
     from softprompt.icl import context_prefix
@@ -93,13 +100,31 @@ def margins(study: Study, key: str, eval_rows: list[Any] | None = None) -> dict[
     gold, n_table = torch.tensor([r.label for r in held_out]), len(study.eval_set)
     teachers: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
     out: dict[str, Any] = {"buckets": [list(b) for b in buckets], "train_rows": len(fit_rows), "prompts": {},
-                           "missing": [], "eval_rows": len(held_out), "teacher_accuracy": {}}  # fmt: skip
+                           "missing": [], "eval_rows": len(held_out), "teacher_accuracy": {},
+                           "seed_ensembles": {}}  # fmt: skip
+    live: dict[tuple[str, Any], dict[str, torch.Tensor]] = {}  # (recipe, teacher) -> its seeds' held-out probs
+
+    def versus(t: torch.Tensor, s: torch.Tensor) -> dict[str, Any]:  # a student's (B, C) probs against t's
+        top2 = t.topk(2, dim=-1).values
+        margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
+        by = [(margin >= lo) & (margin < hi) for lo, hi in buckets]
+        return {"agreement": round(100 * float(same.float().mean()), 2),
+                "by_margin": [{"rows": int(b.sum()), "agree": int((same & b).sum())} for b in by],
+                "accuracy": round(100 * float((s.argmax(-1) == gold).float().mean()), 2),
+                "table_agreement": round(100 * float(same[:n_table].float().mean()), 2)}  # fmt: skip
+
+    same_rows = previous and (previous.get("eval_rows"), previous.get("train_rows")) == (len(held_out), len(fit_rows))
+    prev: dict[str, Any] = previous if previous and same_rows else {}
+    carried: dict[str, Any] = prev.get("prompts", {})
     for name, r in sorted(study.done.items()):
         path = study.checkpoint(name)
         if r.get("task") != key or "agreement" not in r:
             continue
         if not path.is_file():  # recorded, but its checkpoint (--out, not committed) is not on this machine
-            out["missing"].append(name)
+            if name in carried:
+                out["prompts"][name] = {**carried[name], "carried": carried[name].get("carried", prev["date"])}
+            else:
+                out["missing"].append(name)
             continue
         k = r.get("teacher_k", 16)
         if k not in teachers:
@@ -110,15 +135,13 @@ def margins(study: Study, key: str, eval_rows: list[Any] | None = None) -> dict[
         t, t_fit = teachers[k]
         student = checkpoint_prefix(study.pm0, [load_prompt(path)])
         s, s_fit = (class_probs(study.pm0, student, rows, study.label_ids) for rows in (held_out, fit_rows))
-        top2 = t.topk(2, dim=-1).values
-        margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
-        rows = []
-        for lo, hi in buckets:
-            sel = (margin >= lo) & (margin < hi)
-            rows.append({"rows": int(sel.sum()), "agree": int((same & sel).sum())})
+        live.setdefault((re.sub(r"@s\d+$", "", name), k), {})[name] = s
         fit = float((t_fit.argmax(-1) == s_fit.argmax(-1)).float().mean())
-        out["prompts"][name] = {"teacher_k": k, "agreement": round(100 * float(same.float().mean()), 2),
-                                "train_agreement": round(100 * fit, 2), "by_margin": rows,
-                                "accuracy": round(100 * float((s.argmax(-1) == gold).float().mean()), 2),
-                                "table_agreement": round(100 * float(same[:n_table].float().mean()), 2)}  # fmt: skip
+        out["prompts"][name] = {"teacher_k": k, **versus(t, s), "train_agreement": round(100 * fit, 2)}
+    for (recipe, k), seeds in live.items():  # the seeds' mean class probabilities: variance or bias?
+        if len(seeds) > 1:
+            mean = torch.stack(list(seeds.values())).mean(0)
+            out["seed_ensembles"][recipe] = {"teacher_k": k, "seeds": sorted(seeds), **versus(teachers[k][0], mean)}
+    if carried:  # the teachers of carried students only
+        out["teacher_accuracy"] = {**prev["teacher_accuracy"], **out["teacher_accuracy"]}
     return out

@@ -65,3 +65,39 @@ def test_deep_rows_passes_over_their_inputs_are_their_labels() -> None:
         rows = (s.get("rows", 0) or times) * a.long_train_n
         assert steps * s.get("batch", a.batch) / rows == passes, m
     assert study.DEEP_ROWS["distill-deep-data-twice"](a)["rows"] * a.long_train_n == 8000
+
+
+def test_margins_carries_a_gone_students_measurement_only_from_the_same_rows(tmp_path) -> None:
+    """--redo margins-dev on a machine without a recorded student's checkpoint keeps its earlier measurement (marked
+    with that record's date) when the earlier record measured the same held-out and fitted rows, else lists it
+    missing; no checkpoint is on hand here, so no model runs."""
+    from types import SimpleNamespace
+
+    from bench.compile_diagnostics import margins
+
+    rows = [SimpleNamespace(label=i % 2) for i in range(6)]
+    student = {"task": "sst2", "agreement": 90.0}
+    done = {"sst2:distill-deep-batch": student, "sst2:distill-deep-alpha": student, "sst2:pt": {"task": "sst2"}}
+    fake = SimpleNamespace(
+        done=done, eval_set=rows[:4], a=SimpleNamespace(margin_train_n=3), long_rows=lambda: "train.jsonl",
+        probe=SimpleNamespace(encode_file=lambda path: (rows, None, None)),
+        checkpoint=lambda name: tmp_path / f"{name.replace(':', '-')}.safetensors",
+    )  # fmt: skip
+    measured = {"teacher_k": "16long", "agreement": 88.0, "by_margin": []}
+    previous = {"date": "2026-12-04", "eval_rows": 6, "train_rows": 3, "teacher_accuracy": {"16long": 83.0},
+                "prompts": {"sst2:distill-deep-alpha": measured}}  # fmt: skip
+    out = margins(fake, "sst2", rows, previous=previous)
+    assert out["prompts"] == {"sst2:distill-deep-alpha": {**measured, "carried": "2026-12-04"}}
+    assert out["missing"] == ["sst2:distill-deep-batch"] and out["teacher_accuracy"] == {"16long": 83.0}
+    again = margins(fake, "sst2", rows, previous={**previous, "prompts": out["prompts"], "date": "2026-12-05"})
+    assert again["prompts"]["sst2:distill-deep-alpha"]["carried"] == "2026-12-04"  # the measurement's own date
+    other_rows = margins(fake, "sst2", rows[:5], previous=previous)  # measured on other rows: not comparable
+    assert other_rows["prompts"] == {} and len(other_rows["missing"]) == 2
+
+
+def test_redo_must_name_methods_being_run(capsys) -> None:
+    import pytest
+
+    with pytest.raises(SystemExit):
+        study.main(["--methods", "pt", "--redo", "margins"])
+    assert "--redo: margins not in --methods" in capsys.readouterr().err
