@@ -88,7 +88,10 @@ def margins(
     previous: this row's earlier record (--redo); a student measured there on the same rows whose checkpoint is gone
     keeps that measurement, marked `carried` (its date), instead of being listed as missing. `seed_ensembles`: for
     each recipe with several seeds on hand, the agreement of their mean class probabilities (n x the slots, so no
-    <= 20-token student: it says whether a recipe's disagreements are its seeds' variance or its common bias)."""
+    <= 20-token student: it says whether a recipe's disagreements are its seeds' variance or its common bias).
+    log_prob_offset / _scatter / _corr: per class, the mean and spread over the held-out rows of the student's
+    log-probability minus the teacher's (each centred over the classes in its row), and their correlation: an
+    offset would be a constant bias a calibration fixes; scatter is not."""
     from softprompt.checkpoint import load_prompt
     from softprompt.evaluate import class_probs
     from softprompt.icl import context_prefix
@@ -108,7 +111,12 @@ def margins(
         top2 = t.topk(2, dim=-1).values
         margin, same = top2[:, 0] - top2[:, 1], t.argmax(-1) == s.argmax(-1)
         by = [(margin >= lo) & (margin < hi) for lo, hi in buckets]
+        lt, ls = (x.clamp_min(1e-12).log() for x in (t, s))
+        lt, ls = lt - lt.mean(-1, keepdim=True), ls - ls.mean(-1, keepdim=True)  # (B, C): log-probs, centred per row
+        corr = float(torch.corrcoef(torch.stack([lt.flatten(), ls.flatten()]))[0, 1])
         return {"agreement": round(100 * float(same.float().mean()), 2),
+                "log_prob_offset": [round(float(v), 3) for v in (ls - lt).mean(0)],  # a class the student favours
+                "log_prob_scatter": [round(float(v), 3) for v in (ls - lt).std(0)], "log_prob_corr": round(corr, 3),
                 "by_margin": [{"rows": int(b.sum()), "agree": int((same & b).sum())} for b in by],
                 "accuracy": round(100 * float((s.argmax(-1) == gold).float().mean()), 2),
                 "table_agreement": round(100 * float(same[:n_table].float().mean()), 2)}  # fmt: skip
