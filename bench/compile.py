@@ -48,7 +48,8 @@ projections + the head, the same reference) and their `-long` variants; `lora-lo
 fine-tuning with pt-long's rows and steps); `teacher-noise` (the deep students' teacher against itself with its
 demonstrations reordered, and against teachers of other draws: the scale for their agreement); `margins` (each saved
 distilled prompt's agreement with its teacher by the teacher's top-2 margin) and `margins-dev` (the same on every
-row of the evaluation split, the table's rows first: agreement measured on more held-out rows).
+row of the evaluation split, the table's rows first: agreement measured on more held-out rows); `accuracy-dev`
+(zero-shot, every ICL context and every saved prompt's accuracy on every row of the evaluation split).
 
 Each run records: accuracy, trainable parameters, checkpoint bytes, training time per step, peak RSS during the run,
 and the inference latency per example at batch 1 on the same rows, timed interleaved with the zero-shot model in
@@ -78,7 +79,7 @@ from typing import Any
 import torch
 
 from bench._common import ResultLog, interleaved, note, peak_rss_bytes, rss_bytes
-from bench.compile_diagnostics import boundary_rows, margins, teacher_noise
+from bench.compile_diagnostics import accuracy_dev, boundary_rows, margins, teacher_noise
 from bench.compile_tasks import TASKS, sample
 from bench.compile_weights import ENCODER, WeightsObjective, encoder_ft, encoder_pt, lora_model
 
@@ -95,7 +96,7 @@ METHODS = (
     "distill-deep-anchors", "distill-deep-pos", "distill-deep-pos-anchors", "distill-deep-epochs",
     "distill-deep-batch", "distill-deep-reparam", "teacher-noise", "distill-deep-data",
     "distill-deep-batch-more", "distill-deep-data-twice", "distill-deep-alpha", "pt-deep", "margins-dev",
-    "pt-deep-long",
+    "pt-deep-long", "accuracy-dev",
 )  # fmt: skip
 # the distill-deep rows that differ only in Study._deep's settings (from the parsed flags): the deep student of
 # 20 slots on the task's long context, 2,000 inputs x 250 steps (distill-deep-long) unless a row says otherwise
@@ -123,7 +124,7 @@ DEEP_ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 # the ICL rows: their contexts
 ICL_K: dict[str, int | str] = {"instr": 0, "icl4": 4, "icl8": 8, "icl16": 16, "icl16-long": "16long"}
 # rows that --seed does not change (the demonstrations are drawn with seed 0)
-UNTRAINED = ("zero", "margins", "margins-dev", "teacher-noise", *ICL_K)
+UNTRAINED = ("zero", "margins", "margins-dev", "accuracy-dev", "teacher-noise", *ICL_K)
 
 
 def reset_peak() -> None:
@@ -218,7 +219,7 @@ class Study:
         }
         self.teacher_key: int | str = 16  # the teacher of the distill-deep rows: the long context where there is one
         self.pool = pool  # where the teacher's demonstrations come from
-        needs_long = any(m.startswith(("icl16-long", "distill-deep", "teacher-", "margins")) for m in todo)
+        needs_long = any(m.startswith(("icl16-long", "distill-deep", "teacher-", "margins", "accuracy-")) for m in todo)
         if t.long_demo_words and needs_long:  # 16 balanced demonstrations (seed 0) among the rows of >= N words
             self.pool = [s for s in pool if len(s.record[self.spec.fields[0]].split()) >= t.long_demo_words]
             self.contexts["16long"] = build_context(probe, choose_demos(self.pool, 16, seed=0, balanced=True),
@@ -496,11 +497,19 @@ class Study:
         return margins(self, key, previous=self.done.get(self.name(key, "margins")))
 
     def run_margins_dev(self, key: str) -> dict[str, Any]:  # margins on every row of the evaluation split
+        return margins(self, key, self.dev_rows(key), previous=self.done.get(self.name(key, "margins-dev")))
+
+    def run_accuracy_dev(self, key: str) -> dict[str, Any]:  # every prompt and context on the whole split
+        ctx = {m: self.contexts[k] for m, k in ICL_K.items() if k in self.contexts}
+        return accuracy_dev(self, key, self.dev_rows(key), ctx, previous=self.done.get(self.name(key, "accuracy-dev")))
+
+    def dev_rows(self, key: str) -> list[Any]:
+        """Every row of the task's evaluation split, encoded: the table's rows first."""
         files = sample(TASKS[key], self.a.train_n, 10**9, self.tmp / "dev")
         assert not isinstance(files, str), files
         rows = self.probe.encode_file(files[1])[0]
         assert [r.input_ids for r in rows[: len(self.eval_set)]] == [r.input_ids for r in self.eval_set]  # a superset
-        return margins(self, key, rows, previous=self.done.get(self.name(key, "margins-dev")))
+        return rows
 
     # ---- minilm-l6: no LM head, so no zero-shot, ICL or distillation (bench.compile_weights) ------------------
     def run_minilm_pt(self, key: str) -> dict[str, Any]:

@@ -74,6 +74,12 @@ def teacher_noise(study: Study, key: str) -> dict[str, Any]:
     return out
 
 
+def comparable(previous: dict[str, Any] | None, **same: Any) -> dict[str, Any]:
+    """A diagnostic row's earlier record (--redo) if it measured the same rows (`same`: its fields), else {}: what
+    it measured of a student whose checkpoint is gone may then be carried into the new record."""
+    return previous if previous and all(previous.get(k) == v for k, v in same.items()) else {}
+
+
 @torch.no_grad()
 def margins(
     study: Study, key: str, eval_rows: list[Any] | None = None, previous: dict[str, Any] | None = None
@@ -121,8 +127,7 @@ def margins(
                 "accuracy": round(100 * float((s.argmax(-1) == gold).float().mean()), 2),
                 "table_agreement": round(100 * float(same[:n_table].float().mean()), 2)}  # fmt: skip
 
-    same_rows = previous and (previous.get("eval_rows"), previous.get("train_rows")) == (len(held_out), len(fit_rows))
-    prev: dict[str, Any] = previous if previous and same_rows else {}
+    prev = comparable(previous, eval_rows=len(held_out), train_rows=len(fit_rows))
     carried: dict[str, Any] = prev.get("prompts", {})
     for name, r in sorted(study.done.items()):
         path = study.checkpoint(name)
@@ -152,4 +157,44 @@ def margins(
             out["seed_ensembles"][recipe] = {"teacher_k": k, "seeds": sorted(seeds), **versus(teachers[k][0], mean)}
     if carried:  # the teachers of carried students only
         out["teacher_accuracy"] = {**prev["teacher_accuracy"], **out["teacher_accuracy"]}
+    return out
+
+
+@torch.no_grad()
+def accuracy_dev(
+    study: Study, key: str, rows: list[Any], contexts: dict[str, Any], previous: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Accuracy on `rows` (the whole evaluation split, the table's rows first) of zero-shot, of each ICL context
+    (`contexts`: row name -> context) and of each recorded prompt of `key` whose checkpoint is on hand (a prompt
+    file: the rows with per-task K/V, not LoRA or full fine-tuning); `table_accuracy`, on the table's rows, must
+    equal the record (a check). Recorded prompts whose checkpoints are gone are `missing`, or carried from
+    `previous` (this row's earlier record) when it measured the same rows."""
+    from softprompt.checkpoint import load_prompt
+    from softprompt.evaluate import class_probs
+    from softprompt.icl import context_prefix
+    from softprompt.methods import checkpoint_prefix
+
+    gold, n_table = torch.tensor([r.label for r in rows]), len(study.eval_set)
+    out: dict[str, Any] = {"eval_rows": len(rows), "accuracy": {}, "table_accuracy": {}, "missing": []}
+    prev = comparable(previous, eval_rows=len(rows))
+
+    def score(name: str, prefix: Any) -> None:
+        right = class_probs(study.pm0, prefix, rows, study.label_ids).argmax(-1) == gold  # (N,)
+        out["accuracy"][name] = round(100 * float(right.float().mean()), 2)
+        out["table_accuracy"][name] = round(100 * float(right[:n_table].float().mean()), 2)
+
+    score(f"{key}:zero", study.prefix0)
+    for name, ctx in contexts.items():
+        score(f"{key}:{name}", context_prefix(study.pm0, ctx))
+    for name, r in sorted(study.done.items()):
+        if r.get("task") != key or not r.get("kv_bytes") or r.get("method") in contexts or "checkpoint_bytes" not in r:
+            continue
+        if study.checkpoint(name).is_file():
+            score(name, checkpoint_prefix(study.pm0, [load_prompt(study.checkpoint(name))]))
+        elif name in prev.get("accuracy", {}):
+            for field in ("accuracy", "table_accuracy"):
+                out[field][name] = prev[field][name]
+            out.setdefault("carried", {})[name] = prev.get("carried", {}).get(name, prev["date"])
+        else:
+            out["missing"].append(name)
     return out

@@ -308,7 +308,33 @@ def targets(res: dict[str, dict[str, Any]]) -> list[str]:
         if long := res.get(f"{key}:pt-long"):
             out.append(f"  - with more rows and steps ({long.get('train_rows')} rows, {long['steps']} steps): "
                        + vs_best(res, f"{key}:pt-long", best))  # fmt: skip
+        out += on_dev(res, key, [r["method"] for r in icl])
     return out
+
+
+def on_dev(res: dict[str, dict[str, Any]], key: str, icl: list[str]) -> list[str]:
+    """The prompt-tuning-vs-ICL line again on the whole evaluation split (`--methods accuracy-dev`), for the rows
+    of prompt tuning whose every recorded seed it measured; [] without that record."""
+    dev = res.get(f"{key}:accuracy-dev")
+    measured = [m for m in icl if f"{key}:{m}" in (dev or {}).get("accuracy", {})]
+    if not dev or not measured:
+        return []
+    acc = dev["accuracy"]
+    best = max(measured, key=lambda m: acc[f"{key}:{m}"])
+    parts = []
+    for m, label in (("pt", "prompt tuning"), ("pt-deep", "deep prompt tuning"), ("pt-long", "with more rows, steps")):
+        reps = seeds(res, f"{key}:{m}")
+        if reps and all(r["name"] in acc for r in reps):
+            a = sum(acc[r["name"]] for r in reps) / len(reps)
+            parts.append(f"{label} {a:.1f}%{over_seeds(reps)} — {'met' if a > acc[f'{key}:{best}'] else 'MISSED'}")
+    return (
+        [
+            f"  - on all {dev['eval_rows']} rows of the evaluation split (`--methods accuracy-dev`; the best "
+            f"in-context setting there: {best} {acc[f'{key}:{best}']:.1f}%): " + "; ".join(parts) + "."
+        ]
+        if parts
+        else []
+    )
 
 
 def render(

@@ -179,3 +179,22 @@ def test_deep_prompt_tuning_is_judged_beside_prompt_tuning_not_instead(tmp_path:
         " — met." in page
     )
     assert "| deep prompt tuning (per-layer K/V from the instructions, labels) | 62.0; seeds 0, 1: 62.0 / 59.0" in page
+
+
+def test_prompt_tuning_vs_icl_is_judged_again_on_the_whole_split_where_measured(tmp_path: Path) -> None:
+    """accuracy-dev (every context and saved prompt on the whole evaluation split) adds a line under the target,
+    with the best recorded ICL setting there (icl4 is not one here) and each prompt-tuning row whose every seed it
+    measured, by their mean."""
+    path = fake(tmp_path / "r.jsonl")
+    extra = [rec("agnews", "pt-deep", 62.0, steps=40), rec("agnews", "pt-deep", 59.0, steps=40, seed=1,
+             name="agnews:pt-deep@s1"),
+             {"name": "agnews:accuracy-dev", "task": "agnews", "method": "accuracy-dev", "eval_rows": 900,
+              "accuracy": {"agnews:icl4": 75.0, "agnews:icl8": 70.0, "agnews:pt": 69.0, "agnews:pt-deep": 72.0,
+                           "agnews:pt-deep@s1": 69.0}}]  # fmt: skip
+    path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    page = compile_report.render(compile_report.load(path))
+    assert (
+        "  - on all 900 rows of the evaluation split (`--methods accuracy-dev`; the best in-context setting there: "
+        "icl8 70.0%): prompt tuning 69.0% — MISSED; deep prompt tuning 70.5% (the mean over seeds 0, 1) — met." in page
+    )
+    assert "AG News: prompt tuning beats the best in-context setting (icl8): 55.0% vs 60.0% — MISSED" in page
