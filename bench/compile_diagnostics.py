@@ -166,9 +166,9 @@ def accuracy_dev(
 ) -> dict[str, Any]:
     """Accuracy on `rows` (the whole evaluation split, the table's rows first) of zero-shot, of each ICL context
     (`contexts`: row name -> context) and of each recorded prompt of `key` whose checkpoint is on hand (a prompt
-    file: the rows with per-task K/V, not LoRA or full fine-tuning); `table_accuracy`, on the table's rows, must
-    equal the record (a check). Recorded prompts whose checkpoints are gone are `missing`, or carried from
-    `previous` (this row's earlier record) when it measured the same rows."""
+    file: the rows with per-task K/V, not LoRA or full fine-tuning). `table_accuracy`, on the table's rows, must
+    equal the record (a check: `differs_from_record` lists where it does not). Recorded prompts whose checkpoints
+    are gone are `missing`, or carried from `previous` (this row's earlier record) when it measured the same rows."""
     from softprompt.checkpoint import load_prompt
     from softprompt.evaluate import class_probs
     from softprompt.icl import context_prefix
@@ -197,4 +197,8 @@ def accuracy_dev(
             out.setdefault("carried", {})[name] = prev.get("carried", {}).get(name, prev["date"])
         else:
             out["missing"].append(name)
+    out["differs_from_record"] = {  # name -> [recorded, measured now] on the table's rows: should stay empty
+        n: [study.done[n]["accuracy"], a] for n, a in out["table_accuracy"].items()
+        if n in study.done and study.done[n].get("accuracy") is not None and abs(study.done[n]["accuracy"] - a) > 0.01
+    }  # fmt: skip
     return out

@@ -327,14 +327,10 @@ def on_dev(res: dict[str, dict[str, Any]], key: str, icl: list[str]) -> list[str
         if reps and all(r["name"] in acc for r in reps):
             a = sum(acc[r["name"]] for r in reps) / len(reps)
             parts.append(f"{label} {a:.1f}%{over_seeds(reps)} — {'met' if a > acc[f'{key}:{best}'] else 'MISSED'}")
-    return (
-        [
-            f"  - on all {dev['eval_rows']} rows of the evaluation split (`--methods accuracy-dev`; the best "
-            f"in-context setting there: {best} {acc[f'{key}:{best}']:.1f}%): " + "; ".join(parts) + "."
-        ]
-        if parts
-        else []
-    )
+    if not parts:
+        return []
+    return [f"  - on all {dev['eval_rows']} rows of the evaluation split (`--methods accuracy-dev`; the best "
+            f"in-context setting there: {best} {acc[f'{key}:{best}']:.1f}%): " + "; ".join(parts) + "."]  # fmt: skip
 
 
 def render(
