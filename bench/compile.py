@@ -557,8 +557,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--margin-train-n", type=int, default=300, help="margins: training inputs to measure the fit on")
     p.add_argument("--out", default=str(ROOT / "runs" / "compile"), help="checkpoints and run files")
     p.add_argument("--results", default=str(RESULTS), help="the study's record (committed: a new machine resumes it)")
-    redo = "methods of --methods to run again although recorded (the new record supersedes the old; margins rows"
-    p.add_argument("--redo", default="", help=redo + " keep the measured students whose checkpoints are gone)")
+    redo = "methods of --methods to run again although recorded (the new record supersedes the old; the margins and"
+    p.add_argument("--redo", default="", help=redo + " accuracy-dev rows keep what they measured of prompts now gone)")
     p.add_argument("--seed", type=int, default=0, help="the trained rows' seed (batches, init); > 0: runs NAME@sSEED")
     return p
 
